@@ -1,0 +1,128 @@
+"""Build targets as data: which precisions TensorRT runs natively per compute capability.
+
+Sources (checked 2026-11, see docs/engines.md for quotes):
+* FP8 (E4M3) Q/DQ needs SM 8.9+: TensorRT fails Ampere builds with "Networks with FP8 Q/DQ
+  layers require hardware with FP8 support" (NVIDIA/Model-Optimizer#70); TensorRT-RTX docs:
+  "FP8 is only supported for matrix multiplications (GEMM) on Ada and later architectures
+  (compute capability 8.9 or later)"; Model Optimizer support matrix: FP8 "Ada and Later".
+* INT8 Q/DQ: TensorRT supports SM 7.5+ (Turing); Model Optimizer lists INT8 for Ampere and
+  later. We offer it from SM 7.5.
+* INT4 weight-only (W4A16, block-quantized DequantizeLinear): Model Optimizer support matrix
+  "W4A16 (INT4 Weights Only) ... Ampere and Later"; TensorRT-RTX lists INT4 WoQ GEMM on 8.6+,
+  not on 7.5. We offer it from SM 8.0.
+* BF16 needs SM 8.0+ (TransformerEngine support matrix). FP16 on every supported GPU
+  (TensorRT 10 deprecated SM 7.0; 7.5 is the practical floor).
+* FP4 (NVFP4) needs SM 10.0+ (TensorRT-RTX quantized-types page); trtforge does not emit FP4.
+GPU names per compute capability: https://developer.nvidia.com/cuda-gpus
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trtforge.errors import InputError, TargetError
+
+# Precision names used across trtforge: what a graph computes in.
+FP32, FP16, BF16, INT8, FP8, INT4 = "fp32", "fp16", "bf16", "int8", "fp8", "int4-weight-only"
+
+# minimum SM (major*10+minor) for each precision TensorRT runs natively
+MIN_SM = {FP32: 75, FP16: 75, BF16: 80, INT8: 75, INT4: 80, FP8: 89}
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    sm: int | None  # None: CPU (ONNX Runtime)
+    arch: str
+    example_gpus: str
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.sm is None
+
+    @property
+    def compute_capability(self) -> str | None:
+        return None if self.sm is None else f"{self.sm // 10}.{self.sm % 10}"
+
+    def precisions(self) -> list[str]:
+        if self.sm is None:
+            return [FP32, FP16, INT8, FP8, INT4]  # ONNX Runtime CPU runs every Q/DQ flavour
+        return [p for p, m in MIN_SM.items() if self.sm >= m]
+
+    def supports(self, precision: str) -> bool:
+        return precision in self.precisions()
+
+
+TARGETS: dict[str, Target] = {
+    "sm_75": Target("sm_75", 75, "Turing", "T4, RTX 20xx"),
+    "sm_80": Target("sm_80", 80, "Ampere", "A100, A30"),
+    "sm_86": Target("sm_86", 86, "Ampere", "A10, A40, RTX A6000, RTX 30xx"),
+    "sm_87": Target("sm_87", 87, "Ampere", "Jetson AGX Orin"),
+    "sm_89": Target("sm_89", 89, "Ada", "L4, L40S, RTX 6000 Ada, RTX 40xx"),
+    "sm_90": Target("sm_90", 90, "Hopper", "H100, H200, GH200"),
+    "sm_100": Target("sm_100", 100, "Blackwell", "B200, GB200"),
+    "sm_120": Target("sm_120", 120, "Blackwell", "RTX PRO 6000 Blackwell, RTX 50xx"),
+    "cpu": Target("cpu", None, "CPU", "any x86-64 or Arm CPU (ONNX Runtime)"),
+}
+ALIASES = {"turing": "sm_75", "ampere": "sm_80", "ada": "sm_89", "hopper": "sm_90", "blackwell": "sm_100"}
+TARGET_CHOICES = sorted(TARGETS) + sorted(ALIASES) + ["auto"]
+
+
+def resolve_target(name: str, gpus=None) -> Target:
+    """``hopper`` -> sm_90; ``auto`` -> the first GPU of this machine; unknown names are errors."""
+    key = name.strip().lower()
+    key = ALIASES.get(key, key)
+    if key == "auto":
+        from trtforge.env import gpus as detect
+
+        found = detect() if gpus is None else gpus
+        if not found:
+            raise TargetError("--target auto found no NVIDIA GPU on this machine", "name a target (e.g. sm_90) or use --target cpu")
+        g = found[0]
+        for t in TARGETS.values():
+            if t.sm == g.sm:
+                return t
+        return Target(f"sm_{g.sm}", g.sm, "unknown", g.name)
+    if key.startswith("sm_") and key not in TARGETS and key[3:].isdigit():
+        return Target(key, int(key[3:]), "unknown", "")
+    if key not in TARGETS:
+        raise InputError(f"unknown target {name!r}", f"use one of: {', '.join(TARGET_CHOICES)}")
+    return TARGETS[key]
+
+
+# What to suggest when a target cannot run a precision.
+_ALTERNATIVE = {
+    FP8: "use the int8-sq or int4-awq recipe for this GPU, or build for sm_89/sm_90 (Ada/Hopper)",
+    BF16: "export with --dtype fp16 for this GPU",
+    INT4: "use the int8-sq recipe for this GPU, or build for sm_80+ (Ampere or newer)",
+    INT8: "use the fp16 export for this GPU",
+}
+
+
+def check_supported(target: Target, precision: str) -> None:
+    """Refuse at once, naming the alternative, when ``target`` cannot run ``precision``."""
+    if target.supports(precision):
+        return
+    need = MIN_SM.get(precision)
+    raise TargetError(
+        f"{target.name} ({target.arch}, {target.example_gpus or 'unknown GPU'}) cannot run {precision} "
+        f"{'(needs SM ' + str(need // 10) + '.' + str(need % 10) + '+)' if need else ''}".strip(),
+        _ALTERNATIVE.get(precision, "choose another recipe or target"),
+    )
+
+
+def possible_targets(gpus, tensorrt_available: bool) -> list[dict]:
+    """What `trtforge build` can do on this machine (for `trtforge doctor`)."""
+    out = [{"target": "cpu", "precisions": TARGETS["cpu"].precisions(), "ready": True}]
+    for g in gpus:
+        t = resolve_target("auto", [g])
+        out.append(
+            {
+                "target": t.name,
+                "gpu": g.name,
+                "precisions": t.precisions(),
+                "ready": tensorrt_available,
+                "missing": None if tensorrt_available else "tensorrt (pip install 'trtforge[gpu]')",
+            }
+        )
+    return out

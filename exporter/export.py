@@ -1,0 +1,387 @@
+"""Export stage: Hugging Face model folder -> validated ONNX artifact.
+
+In:  a local model folder (config.json, weights, tokenizer files) and ExportOptions.
+Out: OUT_DIR with ``model.onnx`` (+ ``model.onnx.data`` for large models), the tokenizer and
+     config files, and ``manifest.json`` (source hashes, I/O with dynamic axes, versions,
+     timings, validation figures). Written to a temporary folder and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from enum import Enum
+from pathlib import Path
+
+import onnx
+
+from trtforge.artifacts import (
+    OnnxArtifact,
+    atomic_output_dir,
+    base_manifest,
+    check_output_dir,
+    copy_side_files,
+    file_table,
+    hash_files,
+    sha256_file,
+    write_json,
+)
+from trtforge.errors import ExportError, InputError
+from trtforge.exporter.architectures import SUPPORTED, ArchSpec, Task, supported_list, task_from_architectures
+from trtforge.exporter.inputs import (
+    IOSpec,
+    ModelDims,
+    decoder_prefill_feeds,
+    dummy_inputs,
+    encoder_feeds,
+    io_spec,
+    positions_from_mask,
+    tokenize_batch,
+)
+from trtforge.exporter.sample_text import SENTENCES
+from trtforge.graph import GraphIndex, describe_io
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+# protobuf cannot serialize a message over 2 GiB; stay clear of it.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+
+
+class DType(str, Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    task: Task | None = None  # None: from config.json's architectures
+    dtype: DType = DType.FP32
+    opset: int = 17
+    external_data: bool = False  # force external data even for small models
+    validate: bool = True
+    tolerance: float | None = None  # None: validate.TOLERANCE[dtype]
+    seed: int = 0
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["task"] = self.task.value if self.task else None
+        d["dtype"] = self.dtype.value
+        return d
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    folder: Path
+    config: dict
+    spec: ArchSpec
+    task: Task
+    weight_files: list[Path]
+
+
+def inspect_source(folder: str | Path, task: Task | None = None) -> SourceInfo:
+    """Check a model folder before any heavy work; every problem is a one-line InputError."""
+    folder = Path(folder).expanduser().resolve()
+    if not folder.exists():
+        raise InputError(f"model folder {folder} does not exist", "pass the folder that holds config.json and the weights")
+    if not folder.is_dir():
+        raise InputError(f"{folder} is a file, not a model folder", "pass the folder that holds config.json and the weights")
+    cfg_path = folder / "config.json"
+    if not cfg_path.exists():
+        raise InputError(
+            f"{folder} has no config.json, so it is not a Hugging Face model folder",
+            "pass the folder written by save_pretrained()",
+        )
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{cfg_path} is not valid JSON: {exc}", "restore the file from the model's source") from None
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED:
+        if config.get("auto_map"):
+            raise InputError(
+                f"model type {model_type!r} needs remote code from the model folder (auto_map in config.json), "
+                "which trtforge never runs",
+                f"use a model of a supported architecture: {supported_list()}",
+            )
+        raise InputError(
+            f"unsupported architecture {model_type!r} ({', '.join(config.get('architectures') or []) or 'no architectures listed'})",
+            f"supported model types: {supported_list()}",
+        )
+    if config.get("auto_map"):
+        log.warning("config.json has auto_map; ignoring it and using transformers' own %s code", model_type)
+    spec = SUPPORTED[model_type]
+    if task is None:
+        task = task_from_architectures(spec, config.get("architectures"))
+    elif task not in spec.tasks:
+        raise InputError(
+            f"task {task.value!r} is not supported for {model_type}",
+            f"use one of: {', '.join(t.value for t in spec.tasks)}",
+        )
+    weights = sorted(p for pat in WEIGHT_PATTERNS for p in folder.glob(pat))
+    if not weights:
+        raise InputError(
+            f"{folder} has no weight files (*.safetensors or pytorch_model*.bin)",
+            "copy the weights into the folder",
+        )
+    return SourceInfo(folder, config, spec, task, weights)
+
+
+def _load_tokenizer(folder: Path):
+    if not any((folder / n).exists() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")):
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False, local_files_only=True)
+    except Exception as exc:  # a broken tokenizer must not stop the export; validation falls back
+        log.warning("tokenizer in %s failed to load (%s); validation will use random token ids", folder, exc)
+        return None
+
+
+def pad_token_id(tokenizer, config: dict) -> int:
+    for cand in (
+        getattr(tokenizer, "pad_token_id", None),
+        config.get("pad_token_id"),
+        getattr(tokenizer, "eos_token_id", None),
+        config.get("eos_token_id"),
+    ):
+        if isinstance(cand, list):
+            cand = cand[0] if cand else None
+        if cand is not None:
+            return int(cand)
+    return 0
+
+
+def export_onnx(
+    source: str | Path, out: str | Path, options: ExportOptions = ExportOptions(), *, force: bool = False
+) -> OnnxArtifact:
+    """Export ``source`` to ONNX in ``out``; returns the artifact. See module docstring."""
+    t_start = time.perf_counter()
+    src = inspect_source(source, options.task)
+    out = check_output_dir(Path(out), force=force)
+    if not 14 <= options.opset <= 20:
+        raise InputError(f"opset {options.opset} is not supported by the exporter", "use an opset from 14 to 20 (default 17)")
+    if src.folder == out or src.folder in out.parents:
+        raise InputError(f"output folder {out} is inside the model folder", "write the export somewhere else")
+
+    from trtforge.exporter import _torch  # heavy: torch + transformers
+
+    dims = ModelDims.from_config(src.config)
+    tokenizer = _load_tokenizer(src.folder)
+    with_tt = (
+        "token_type_ids" in getattr(tokenizer, "model_input_names", [])
+        if tokenizer is not None
+        else int(src.config.get("type_vocab_size", 0) or 0) > 1
+    ) and not src.spec.family == "decoder"
+    io = io_spec(src.task, dims, with_tt)
+
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    model = _torch.load_model(src.folder, src.spec, src.task)
+    timings["load_s"] = time.perf_counter() - t
+    wrapper = _torch.build_wrapper(model, src.task, io.input_names, dims.num_layers)
+
+    with atomic_output_dir(out, force=force) as tmp:
+        raw_dir = tmp / "_raw"
+        raw_dir.mkdir()
+        t = time.perf_counter()
+        _torch.export(wrapper, dummy_inputs(src.task, dims, io, options.seed), raw_dir / MODEL_FILE, io.output_names,
+                      io.dynamic_axes, options.opset)
+        timings["export_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        proto = onnx.load(str(raw_dir / MODEL_FILE), load_external_data=True)
+        proto = name_weights(proto)
+        if options.dtype == DType.FP16:
+            from trtforge.exporter.fp16 import convert_to_fp16
+
+            proto = convert_to_fp16(proto)
+        proto.producer_name = "trtforge"
+        proto.doc_string = f"{src.config.get('model_type')} {src.task.value} exported by trtforge"
+        external = save_model(proto, tmp / MODEL_FILE, force_external=options.external_data)
+        io_desc = {"inputs": describe_io(proto.graph.input), "outputs": describe_io(proto.graph.output)}
+        opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+        del proto
+        for p in raw_dir.iterdir():
+            p.unlink()
+        raw_dir.rmdir()
+        timings["postprocess_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        check_onnx(tmp / MODEL_FILE)
+        timings["check_s"] = time.perf_counter() - t
+
+        side = copy_side_files(src.folder, tmp)
+
+        validation: dict = {"skipped": True}
+        if options.validate:
+            from trtforge.exporter.validate import validate
+
+            t = time.perf_counter()
+            cases = validation_cases(src, io, dims, tokenizer)
+            validation = validate(
+                tmp / MODEL_FILE,
+                cases,
+                lambda feeds: _torch.run(wrapper, feeds, io.output_names),
+                io.output_names,
+                options.dtype.value,
+                options.tolerance,
+            )
+            validation["inputs"] = "real tokens" if tokenizer is not None else "random token ids (no tokenizer in folder)"
+            timings["validate_s"] = time.perf_counter() - t
+        del wrapper, model
+
+        manifest = base_manifest("export", "onnx")
+        manifest["source"] = {
+            "path": str(src.folder),
+            "architecture": (src.config.get("architectures") or [src.config["model_type"]])[0],
+            "model_type": src.config["model_type"],
+            "family": src.spec.family,
+            "task": src.task.value,
+            "weight_files": [p.name for p in src.weight_files],
+            "weights_sha256": hash_files(src.weight_files),
+            "config_sha256": sha256_file(src.folder / "config.json"),
+        }
+        manifest["model"] = {
+            "file": MODEL_FILE,
+            "external_data": DATA_FILE if external else None,
+            "opset": opset,
+            "dtype": options.dtype.value,
+            "exporter": "torch.onnx.export(dynamo=False)",
+        }
+        manifest["dims"] = asdict(dims)
+        manifest["io"] = {
+            **io_desc,
+            "dynamic_axes": {n: {str(k): v for k, v in ax.items()} for n, ax in io.dynamic_axes.items()},
+            "padding_side": src.spec.padding_side,
+            "pad_token_id": pad_token_id(tokenizer, src.config),
+        }
+        manifest["tokenizer"] = {"files": [f for f in side if f != "config.json"], "loaded": tokenizer is not None}
+        manifest["options"] = options.to_json()
+        manifest["validation"] = validation
+        timings["total_s"] = time.perf_counter() - t_start
+        manifest["timings"] = {k: round(v, 3) for k, v in timings.items()}
+        manifest["versions"].update(_torch.library_versions())
+        manifest["files"] = file_table(tmp)
+        write_json(tmp / "manifest.json", manifest)
+    log.info("exported %s (%s, %s) to %s in %.1fs", src.folder.name, src.task.value, options.dtype.value, out, timings["total_s"])
+    return OnnxArtifact.open(out)
+
+
+def name_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give GEMM weights the module's name (``onnx::MatMul_648`` -> ``model.layers.0.mlp.up_proj.weight``).
+
+    Manifests, exclusion lists and per-layer reports then speak the names users know.
+    """
+    idx = GraphIndex(model)
+    rename: dict[str, str] = {}
+    taken = set(idx.initializers)
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+            continue
+        w = node.input[1]
+        if w in idx.initializers and w.startswith("onnx::") and len(idx.consumers[w]) == 1 and node.name:
+            parts = [p for p in node.name.strip("/").split("/") if p]
+            if len(parts) < 2:
+                continue
+            new = ".".join(parts[:-1]) + ".weight"
+            if new not in taken:
+                rename[w] = new
+                taken.add(new)
+    if not rename:
+        return model
+    for t in model.graph.initializer:
+        if t.name in rename:
+            t.name = rename[t.name]
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    return model
+
+
+def save_model(model: onnx.ModelProto, path: Path, *, force_external: bool = False) -> bool:
+    """Save, with all weights in one ``model.onnx.data`` beside it when large; returns whether external."""
+    size = sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)
+    external = force_external or size > EXTERNAL_DATA_THRESHOLD
+    try:
+        if external:
+            data = path.parent / DATA_FILE
+            if data.exists():
+                data.unlink()
+            onnx.save_model(
+                model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                location=DATA_FILE, size_threshold=1024,
+            )
+        else:
+            onnx.save_model(model, str(path))
+    except OSError as exc:
+        raise ExportError(f"writing {path} failed: {exc.strerror or exc}", "check free disk space and permissions") from exc
+    return external
+
+
+def check_onnx(path: Path) -> None:
+    """Full onnx.checker pass, by path so models with external data (>2 GB) work."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"the exported graph fails onnx.checker: {str(exc).splitlines()[0]}", "report this export bug") from exc
+
+
+def validation_cases(src: SourceInfo, io: IOSpec, dims: ModelDims, tokenizer) -> list:
+    """At least two shapes from real tokens: one row unpadded, then a padded batch of three
+    (right-padded for encoders, left-padded for decoders); decoders with past also a decode step."""
+    import numpy as np
+
+    from trtforge.exporter.validate import Case
+
+    pad_id = pad_token_id(tokenizer, src.config)
+    side = src.spec.padding_side
+    max_len = min(dims.max_positions, 64)
+    texts_a = [SENTENCES[0]]
+    texts_b = [SENTENCES[4], SENTENCES[3], SENTENCES[1]]  # long, very short, medium: real padding
+    if tokenizer is not None:
+        a = tokenize_batch(tokenizer, texts_a, side, max_len, pad_id)
+        b = tokenize_batch(tokenizer, texts_b, side, max_len, pad_id)
+    else:
+        from trtforge.exporter.inputs import pad_sequences
+
+        rng = np.random.default_rng(0)
+        hi = dims.vocab_size
+
+        def rand(n):
+            return [int(x) for x in rng.integers(0, hi, n)]
+
+        a = pad_sequences([rand(9)], side, pad_id, [[0] * 9])
+        b = pad_sequences([rand(14), rand(3), rand(8)], side, pad_id, [[0] * 14, [0] * 3, [0] * 8])
+    cases = []
+    if not src.task.is_decoder:
+        for name, (ids, mask, tt) in (("unpadded-1", a), (f"{side}-padded-3", b)):
+            cases.append(Case(name, encoder_feeds(ids, mask, tt, io)))
+        return cases
+    for name, (ids, mask, _tt) in (("unpadded-1", a), (f"{side}-padded-3", b)):
+        feeds = decoder_prefill_feeds(ids, mask, io, dims)
+        if src.task == Task.CAUSAL_LM:
+            feeds = {k: feeds[k] for k in io.input_names}
+        cases.append(Case(("prefill-" if io.past_names else "") + name, feeds))
+    if io.past_names:
+        # A decode step on the padded batch with a past of real keys/values: zeros would hide
+        # errors, so use deterministic random ones of a plausible scale.
+        ids, mask, _ = b
+        rng = np.random.default_rng(1)
+        past_len = mask.shape[1]
+        new_mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
+        feeds = {
+            "input_ids": rng.integers(1, dims.vocab_size, (mask.shape[0], 1)).astype(np.int64),
+            "attention_mask": new_mask,
+            "position_ids": positions_from_mask(new_mask, 1),
+        }
+        for n in io.past_names:
+            feeds[n] = rng.standard_normal((mask.shape[0], dims.num_kv_heads, past_len, dims.head_dim)).astype(np.float32)
+        cases.append(Case("decode-1-after-padded", feeds))
+    return cases

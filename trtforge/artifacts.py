@@ -1,0 +1,326 @@
+"""Artifacts: the folders stages hand each other, their manifests, and atomic writes.
+
+Every stage writes into a temporary sibling of its output folder and renames it into place
+only when everything is written, so an interrupted or failed run never leaves a half-written
+artifact behind. A manifest (``manifest.json``) records what a reviewer needs to trust the
+folder: inputs and their hashes, options, tool versions, timings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from trtforge._version import __version__
+from trtforge.errors import InputError, OutputExistsError
+
+MANIFEST = "manifest.json"
+MANIFEST_SCHEMA_VERSION = 1
+
+# Files copied from a Hugging Face folder into every ONNX artifact, so later stages can
+# tokenize text and read the model config without the source folder.
+HF_SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+
+
+# --------------------------------------------------------------------------- hashing
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    """Hash of a JSON-able object, independent of key order."""
+    return sha256_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode())
+
+
+def hash_files(paths: Iterable[Path], root: Path | None = None) -> str:
+    """One hash over several files: names (relative to root) and contents, in sorted order."""
+    h = hashlib.sha256()
+    for p in sorted(Path(x) for x in paths):
+        name = str(p.relative_to(root)) if root else p.name
+        h.update(name.encode() + b"\0" + sha256_file(p).encode() + b"\n")
+    return h.hexdigest()
+
+
+def file_table(folder: Path) -> dict[str, str]:
+    """sha256 of every file in an artifact folder except the manifest itself."""
+    return {
+        str(p.relative_to(folder)): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+# --------------------------------------------------------------------------- JSON
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON via a temporary file and rename, so readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, default=_json_default, allow_nan=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if hasattr(o, "value") and hasattr(o, "name"):  # Enum
+        return o.value
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def read_json(path: Path, what: str = "file") -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise InputError(f"{what} {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{what} {path} is not valid JSON: {exc}", "regenerate it") from None
+
+
+# --------------------------------------------------------------------------- atomic output
+
+
+def check_output_dir(out: Path, *, force: bool) -> Path:
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output path {out} exists and is not a folder", "choose another -o")
+    if out.exists() and not force:
+        raise OutputExistsError(out)
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: Path, *, force: bool) -> Iterator[Path]:
+    """Yield a temporary folder that becomes ``out`` only if the block completes.
+
+    On any exception (Ctrl-C included) the temporary folder is removed and ``out`` is left
+    as it was. With ``force`` an existing ``out`` is replaced only after the new one is
+    complete.
+    """
+    out = check_output_dir(out, force=force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the artifact is an ordinary folder
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        if not force:  # someone else created it meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise OutputExistsError(out)
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+# --------------------------------------------------------------------------- environment
+
+
+_VERSIONED = (
+    "torch",
+    "transformers",
+    "onnx",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "polygraphy",
+    "numpy",
+    "ml_dtypes",
+    "tensorrt",
+    "nvidia-modelopt",
+)
+
+
+def library_versions() -> dict[str, str | None]:
+    """Versions of the libraries that shape an artifact, read without importing them."""
+    out: dict[str, str | None] = {"trtforge": __version__, "python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            if name not in ("onnxruntime-gpu", "tensorrt", "nvidia-modelopt"):
+                out[name] = None
+    return out
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def base_manifest(stage: str, kind: str) -> dict[str, Any]:
+    return {
+        "schema_version": MANIFEST_SCHEMA_VERSION,
+        "kind": kind,
+        "stage": stage,
+        "created_at": now_iso(),
+        "versions": library_versions(),
+        "host": {"platform": platform.platform(), "machine": platform.machine(), "argv": sys.argv[:1]},
+    }
+
+
+# --------------------------------------------------------------------------- artifacts
+
+
+@dataclass(frozen=True)
+class OnnxArtifact:
+    """An ONNX model folder: ``model.onnx`` (+ external data), HF side files, manifest."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / self.manifest["model"]["file"]
+
+    @property
+    def dtype(self) -> str:
+        return self.manifest["model"]["dtype"]
+
+    @property
+    def task(self) -> str:
+        return self.manifest["source"]["task"]
+
+    @property
+    def architecture(self) -> str:
+        return self.manifest["source"]["architecture"]
+
+    @property
+    def model_type(self) -> str:
+        return self.manifest["source"]["model_type"]
+
+    @property
+    def inputs(self) -> list[dict[str, Any]]:
+        return self.manifest["io"]["inputs"]
+
+    @property
+    def outputs(self) -> list[dict[str, Any]]:
+        return self.manifest["io"]["outputs"]
+
+    @property
+    def precision(self) -> str:
+        """What the graph computes in: fp32/fp16 for exports, the recipe's precision for quantized."""
+        q = self.manifest.get("quantization")
+        return q["precision"] if q else self.dtype
+
+    @property
+    def sha256(self) -> str:
+        return self.manifest["files"][self.manifest["model"]["file"]]
+
+    def load(self, load_external_data: bool = True):  # -> onnx.ModelProto
+        import onnx
+
+        return onnx.load(str(self.model_path), load_external_data=load_external_data)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> OnnxArtifact:
+        art = load_artifact(path)
+        if not isinstance(art, OnnxArtifact):
+            raise InputError(
+                f"{path} is a {art.manifest.get('kind')} artifact, not an ONNX artifact",
+                "pass the folder written by 'trtforge export' or 'trtforge quantize'",
+            )
+        return art
+
+
+@dataclass(frozen=True)
+class EngineArtifact:
+    """A TensorRT engine folder: ``model.plan``, layer info, manifest."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def engine_path(self) -> Path:
+        return self.path / self.manifest["engine"]["file"]
+
+
+def load_artifact(path: str | os.PathLike[str]) -> OnnxArtifact | EngineArtifact:
+    """Open an artifact folder written by any stage, checking it is complete."""
+    folder = Path(path).expanduser().resolve()
+    if not folder.exists():
+        raise InputError(f"artifact folder {folder} does not exist", "check the path")
+    if not folder.is_dir():
+        raise InputError(f"{folder} is a file, not an artifact folder", "pass the folder a trtforge stage wrote")
+    mpath = folder / MANIFEST
+    if not mpath.exists():
+        raise InputError(
+            f"{folder} has no {MANIFEST}, so it was not written by trtforge (or not completely)",
+            "pass the folder a trtforge stage wrote",
+        )
+    manifest = read_json(mpath, "manifest")
+    if not isinstance(manifest, dict) or "kind" not in manifest:
+        raise InputError(f"{mpath} is not a trtforge manifest", "pass the folder a trtforge stage wrote")
+    if manifest.get("schema_version", 0) > MANIFEST_SCHEMA_VERSION:
+        raise InputError(
+            f"{mpath} was written by a newer trtforge (manifest schema {manifest['schema_version']})",
+            "upgrade trtforge",
+        )
+    kind = manifest["kind"]
+    if kind == "onnx":
+        art: OnnxArtifact | EngineArtifact = OnnxArtifact(folder, manifest)
+        if not art.model_path.exists():
+            raise InputError(f"{art.model_path} is missing from the artifact", "re-run the stage that wrote it")
+        return art
+    if kind == "engine":
+        eng = EngineArtifact(folder, manifest)
+        if not eng.engine_path.exists():
+            raise InputError(f"{eng.engine_path} is missing from the artifact", "re-run 'trtforge build'")
+        return eng
+    raise InputError(f"{mpath} has unknown kind {kind!r}", "pass an export, quantize or build folder")
+
+
+def copy_side_files(src: Path, dst: Path) -> list[str]:
+    """Copy tokenizer and config files; returns the names copied."""
+    copied = []
+    for name in HF_SIDE_FILES:
+        p = Path(src) / name
+        if p.is_file():
+            shutil.copy2(p, Path(dst) / name)
+            copied.append(name)
+    return copied

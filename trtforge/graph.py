@@ -1,0 +1,303 @@
+"""Small helpers over ONNX graphs shared by the stages: indexes, pattern matches, edits.
+
+Passes elsewhere are pure functions ``ModelProto -> ModelProto``; this module holds what they
+share: who produces and who consumes a tensor, where the normalizations are (LayerNormalization
+nodes, and RMSNorm as the Pow/ReduceMean/Add/Sqrt/Div/Mul chain the TorchScript exporter
+writes for LLaMA-family models), and unique-name generation.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+class GraphIndex:
+    """Producer/consumer maps of a graph. Rebuild it after structural edits."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        g = model.graph
+        self.model = model
+        self.graph = g
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in g.node:
+            for o in node.output:
+                self.producer[o] = node
+            for i in node.input:
+                if i:
+                    self.consumers[i].append(node)
+        self.initializers: dict[str, TensorProto] = {t.name: t for t in g.initializer}
+        self.graph_inputs = {i.name for i in g.input}
+        self.graph_outputs = {o.name for o in g.output}
+        self._names = {n.name for n in g.node} | set(self.producer) | set(self.initializers) | self.graph_inputs
+
+    def const_value(self, name: str) -> np.ndarray | None:
+        """Value of an initializer or Constant node output, else None."""
+        if name in self.initializers:
+            return numpy_helper.to_array(self.initializers[name])
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    return numpy_helper.to_array(a.t)
+                if a.name == "value_float":
+                    return np.array(a.f, dtype=np.float32)
+                if a.name == "value_floats":
+                    return np.array(list(a.floats), dtype=np.float32)
+                if a.name == "value_int":
+                    return np.array(a.i, dtype=np.int64)
+                if a.name == "value_ints":
+                    return np.array(list(a.ints), dtype=np.int64)
+        if node is not None and node.op_type == "Identity":
+            return self.const_value(node.input[0])
+        return None
+
+    def is_const(self, name: str) -> bool:
+        return self.const_value(name) is not None
+
+    def unique(self, base: str) -> str:
+        name, k = base, 0
+        while name in self._names:
+            k += 1
+            name = f"{base}_{k}"
+        self._names.add(name)
+        return name
+
+    def single_consumer(self, name: str) -> onnx.NodeProto | None:
+        c = self.consumers.get(name, [])
+        return c[0] if len(c) == 1 and name not in self.graph_outputs else None
+
+
+@dataclass
+class NormMatch:
+    """One normalization whose output feeds GEMMs.
+
+    ``scale`` / ``bias`` are initializer names multiplied/added last (the place SmoothQuant
+    folds its factor into). ``nodes`` are all nodes of the pattern (kept in FP32 by the
+    FP16 conversion).
+    """
+
+    kind: str  # "layernorm" | "rmsnorm"
+    input: str
+    output: str
+    scale: str | None
+    bias: str | None
+    nodes: list[str] = field(default_factory=list)
+    # the node whose input is the scale (LayerNormalization itself, or the final Mul)
+    scale_node: str = ""
+
+
+def _skip_cast_forward(idx: GraphIndex, name: str) -> tuple[str, list[str]]:
+    """Follow single-consumer Cast nodes downstream; returns (tensor, cast node names)."""
+    casts = []
+    while True:
+        c = idx.single_consumer(name)
+        if c is None or c.op_type != "Cast":
+            return name, casts
+        casts.append(c.name)
+        name = c.output[0]
+
+
+def find_norms(model: onnx.ModelProto, idx: GraphIndex | None = None) -> list[NormMatch]:
+    idx = idx or GraphIndex(model)
+    found: list[NormMatch] = []
+    for node in model.graph.node:
+        if node.op_type == "LayerNormalization":
+            scale = node.input[1] if len(node.input) > 1 else None
+            bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+            found.append(
+                NormMatch("layernorm", node.input[0], node.output[0], scale, bias, [node.name], node.name)
+            )
+        elif node.op_type == "Pow":
+            m = _match_rmsnorm(idx, node)
+            if m is not None:
+                found.append(m)
+    return found
+
+
+def _match_rmsnorm(idx: GraphIndex, pow_node: onnx.NodeProto) -> NormMatch | None:
+    """x -> Pow(2) -> ReduceMean(-1) -> Add(eps) -> Sqrt -> Div(1, .) | Reciprocal -> Mul(x, .) -> [Cast] -> Mul(w)."""
+    e = idx.const_value(pow_node.input[1])
+    if e is None or float(np.asarray(e).reshape(-1)[0]) != 2.0:
+        return None
+    x = pow_node.input[0]
+    nodes = [pow_node.name]
+    rm = idx.single_consumer(pow_node.output[0])
+    if rm is None or rm.op_type != "ReduceMean":
+        return None
+    add = idx.single_consumer(rm.output[0])
+    if add is None or add.op_type != "Add":
+        return None
+    sq = idx.single_consumer(add.output[0])
+    if sq is None or sq.op_type != "Sqrt":
+        return None
+    inv = idx.single_consumer(sq.output[0])
+    if inv is None:
+        return None
+    nodes += [rm.name, add.name, sq.name]
+    if inv.op_type == "Reciprocal":
+        nodes.append(inv.name)
+        rs = inv.output[0]
+        mul = idx.single_consumer(rs)
+        if mul is None or mul.op_type != "Mul" or x not in mul.input:
+            return None
+    elif inv.op_type == "Div":
+        one = idx.const_value(inv.input[0])
+        if one is None or inv.input[1] != sq.output[0]:
+            # x / sqrt(...) form
+            if inv.input[0] == x and inv.input[1] == sq.output[0]:
+                mul = inv
+            else:
+                return None
+        else:
+            nodes.append(inv.name)
+            mul = idx.single_consumer(inv.output[0])
+            if mul is None or mul.op_type != "Mul" or x not in mul.input:
+                return None
+    else:
+        return None
+    nodes.append(mul.name)
+    out, casts = _skip_cast_forward(idx, mul.output[0])
+    nodes += casts
+    wmul = idx.single_consumer(out)
+    scale = None
+    scale_node = ""
+    if wmul is not None and wmul.op_type == "Mul":
+        other = wmul.input[1] if wmul.input[0] == out else wmul.input[0]
+        if other in idx.initializers and idx.initializers[other].data_type in (
+            TensorProto.FLOAT,
+            TensorProto.FLOAT16,
+        ):
+            scale = other
+            scale_node = wmul.name
+            nodes.append(wmul.name)
+            out = wmul.output[0]
+    # The input may arrive through a Cast (x.to(float32)); the pattern's input is the Cast's input.
+    prod = idx.producer.get(x)
+    if prod is not None and prod.op_type == "Cast" and len(idx.consumers[x]) == 2:
+        nodes.insert(0, prod.name)
+        x = prod.input[0]
+    return NormMatch("rmsnorm", x, out, scale, None, nodes, scale_node)
+
+
+def inline_identity_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Point consumers of ``Identity(initializer)`` at a private copy of the initializer.
+
+    The TorchScript exporter deduplicates equal initializers (e.g. the all-ones norm scales of
+    a freshly initialized model) behind Identity nodes. Passes that rewrite one layer's weights
+    (SmoothQuant, AWQ) must not change another's, so every consumer gets its own tensor.
+    """
+    idx = GraphIndex(model)
+    keep = []
+    new_inits = []
+    for node in model.graph.node:
+        if node.op_type == "Identity" and node.input[0] in idx.initializers and node.output[0] not in idx.graph_outputs:
+            src = idx.initializers[node.input[0]]
+            t = TensorProto()
+            t.CopyFrom(src)
+            t.name = node.output[0]
+            new_inits.append(t)
+            continue
+        keep.append(node)
+    if not new_inits:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:]
+    out.graph.node.extend(keep)
+    out.graph.initializer.extend(new_inits)
+    return out
+
+
+def set_initializer(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
+    """Replace an initializer's value in place (same name, dtype may change)."""
+    for i, t in enumerate(model.graph.initializer):
+        if t.name == name:
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(value, name))
+            return
+    raise KeyError(name)
+
+
+def onnx_dtype_name(elem_type: int) -> str:
+    return helper.tensor_dtype_to_np_dtype(elem_type).name if elem_type not in _SPECIAL else _SPECIAL[elem_type]
+
+
+_SPECIAL = {
+    TensorProto.FLOAT8E4M3FN: "float8_e4m3fn",
+    TensorProto.INT4: "int4",
+    TensorProto.UINT4: "uint4",
+    TensorProto.BFLOAT16: "bfloat16",
+}
+
+
+def describe_io(values) -> list[dict]:
+    """Names, dtypes and shapes (ints or symbols) of graph inputs/outputs."""
+    out = []
+    for v in values:
+        tt = v.type.tensor_type
+        shape = []
+        for d in tt.shape.dim:
+            if d.HasField("dim_value"):
+                shape.append(int(d.dim_value))
+            elif d.HasField("dim_param"):
+                shape.append(d.dim_param)
+            else:
+                shape.append(None)
+        out.append({"name": v.name, "dtype": onnx_dtype_name(tt.elem_type), "shape": shape})
+    return out
+
+
+def topological_sort(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Reorder nodes so every input is produced before it is used (in place; returns model).
+
+    ONNX Runtime's FP16 converter appends the casts it inserts at the end of the node list,
+    which onnx.checker rejects; nothing in onnx itself re-sorts a graph.
+    """
+    g = model.graph
+    available = {i.name for i in g.input} | {t.name for t in g.initializer} | {""}
+    nodes = list(g.node)
+    producers: dict[str, int] = {}
+    for k, n in enumerate(nodes):
+        for o in n.output:
+            producers[o] = k
+    deps: list[set[int]] = []
+    users: dict[int, list[int]] = defaultdict(list)
+    for k, n in enumerate(nodes):
+        d = {producers[i] for i in _all_inputs(n) if i not in available and i in producers}
+        deps.append(d)
+        for p in d:
+            users[p].append(k)
+    remaining = [len(d) for d in deps]
+    ready = [k for k, r in enumerate(remaining) if r == 0]
+    order: list[int] = []
+    import heapq
+
+    heapq.heapify(ready)  # keep the original order where it is free to
+    while ready:
+        k = heapq.heappop(ready)
+        order.append(k)
+        for u in users[k]:
+            remaining[u] -= 1
+            if remaining[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) != len(nodes):
+        raise ValueError("graph has a cycle")
+    sorted_nodes = [nodes[k] for k in order]
+    del g.node[:]
+    g.node.extend(sorted_nodes)
+    return model
+
+
+def _all_inputs(node: onnx.NodeProto) -> list[str]:
+    """Inputs of a node including those its subgraphs (If/Loop) capture from outside."""
+    names = list(node.input)
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            inner = {o for n in a.g.node for o in n.output} | {i.name for i in a.g.input} | {t.name for t in a.g.initializer}
+            names += [i for n in a.g.node for i in _all_inputs(n) if i not in inner]
+    return names
