@@ -49,6 +49,8 @@ MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 # protobuf cannot serialize a message over 2 GiB; stay clear of it.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# The export wrappers hold the Hugging Face model as attribute ``model``.
+WRAPPER_PREFIX = "model."
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 
 
@@ -274,19 +276,27 @@ def export_onnx(
 
 
 def name_weights(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Give GEMM weights the module's name (``onnx::MatMul_648`` -> ``model.layers.0.mlp.up_proj.weight``).
+    """Give initializers the names of the PyTorch state dict.
 
-    Manifests, exclusion lists and per-layer reports then speak the names users know.
+    GEMM weights get their module's name (``onnx::MatMul_648`` ->
+    ``model.layers.0.mlp.up_proj.weight``) and the export wrapper's ``model.`` prefix is dropped,
+    so manifests, exclusion patterns and per-layer reports speak the names users know.
     """
     idx = GraphIndex(model)
     rename: dict[str, str] = {}
     taken = set(idx.initializers)
+    for name in idx.initializers:
+        if name.startswith(WRAPPER_PREFIX) and name[len(WRAPPER_PREFIX):] not in taken:
+            rename[name] = name[len(WRAPPER_PREFIX):]
+            taken.add(rename[name])
     for node in model.graph.node:
         if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
             continue
         w = node.input[1]
         if w in idx.initializers and w.startswith("onnx::") and len(idx.consumers[w]) == 1 and node.name:
             parts = [p for p in node.name.strip("/").split("/") if p]
+            if parts and parts[0] + "." == WRAPPER_PREFIX:
+                parts = parts[1:]
             if len(parts) < 2:
                 continue
             new = ".".join(parts[:-1]) + ".weight"

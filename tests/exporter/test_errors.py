@@ -1,0 +1,124 @@
+"""Every bad input: one line naming the problem and the fix, exit 1, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from trtforge.cli import main
+
+from ..conftest import leftovers  # noqa: TID252
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+def _one_line_error(result, *needles):
+    assert result.exit_code == 1, result.output
+    lines = [ln for ln in result.output.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, result.output
+    assert "Traceback" not in result.output
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def test_missing_folder(tmp_path):
+    _one_line_error(run("export", str(tmp_path / "nope"), "-o", str(tmp_path / "out")), "does not exist")
+    assert not (tmp_path / "out").exists()
+
+
+def test_folder_without_config(tmp_path):
+    (tmp_path / "m").mkdir()
+    _one_line_error(run("export", str(tmp_path / "m"), "-o", str(tmp_path / "out")), "no config.json", "save_pretrained")
+
+
+def test_unsupported_architecture_lists_supported(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "t5", "architectures": ["T5Model"]}))
+    line = _one_line_error(run("export", str(tmp_path / "m"), "-o", str(tmp_path / "out")), "unsupported architecture 't5'")
+    for name in ("bert", "gpt2", "llama", "qwen2"):
+        assert name in line
+
+
+def test_remote_code_is_refused(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(
+        json.dumps({"model_type": "fancy", "auto_map": {"AutoModel": "modeling_fancy.FancyModel"}})
+    )
+    (tmp_path / "m" / "modeling_fancy.py").write_text("raise SystemExit('remote code was executed')\n")
+    _one_line_error(run("export", str(tmp_path / "m"), "-o", str(tmp_path / "out")), "remote code", "never runs")
+
+
+def test_unsupported_task(tiny_model, tmp_path):
+    _one_line_error(run("export", str(tiny_model("llama")), "-o", str(tmp_path / "o"), "--task", "sequence-classification"),
+                    "not supported for llama", "causal-lm")
+
+
+def test_missing_weights(tiny_model, tmp_path):
+    m = tmp_path / "m"
+    shutil.copytree(tiny_model("bert"), m)
+    (m / "model.safetensors").unlink()
+    _one_line_error(run("export", str(m), "-o", str(tmp_path / "out")), "no weight files")
+
+
+def test_corrupt_weights(tiny_model, tmp_path):
+    m = tmp_path / "m"
+    shutil.copytree(tiny_model("bert"), m)
+    data = (m / "model.safetensors").read_bytes()
+    (m / "model.safetensors").write_bytes(data[: len(data) // 2])
+    _one_line_error(run("export", str(m), "-o", str(tmp_path / "out")), "failed to load")
+    assert not (tmp_path / "out").exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_weights_that_do_not_match_config(tiny_model, tmp_path):
+    m = tmp_path / "m"
+    shutil.copytree(tiny_model("bert"), m)
+    cfg = json.loads((m / "config.json").read_text())
+    cfg["num_hidden_layers"] = 3  # one layer more than the weights hold
+    (m / "config.json").write_text(json.dumps(cfg))
+    _one_line_error(run("export", str(m), "-o", str(tmp_path / "out")), "miss")
+
+
+def test_existing_output_is_refused_without_force(tiny_model, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    _one_line_error(run("export", str(tiny_model("bert")), "-o", str(out)), "already exists", "--force")
+    assert (out / "keep.txt").read_text() == "mine"
+    r = run("export", str(tiny_model("bert")), "-o", str(out), "--force")
+    assert r.exit_code == 0, r.output
+    assert not (out / "keep.txt").exists() and (out / "model.onnx").exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_write_failure_leaves_nothing(tiny_model, tmp_path, monkeypatch):
+    import onnx
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(onnx, "save_model", boom)
+    _one_line_error(run("export", str(tiny_model("bert")), "-o", str(tmp_path / "out")), "No space left", "disk space")
+    assert not (tmp_path / "out").exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_bad_opset(tiny_model, tmp_path):
+    _one_line_error(run("export", str(tiny_model("bert")), "-o", str(tmp_path / "o"), "--opset", "9"), "opset 9")
+
+
+def test_usage_error_exits_2(tmp_path):
+    r = run("export", str(tmp_path))
+    assert r.exit_code == 2
+
+
+def test_json_output(tiny_model, tmp_path):
+    r = CliRunner().invoke(main, ["-q", "export", str(tiny_model("bert")), "-o", str(tmp_path / "o"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["source"]["model_type"] == "bert"
