@@ -1,1 +1,26 @@
-"""(stage package)"""
+"""Quantize stage: calibration, SmoothQuant/AWQ and Q/DQ insertion (see quantize.py and stage.py)."""
+
+from __future__ import annotations
+
+from trtforge.calibration.collect import ActivationRanges, collect_ranges
+from trtforge.calibration.data import Samples, build_samples
+from trtforge.calibration.quantize import finish, prepare, quantize_model
+from trtforge.calibration.recipe import PRESETS, CalibMethod, Int4Method, Precision, QuantRecipe, get_preset
+from trtforge.calibration.stage import quantize
+
+__all__ = [
+    "PRESETS",
+    "ActivationRanges",
+    "CalibMethod",
+    "Int4Method",
+    "Precision",
+    "QuantRecipe",
+    "Samples",
+    "build_samples",
+    "collect_ranges",
+    "finish",
+    "get_preset",
+    "prepare",
+    "quantize",
+    "quantize_model",
+]

@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from trtforge.graph import GraphIndex, find_norms, topological_sort
+from trtforge.graph import GraphIndex, find_norms, tensor_types, topological_sort
 
 FP32_OPS = {"Softmax", "LayerNormalization", "Range", "Cos", "Sin"}
 F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
@@ -87,32 +87,6 @@ def _rotary_cone(model: onnx.ModelProto, idx: GraphIndex) -> set[str]:
     return cone
 
 
-def _float_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element type of every tensor, inferred on a weight-free copy (works for >2 GB models)."""
-    light = onnx.ModelProto()
-    light.CopyFrom(model) if model.ByteSize() < 1_500_000_000 else _copy_without_weights(model, light)
-    del light.graph.initializer[:]
-    for t in model.graph.initializer:
-        light.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False)
-    types = {}
-    for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        types[v.name] = v.type.tensor_type.elem_type
-    return types
-
-
-def _copy_without_weights(model: onnx.ModelProto, dst: onnx.ModelProto) -> None:
-    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
-        setattr(dst, field, getattr(model, field))
-    dst.opset_import.extend(model.opset_import)
-    g = dst.graph
-    g.name = model.graph.name
-    g.node.extend(model.graph.node)
-    g.input.extend(model.graph.input)
-    g.output.extend(model.graph.output)
-    g.value_info.extend(model.graph.value_info)
-
-
 def _to16(arr: np.ndarray) -> np.ndarray:
     return np.clip(arr, -_MAX16, _MAX16).astype(np.float16)
 
@@ -122,7 +96,7 @@ def convert_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
         raise NotImplementedError("FP16 conversion of graphs with subgraphs (If/Loop) is not supported")
     idx = GraphIndex(model)
     keep32 = fp32_node_names(model, idx)
-    types = _float_types(model)
+    types = tensor_types(model)
     g = model.graph
 
     def is_float(name: str) -> bool:

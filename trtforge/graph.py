@@ -301,3 +301,29 @@ def _all_inputs(node: onnx.NodeProto) -> list[str]:
             inner = {o for n in a.g.node for o in n.output} | {i.name for i in a.g.input} | {t.name for t in a.g.initializer}
             names += [i for n in a.g.node for i in _all_inputs(n) if i not in inner]
     return names
+
+
+def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor, inferred on a weight-free copy (works for >2 GB models)."""
+    light = onnx.ModelProto()
+    light.CopyFrom(model) if model.ByteSize() < 1_500_000_000 else _copy_without_weights(model, light)
+    del light.graph.initializer[:]
+    for t in model.graph.initializer:
+        light.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False)
+    types = {}
+    for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        types[v.name] = v.type.tensor_type.elem_type
+    return types
+
+
+def _copy_without_weights(model: onnx.ModelProto, dst: onnx.ModelProto) -> None:
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(dst, field, getattr(model, field))
+    dst.opset_import.extend(model.opset_import)
+    g = dst.graph
+    g.name = model.graph.name
+    g.node.extend(model.graph.node)
+    g.input.extend(model.graph.input)
+    g.output.extend(model.graph.output)
+    g.value_info.extend(model.graph.value_info)

@@ -6,7 +6,7 @@ import importlib
 
 import click
 
-_MODULES: tuple[str, ...] = ()
+_MODULES: tuple[str, ...] = ("quantize",)
 
 
 def register(group: click.Group) -> None:

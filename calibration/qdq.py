@@ -1,0 +1,165 @@
+"""Q/DQ insertion for TensorRT explicit quantization (INT8, FP8) and INT4 weight-only.
+
+Placement follows TensorRT's documented rules (developer guide, "Q/DQ Layer-Placement
+Recommendations"): quantize the inputs of GEMMs, per-tensor for activations and per output
+channel for weights, symmetric (zero point 0); do not quantize GEMM outputs, residual adds,
+norms or softmax (an extra Q/DQ pair TensorRT cannot fuse forces an FP16 reformat and makes the
+engine slower than FP16, the complaint users have about other tools).
+
+* activation: X -> QuantizeLinear(scale, zp=0) -> DequantizeLinear -> GEMM input 0; one pair
+  per tensor, shared by the GEMMs that read it (q/k/v stay one horizontal-fusion group);
+* weights: stored quantized (INT8 or FP8 E4M3 initializer) -> DequantizeLinear(axis = output
+  channel) -> GEMM input 1, so the file shrinks and TensorRT reads the integers directly;
+* INT4 weight-only: packed INT4 initializer -> DequantizeLinear(axis = K, block_size) (opset 21).
+
+Scales have the graph's float type: in a strongly typed TensorRT network the DequantizeLinear
+output type is the scale's type, so FP16 scales keep the rest of an FP16 graph in FP16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from trtforge.calibration.numerics import QMAX, as_scale, int4_block_scales, int4_quantize, quantize, weight_scales
+from trtforge.calibration.patterns import Gemm
+from trtforge.calibration.recipe import Precision
+from trtforge.graph import GraphIndex
+
+ZP_TYPE = {Precision.INT8: TensorProto.INT8, Precision.FP8: TensorProto.FLOAT8E4M3FN}
+MIN_OPSET = {Precision.INT8: 13, Precision.FP8: 19, Precision.INT4: 21}
+
+
+@dataclass
+class WeightPlan:
+    gemm: Gemm
+    block: int | None = None  # INT4 only
+    clip: np.ndarray | None = None  # INT4 AWQ clip ratios [K/B, N]
+
+
+def float_type(model: onnx.ModelProto) -> tuple[int, type]:
+    for t in model.graph.initializer:
+        if len(t.dims) == 2 and t.data_type == TensorProto.FLOAT16:
+            return TensorProto.FLOAT16, np.float16
+    return TensorProto.FLOAT, np.float32
+
+
+def insert_activation_qdq(
+    model: onnx.ModelProto, acts: dict[str, tuple[float, list[str]]], precision: Precision
+) -> dict[str, float]:
+    """Insert a shared Q/DQ pair on each activation ``{tensor: (amax, [reader nodes])}``.
+
+    Edits ``model`` in place; returns the stored scale of each tensor.
+    """
+    idx = GraphIndex(model)
+    _, np_dtype = float_type(model)
+    zp_name = idx.unique(f"zero_point_{precision.value.replace('-', '_')}")
+    if precision == Precision.INT8:
+        zp = numpy_helper.from_array(np.zeros((), np.int8), zp_name)
+    else:
+        zp = helper.make_tensor(zp_name, ZP_TYPE[precision], [], [0.0])
+    model.graph.initializer.append(zp)
+    scales: dict[str, float] = {}
+    inserts: dict[str, list[onnx.NodeProto]] = {}
+    nodes = {n.name: n for n in model.graph.node}
+    for tensor, (amax, readers) in acts.items():
+        scale = as_scale(amax, QMAX[precision], np_dtype)
+        sname = idx.unique(f"{tensor}_scale")
+        model.graph.initializer.append(numpy_helper.from_array(np.asarray(scale, np_dtype), sname))
+        q_out, dq_out = idx.unique(f"{tensor}_quantized"), idx.unique(f"{tensor}_dequantized")
+        q = helper.make_node("QuantizeLinear", [tensor, sname, zp_name], [q_out], name=idx.unique(f"{tensor}_QuantizeLinear"))
+        dq = helper.make_node("DequantizeLinear", [q_out, sname, zp_name], [dq_out], name=idx.unique(f"{tensor}_DequantizeLinear"))
+        first = None
+        for r in readers:
+            node = nodes[r]
+            for k, i in enumerate(node.input):
+                if i == tensor and (k == 0 or node.op_type == "MatMul"):
+                    node.input[k] = dq_out
+                    first = first or r
+        if first is not None:
+            inserts.setdefault(first, []).extend([q, dq])
+        scales[tensor] = float(scale)
+    _insert_before(model, inserts)
+    return scales
+
+
+def quantize_weights(model: onnx.ModelProto, plans: list[WeightPlan], precision: Precision) -> dict[str, dict]:
+    """Replace each GEMM's float weight by a quantized initializer behind a DequantizeLinear."""
+    idx = GraphIndex(model)
+    _, np_dtype = float_type(model)
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node}
+    inserts: dict[str, list[onnx.NodeProto]] = {}
+    info: dict[str, dict] = {}
+    dropped: set[str] = set()
+    for plan in plans:
+        g = plan.gemm
+        w = numpy_helper.to_array(inits[g.weight]).astype(np.float32)
+        w_kn = w.T if g.trans_b else w
+        base = g.weight
+        qname, sname = idx.unique(f"{base}_quantized"), idx.unique(f"{base}_scale")
+        if precision == Precision.INT4:
+            scales = int4_block_scales(w_kn, plan.block, np_dtype, plan.clip)
+            q = int4_quantize(w_kn, scales, plan.block)
+            if g.trans_b:  # stored [N, K]: blocks along the last axis
+                q, scales, axis = q.T.copy(), scales.T.copy(), 1
+            else:
+                axis = 0
+            attrs = {"axis": axis, "block_size": plan.block}
+            deq = q.astype(np.float32) * np.repeat(scales.astype(np.float32), plan.block, axis=axis)
+        else:
+            scales = weight_scales(w_kn, precision, np_dtype)
+            q = quantize(w_kn, scales[None, :], precision)
+            if g.trans_b:
+                q = q.T.copy()
+            axis = 0 if g.trans_b else 1
+            attrs = {"axis": axis}
+            deq = q.astype(np.float32) * (scales[:, None] if g.trans_b else scales[None, :]).astype(np.float32)
+        model.graph.initializer.append(numpy_helper.from_array(q, qname))
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(scales), sname))
+        out = idx.unique(f"{base}_dequantized")
+        dq = helper.make_node("DequantizeLinear", [qname, sname], [out], name=idx.unique(f"{base}_DequantizeLinear"), **attrs)
+        node = nodes[g.node]
+        node.input[1] = out
+        inserts.setdefault(g.node, []).append(dq)
+        if len(idx.consumers.get(g.weight, [])) <= 1:
+            dropped.add(g.weight)
+        err = float(np.abs(deq - w).max() / max(np.abs(w).max(), 1e-12))
+        info[g.node] = {
+            "weight_dtype": {Precision.INT8: "int8", Precision.FP8: "float8_e4m3fn", Precision.INT4: "int4"}[precision],
+            "scale_shape": list(scales.shape),
+            "scale_min": float(np.min(scales)),
+            "scale_max": float(np.max(scales)),
+            "weight_rel_err": err,
+            **({"block_size": plan.block} if precision == Precision.INT4 else {}),
+        }
+    keep = [t for t in model.graph.initializer if t.name not in dropped]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    _insert_before(model, inserts)
+    return info
+
+
+def _insert_before(model: onnx.ModelProto, inserts: dict[str, list[onnx.NodeProto]]) -> None:
+    if not inserts:
+        return
+    order = []
+    for node in model.graph.node:
+        order += inserts.get(node.name, [])
+        order.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(order)
+
+
+def ensure_opset(model: onnx.ModelProto, precision: Precision, *, fp16: bool = False) -> onnx.ModelProto:
+    """Convert to the opset the Q/DQ flavour needs (FP8: 19, INT4 blocks: 21; FP16 Q/DQ: 19)."""
+    need = max(MIN_OPSET[precision], 19 if fp16 else 0)
+    cur = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if cur >= need:
+        return model
+    from onnx import version_converter
+
+    return version_converter.convert_version(model, need)

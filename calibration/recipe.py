@@ -1,0 +1,186 @@
+"""Quantization recipes: frozen options with enums, named presets, strict loading.
+
+A recipe says what to quantize and how; the calibration data and the collected ranges are
+separate inputs. ``QuantRecipe.from_dict`` rejects unknown keys and wrong types, so a typo in a
+recipe file is an error that names the key, never a silently ignored option.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import asdict, dataclass, fields
+from enum import Enum
+
+from trtforge.errors import RecipeError
+
+
+class Precision(str, Enum):
+    INT8 = "int8"
+    FP8 = "fp8"
+    INT4 = "int4-weight-only"
+
+
+class CalibMethod(str, Enum):
+    MAX = "max"
+    PERCENTILE = "percentile"
+    ENTROPY = "entropy"
+    MSE = "mse"
+
+
+class Int4Method(str, Enum):
+    RTN = "rtn"
+    AWQ = "awq"
+
+
+# GEMMs never quantized by default: the LM head (its logits feed sampling directly and it is a
+# small share of the compute) and any pooler/classifier head.
+DEFAULT_EXCLUDE = ("*lm_head*", "*pooler*", "*classifier*", "*score*")
+
+
+@dataclass(frozen=True)
+class QuantRecipe:
+    name: str = "custom"
+    precision: Precision = Precision.INT8
+    # --- SmoothQuant (INT8 / FP8)
+    smoothquant: bool = False
+    alpha: float | None = 0.5  # None: automatic, per layer from alpha_grid
+    alpha_grid: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
+    smooth_attention_output: bool = True  # fold into v -> o_proj where exact (not with a KV cache)
+    smooth_mlp_down: bool = True  # fold into up -> down_proj where exact
+    # where no exact fold exists (post-norm BERT, GELU outputs): an explicit per-channel Mul on
+    # the GEMM branch; TensorRT fuses it into the QuantizeLinear that follows
+    smooth_with_mul: bool = True
+    # --- activation calibration
+    calib_method: CalibMethod = CalibMethod.MAX
+    percentile: float = 99.99
+    # non-smoothed activations may use another method (None: calib_method)
+    unsmoothed_calib_method: CalibMethod | None = None
+    quantize_attention_bmm: bool = False
+    # --- INT4 weight-only
+    int4_method: Int4Method = Int4Method.AWQ
+    block_size: int = 128
+    awq_grid: int = 20
+    awq_clip: bool = True
+    awq_clip_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
+    # --- scope
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    dtype: str = "auto"  # the unquantized rest: auto (as exported) | fp16 | fp32
+    # --- calibration data
+    num_samples: int = 128
+    seq_len: int = 256
+    calib_mode: str = "auto"  # auto: windows for decoders, sentences for encoders
+    text_field: str = "text"
+    seed: int = 0
+    batch_size: int = 8
+    keep_tokens: int = 512  # rows per tensor kept for SmoothQuant auto-alpha / AWQ search
+    histogram_bins: int = 2048
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, Enum):
+                d[k] = v.value
+            elif isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict, *, source: str = "recipe") -> QuantRecipe:
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise RecipeError(
+                f"{source}: unknown key {unknown[0]!r}",
+                f"valid keys: {', '.join(sorted(known))}",
+            )
+        hints = typing.get_type_hints(cls)
+        kwargs = {k: _coerce(k, v, hints[k], source) for k, v in data.items()}
+        recipe = cls(**kwargs)
+        recipe.check(source)
+        return recipe
+
+    def replace(self, **changes) -> QuantRecipe:
+        """A copy with ``changes`` applied, checked like a recipe file (enums by value)."""
+        return QuantRecipe.from_dict({**self.to_dict(), **changes}, source="recipe override")
+
+    def check(self, source: str = "recipe") -> None:
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
+            raise RecipeError(f"{source}: alpha {self.alpha} is outside [0, 1]", "use 0.5 (INT8 default) or null for automatic")
+        if not 0 < self.percentile <= 100:
+            raise RecipeError(f"{source}: percentile {self.percentile} is outside (0, 100]", "use e.g. 99.99")
+        if self.block_size not in (16, 32, 64, 128, 256):
+            raise RecipeError(f"{source}: block_size {self.block_size} is not supported", "use 32, 64 or 128")
+        if self.dtype not in ("auto", "fp16", "fp32"):
+            raise RecipeError(f"{source}: dtype {self.dtype!r} is not one of auto, fp16, fp32", "use auto")
+        if self.calib_mode not in ("auto", "windows", "sentences"):
+            raise RecipeError(f"{source}: calib_mode {self.calib_mode!r} is invalid", "use auto, windows or sentences")
+        for n, lo in (("num_samples", 1), ("seq_len", 2), ("batch_size", 1), ("keep_tokens", 16), ("awq_grid", 1)):
+            if getattr(self, n) < lo:
+                raise RecipeError(f"{source}: {n} must be at least {lo}", f"set {n} >= {lo}")
+        if self.precision == Precision.INT4 and self.smoothquant:
+            raise RecipeError(f"{source}: smoothquant applies to INT8/FP8 activations, not INT4 weight-only", "set smoothquant = false")
+
+
+def _coerce(key: str, value, hint, source: str):
+    """Check a value against a field's type hint (enums by value, tuples from lists)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0], source)
+    if isinstance(hint, type) and issubclass(hint, Enum):
+        try:
+            return hint(value)
+        except ValueError:
+            raise RecipeError(
+                f"{source}: {key} = {value!r} is not valid",
+                f"use one of: {', '.join(m.value for m in hint)}",
+            ) from None
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{source}: {key} must be a list, got {type(value).__name__}", f"write {key} = [...]")
+        return tuple(_coerce(key, v, args[0], source) for v in value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{source}: {key} must be a number, got {value!r}", f"write {key} = 0.5")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{source}: {key} must be an integer, got {value!r}", f"write {key} = 128")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{source}: {key} must be true or false, got {value!r}", f"write {key} = true")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{source}: {key} must be a string, got {value!r}", f'write {key} = "..."')
+        return value
+    return value
+
+
+PRESETS: dict[str, QuantRecipe] = {
+    # SmoothQuant W8A8: per-channel weights, per-tensor activations. Alpha is chosen per group
+    # from alpha_grid by the group's quantized-output error on the calibration rows: on
+    # all-MiniLM-L6-v2 the fixed alpha of 0.5 gave a mean embedding cosine of 0.928, automatic
+    # alpha 0.998 (bench/quantize.py). "int8-sq-0.5" keeps the paper's fixed 0.5.
+    "int8-sq": QuantRecipe(name="int8-sq", precision=Precision.INT8, smoothquant=True, alpha=None,
+                           unsmoothed_calib_method=CalibMethod.MSE),
+    "int8-sq-0.5": QuantRecipe(name="int8-sq-0.5", precision=Precision.INT8, smoothquant=True, alpha=0.5,
+                               unsmoothed_calib_method=CalibMethod.MSE),
+    "int8": QuantRecipe(name="int8", precision=Precision.INT8, smoothquant=False, calib_method=CalibMethod.MSE),
+    "fp8": QuantRecipe(name="fp8", precision=Precision.FP8, smoothquant=False, calib_method=CalibMethod.MAX),
+    "int4-awq": QuantRecipe(name="int4-awq", precision=Precision.INT4, int4_method=Int4Method.AWQ),
+    "int4-rtn": QuantRecipe(name="int4-rtn", precision=Precision.INT4, int4_method=Int4Method.RTN, awq_clip=False),
+}
+
+
+def get_preset(name: str) -> QuantRecipe:
+    if name not in PRESETS:
+        raise RecipeError(f"unknown quantization recipe {name!r}", f"use one of: {', '.join(PRESETS)} or a recipe file")
+    return PRESETS[name]
+
+

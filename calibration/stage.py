@@ -1,0 +1,219 @@
+"""The quantize stage as a command runs it: artifacts in, artifact out (see quantize.py)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from trtforge.artifacts import (
+    OnnxArtifact,
+    atomic_output_dir,
+    base_manifest,
+    check_output_dir,
+    copy_side_files,
+    file_table,
+    write_json,
+)
+from trtforge.calibration.collect import ActivationRanges, collect_ranges, make_feeds, model_key
+from trtforge.calibration.data import Samples, build_samples, load_tokenizer
+from trtforge.calibration.quantize import MODEL_FILE, RANGES_FILE, attention_bmm_inputs, finish, prepare, watched_tensors
+from trtforge.calibration.recipe import CalibMethod, Int4Method, Precision, QuantRecipe
+from trtforge.errors import InputError, QuantizationError, ValidationError
+from trtforge.graph import inline_identity_initializers
+
+log = logging.getLogger(__name__)
+
+
+def needs_rows(recipe: QuantRecipe) -> bool:
+    """Whether the recipe needs the saved calibration rows, not only the statistics."""
+    if recipe.precision == Precision.INT4:
+        return recipe.int4_method == Int4Method.AWQ
+    return recipe.smoothquant and (recipe.alpha is None or recipe.calib_method != CalibMethod.MAX)
+
+
+def quantize(
+    export: str | Path | OnnxArtifact,
+    recipe: QuantRecipe,
+    out: str | Path,
+    *,
+    calib: list[str | Path] | None = None,
+    ranges: str | Path | None = None,
+    force: bool = False,
+    providers: list[str] | None = None,
+) -> OnnxArtifact:
+    t_start = time.perf_counter()
+    art = export if isinstance(export, OnnxArtifact) else OnnxArtifact.open(export)
+    if art.manifest.get("quantization"):
+        raise InputError(f"{art.path} is already quantized ({art.precision})", "quantize the export artifact instead")
+    if art.manifest.get("stage") != "export":
+        raise InputError(f"{art.path} is a {art.manifest.get('stage')} artifact", "quantize the folder written by 'trtforge export'")
+    out = check_output_dir(Path(out), force=force)
+    dtype = art.dtype if recipe.dtype == "auto" else recipe.dtype
+    if art.dtype == "fp16" and dtype == "fp32":
+        raise InputError("an FP16 export cannot be quantized into an FP32 graph", "export with --dtype fp32")
+    if not calib and not ranges:
+        raise InputError("no calibration data", "pass --calib FILE (text, JSONL or .npz) or --ranges FILE")
+    dims = art.manifest["dims"]
+    timings: dict[str, float] = {}
+
+    t = time.perf_counter()
+    model = inline_identity_initializers(art.load())
+    watched = watched_tensors(model)
+    key = model_key(model, watched)
+    if ranges:
+        r = ActivationRanges.load(ranges)
+        if r.model_key != key:
+            raise InputError(f"the ranges in {ranges} were collected on another model", "calibrate this export again (drop --ranges)")
+        if needs_rows(recipe) and not r.has_samples:
+            raise InputError(f"recipe {recipe.name} needs the calibration rows saved beside {ranges}", "keep ranges.samples.npz next to it, or recalibrate")
+        samples_info = {**r.calibration, "reused_from": str(Path(ranges).resolve())}
+    else:
+        tok = load_tokenizer(art.path)
+        mode = recipe.calib_mode if recipe.calib_mode != "auto" else ("windows" if art.manifest["source"]["family"] == "decoder" else "sentences")
+        samples = build_samples(
+            calib, tok, mode=mode, num_samples=recipe.num_samples, seq_len=recipe.seq_len, seed=recipe.seed,
+            max_positions=dims["max_positions"], vocab_size=dims["vocab_size"], text_field=recipe.text_field,
+        )
+        timings["tokenize_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        r = collect_ranges(model, watched, samples, dims, batch_size=recipe.batch_size, bins=recipe.histogram_bins,
+                           keep=recipe.keep_tokens, seed=recipe.seed, providers=providers,
+                           per_tensor=set(attention_bmm_inputs(model)))
+        samples_info = r.calibration
+        timings["calibrate_s"] = time.perf_counter() - t
+
+    with atomic_output_dir(out, force=force) as tmp:
+        t = time.perf_counter()
+        prep = prepare(model, recipe, r, dims)
+        timings["prepare_s"] = time.perf_counter() - t
+        smooth_check = _check_same_function(model, prep.model, art, dims) if prep.smoothings else None
+        t = time.perf_counter()
+        qmodel, report = finish(prep, dtype=dtype)
+        timings["quantize_s"] = time.perf_counter() - t
+        from trtforge.exporter.export import check_onnx, save_model
+
+        external = save_model(qmodel, tmp / MODEL_FILE)
+        del qmodel, prep
+        check_onnx(tmp / MODEL_FILE)
+        quick = _quick_check(model, tmp / MODEL_FILE, art, dims)
+        r.save(tmp / RANGES_FILE)
+        copy_side_files(art.path, tmp)
+
+        manifest = base_manifest("quantize", "onnx")
+        manifest["source"] = art.manifest["source"]
+        manifest["dims"] = dims
+        manifest["io"] = {**art.manifest["io"], **_io(tmp / MODEL_FILE)}
+        manifest["tokenizer"] = art.manifest.get("tokenizer")
+        manifest["model"] = {
+            "file": MODEL_FILE,
+            "external_data": "model.onnx.data" if external else None,
+            "opset": next(o.version for o in onnx.load(str(tmp / MODEL_FILE), load_external_data=False).opset_import if o.domain in ("", "ai.onnx")),
+            "dtype": dtype,
+            "size_bytes": sum(p.stat().st_size for p in tmp.glob("model.onnx*")),
+            "upstream_size_bytes": sum(p.stat().st_size for p in art.path.glob("model.onnx*")),
+        }
+        manifest["quantization"] = {
+            "precision": recipe.precision.value,
+            "recipe": recipe.to_dict(),
+            "upstream": {"path": str(art.path), "sha256": art.sha256, "dtype": art.dtype},
+            "calibration": samples_info,
+            "ranges_file": RANGES_FILE,
+            "smoothing_check": smooth_check,
+            "quick_check": quick,
+            **report,
+        }
+        timings["total_s"] = time.perf_counter() - t_start
+        manifest["timings"] = {k: round(v, 3) for k, v in timings.items()}
+        manifest["files"] = file_table(tmp)
+        write_json(tmp / "manifest.json", manifest)
+    log.info("quantized %s with %s: %d GEMMs quantized, %d excluded, in %.1fs", art.path.name, recipe.name,
+             report["counts"]["quantized"], report["counts"]["excluded"], timings["total_s"])
+    return OnnxArtifact.open(out)
+
+
+def _io(path: Path) -> dict:
+    from trtforge.graph import describe_io
+
+    m = onnx.load(str(path), load_external_data=False)
+    return {"inputs": describe_io(m.graph.input), "outputs": describe_io(m.graph.output)}
+
+
+def _check_cases(art: OnnxArtifact, dims: dict) -> list[dict]:
+    """A few held-out real sentences (never calibration text), one per row, unpadded."""
+    from trtforge.exporter.sample_text import SENTENCES
+
+    tok = load_tokenizer(art.path)
+    names = [i["name"] for i in art.inputs]
+    float16 = any(i["dtype"] == "float16" for i in art.inputs)
+    cases = []
+    for text in SENTENCES[5:9]:
+        if tok is not None:
+            enc = tok(text)
+            ids = np.asarray([enc["input_ids"]], np.int64)
+            tt = np.asarray([enc["token_type_ids"]], np.int64) if "token_type_ids" in enc else None
+        else:
+            ids, tt = np.random.default_rng(len(text)).integers(0, dims["vocab_size"], (1, 12)), None
+        cases.append(make_feeds(ids, names, dims, np.float16 if float16 else np.float32, tt))
+    return cases
+
+
+def _run(model_or_path, cases: list[dict]) -> list[dict[str, np.ndarray]]:
+    from trtforge.ort import session
+
+    if isinstance(model_or_path, onnx.ModelProto):
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="trtforge-check-") as d:
+            p = Path(d) / "m.onnx"
+            big = model_or_path.ByteSize() > 1_800_000_000
+            onnx.save_model(model_or_path, str(p), save_as_external_data=big, all_tensors_to_one_file=True, location="m.data")
+            sess = session(p)
+    else:
+        sess = session(model_or_path)
+    names = [o.name for o in sess.get_outputs()]
+    return [dict(zip(names, sess.run(None, c))) for c in cases]
+
+
+def _check_same_function(before: onnx.ModelProto, after: onnx.ModelProto, art: OnnxArtifact, dims: dict) -> dict:
+    """Smoothing must not change the float function; a difference here is a trtforge bug."""
+    cases = _check_cases(art, dims)[:2]
+    a, b = _run(before, cases), _run(after, cases)
+    worst = 0.0
+    for ra, rb in zip(a, b):
+        for k in ra:
+            ref = ra[k].astype(np.float64)
+            worst = max(worst, float(np.abs(rb[k] - ref).max() / max(np.abs(ref).max(), 1e-6)))
+    tol = 1e-3 if art.dtype == "fp32" else 2e-2
+    if worst > tol:
+        raise ValidationError(
+            f"smoothing changed the float model's outputs by {worst:.2e} (relative, tolerance {tol:g})",
+            "this is a trtforge bug for this architecture; report it, and quantize without smoothing meanwhile",
+        )
+    return {"max_rel_err": worst, "tolerance": tol, "cases": len(cases)}
+
+
+def _quick_check(model: onnx.ModelProto, qpath: Path, art: OnnxArtifact, dims: dict) -> dict:
+    """The quantized file loads and runs in ONNX Runtime; rough agreement with the float model."""
+    cases = _check_cases(art, dims)
+    try:
+        got = _run(qpath, cases)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise QuantizationError(f"the quantized model does not run in ONNX Runtime: {str(exc).splitlines()[0]}",
+                                "report this with the recipe and the export's manifest") from exc
+    ref = _run(model, cases)
+    out_name = art.outputs[0]["name"]
+    cos = []
+    for rr, gg in zip(ref, got):
+        a = rr[out_name].astype(np.float64).reshape(-1, rr[out_name].shape[-1])
+        b = gg[out_name].astype(np.float64).reshape(-1, a.shape[-1])
+        if not np.isfinite(b).all():
+            raise QuantizationError(f"the quantized model produces non-finite {out_name}", "exclude the failing layers or use another recipe")
+        num = (a * b).sum(-1)
+        den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+        cos += list(num / np.maximum(den, 1e-12))
+    return {"output": out_name, "mean_cosine_vs_float": float(np.mean(cos)), "min_cosine_vs_float": float(np.min(cos)),
+            "rows": len(cos), "data": "built-in held-out sentences"}

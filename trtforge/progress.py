@@ -1,0 +1,33 @@
+"""Progress on stderr: a bar on a terminal, periodic log lines otherwise (and in JSON logs)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
+log = logging.getLogger("trtforge.progress")
+
+
+def progress(items: Iterable[T], total: int, desc: str) -> Iterator[T]:
+    from trtforge.logs import is_json_logging
+
+    use_bar = sys.stderr.isatty() and not is_json_logging() and log.isEnabledFor(logging.INFO)
+    if use_bar:
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            use_bar = False
+    if use_bar:
+        yield from tqdm(items, total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+        return
+    t0 = time.perf_counter()
+    step = max(1, total // 10)
+    for i, item in enumerate(items, 1):
+        yield item
+        if i % step == 0 or i == total:
+            log.info("%s %d/%d", desc, i, total, extra={"event": "progress", "progress": i, "total": total,
+                                                      "seconds": round(time.perf_counter() - t0, 2)})
