@@ -161,7 +161,7 @@ def load_npz(path: Path, vocab_size: int) -> Samples:
             if "input_ids" not in z:
                 raise InputError(f"{path} has no 'input_ids' array (has: {', '.join(z.files)})", "save the token ids as input_ids")
             ids = z["input_ids"]
-            mask = z["attention_mask"] if "attention_mask" in z else None
+            mask = z["attention_mask"] if "attention_mask" in z.files else None
     except (ValueError, OSError) as exc:
         raise InputError(f"{path} is not a readable .npz file ({exc})", "write it with numpy.savez") from None
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):

@@ -24,7 +24,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from trtforge.calibration.numerics import QMAX, as_scale, int4_block_scales, int4_quantize, quantize, weight_scales
+from trtforge.calibration.numerics import (
+    QMAX,
+    as_scale,
+    int4_block_scales,
+    int4_quantize,
+    quantize,
+    weight_scales,
+)
 from trtforge.calibration.patterns import Gemm
 from trtforge.calibration.recipe import Precision
 from trtforge.graph import GraphIndex

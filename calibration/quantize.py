@@ -15,31 +15,20 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import onnx
 
-from trtforge.artifacts import (
-    OnnxArtifact,
-    atomic_output_dir,
-    base_manifest,
-    check_output_dir,
-    copy_side_files,
-    file_table,
-    write_json,
-)
 from trtforge.calibration.awq import awq_clip, awq_scale
-from trtforge.calibration.collect import ActivationRanges, collect_ranges, model_key
+from trtforge.calibration.collect import ActivationRanges
 from trtforge.calibration.numerics import QMAX, block_size_for
 from trtforge.calibration.patterns import Gemm, Group, find_gemms, find_groups
 from trtforge.calibration.qdq import WeightPlan, ensure_opset, insert_activation_qdq, quantize_weights
-from trtforge.calibration.recipe import CalibMethod, Int4Method, Precision, QuantRecipe
+from trtforge.calibration.recipe import Int4Method, Precision, QuantRecipe
 from trtforge.calibration.smoothquant import Smoothing, apply_smoothing, choose_smoothing, weight_kn
 from trtforge.calibration.stats import amax_from_rows, choose_amax
-from trtforge.errors import InputError, QuantizationError, ValidationError
+from trtforge.errors import QuantizationError
 from trtforge.graph import GraphIndex, inline_identity_initializers
 
 log = logging.getLogger(__name__)

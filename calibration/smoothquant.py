@@ -145,14 +145,14 @@ def apply_smoothing(model: onnx.ModelProto, smoothings: list[Smoothing]) -> onnx
             g = gemms[name]
             t = private(g.weight, g.node)
             if g.trans_b:
-                scale_tensor(t, lambda w: w * s[None, :])
+                scale_tensor(t, lambda w, s=s: w * s[None, :])
             else:
-                scale_tensor(t, lambda w: w * s[:, None])
+                scale_tensor(t, lambda w, s=s: w * s[:, None])
         if grp.fold == "norm":
             norm = grp.norm
-            scale_tensor(private(norm.scale, norm.scale_node), lambda w: w / s)
+            scale_tensor(private(norm.scale, norm.scale_node), lambda w, s=s: w / s)
             if norm.bias:
-                scale_tensor(private(norm.bias, norm.scale_node), lambda b: b / s)
+                scale_tensor(private(norm.bias, norm.scale_node), lambda b, s=s: b / s)
         elif grp.fold == "gemm":
             prev = gemms[grp.prev]
             cols = grp.prev_cols
@@ -160,12 +160,12 @@ def apply_smoothing(model: onnx.ModelProto, smoothings: list[Smoothing]) -> onnx
             col_s[cols] = s  # equal for channels sharing a column (see _shared_columns_max)
             t = private(prev.weight, prev.node)
             if prev.trans_b:
-                scale_tensor(t, lambda w: w / col_s[:, None])
+                scale_tensor(t, lambda w, c=col_s: w / c[:, None])
             else:
-                scale_tensor(t, lambda w: w / col_s[None, :])
+                scale_tensor(t, lambda w, c=col_s: w / c[None, :])
             if prev.bias:
                 user = prev.bias_add or prev.node
-                scale_tensor(private(prev.bias, user), lambda b: b / col_s)
+                scale_tensor(private(prev.bias, user), lambda b, c=col_s: b / c)
         else:  # explicit Mul on the branch, one per distinct activation tensor
             for act in grp.acts or [grp.act]:
                 dtype = _elem_type(out, idx, act)

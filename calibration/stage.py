@@ -19,8 +19,15 @@ from trtforge.artifacts import (
     write_json,
 )
 from trtforge.calibration.collect import ActivationRanges, collect_ranges, make_feeds, model_key
-from trtforge.calibration.data import Samples, build_samples, load_tokenizer
-from trtforge.calibration.quantize import MODEL_FILE, RANGES_FILE, attention_bmm_inputs, finish, prepare, watched_tensors
+from trtforge.calibration.data import build_samples, load_tokenizer
+from trtforge.calibration.quantize import (
+    MODEL_FILE,
+    RANGES_FILE,
+    attention_bmm_inputs,
+    finish,
+    prepare,
+    watched_tensors,
+)
 from trtforge.calibration.recipe import CalibMethod, Int4Method, Precision, QuantRecipe
 from trtforge.errors import InputError, QuantizationError, ValidationError
 from trtforge.graph import inline_identity_initializers

@@ -41,7 +41,7 @@ def load_model(folder: Path, spec: ArchSpec, task: Task) -> torch.nn.Module:
                 local_files_only=True,
                 output_loading_info=True,
             )
-    except (OSError, ValueError, RuntimeError, KeyError, EnvironmentError) as exc:
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(
             f"the weights in {folder} failed to load: {first}",

@@ -179,7 +179,7 @@ def export_onnx(
         "token_type_ids" in getattr(tokenizer, "model_input_names", [])
         if tokenizer is not None
         else int(src.config.get("type_vocab_size", 0) or 0) > 1
-    ) and not src.spec.family == "decoder"
+    ) and src.spec.family != "decoder"
     io = io_spec(src.task, dims, with_tt)
 
     timings: dict[str, float] = {}
@@ -236,7 +236,6 @@ def export_onnx(
             )
             validation["inputs"] = "real tokens" if tokenizer is not None else "random token ids (no tokenizer in folder)"
             timings["validate_s"] = time.perf_counter() - t
-        del wrapper, model
 
         manifest = base_manifest("export", "onnx")
         manifest["source"] = {

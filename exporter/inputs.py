@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from trtforge.exporter.architectures import ArchSpec, Task
+from trtforge.exporter.architectures import Task
 
 # One symbol per meaning, shared by every input and output that has that axis.
 BATCH, SEQ, PAST, TOTAL = "batch", "sequence", "past_sequence", "total_sequence"

@@ -318,8 +318,8 @@ def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def _copy_without_weights(model: onnx.ModelProto, dst: onnx.ModelProto) -> None:
-    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
-        setattr(dst, field, getattr(model, field))
+    for attr in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(dst, attr, getattr(model, attr))
     dst.opset_import.extend(model.opset_import)
     g = dst.graph
     g.name = model.graph.name

@@ -44,7 +44,8 @@ def corpus() -> list[str]:
     """Text to train tiny tokenizers on: the packaged example data plus the sample sentences."""
     texts = list(SENTENCES)
     data = Path(__file__).resolve().parent.parent / "examples" / "data"
-    for p in sorted(data.glob("*.txt")) if data.is_dir() else []:
+    # held-out evaluation text (eval-*.txt) never trains a tokenizer
+    for p in sorted(data.glob("calib-*.txt")) if data.is_dir() else []:
         texts += [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
     return texts
 
@@ -124,7 +125,7 @@ def _randomize_norms(model, seed: int) -> None:
 
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for name, mod in model.named_modules():
+        for mod in model.modules():
             if type(mod).__name__.endswith(("LayerNorm", "RMSNorm")) and getattr(mod, "weight", None) is not None:
                 mod.weight.mul_(0).add_(1.0 + 0.2 * torch.randn(mod.weight.shape, generator=g))
                 if getattr(mod, "bias", None) is not None:

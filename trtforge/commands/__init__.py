@@ -6,7 +6,7 @@ import importlib
 
 import click
 
-_MODULES: tuple[str, ...] = ("quantize",)
+_MODULES: tuple[str, ...] = ("quantize", "parity")
 
 
 def register(group: click.Group) -> None:

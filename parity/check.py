@@ -1,0 +1,213 @@
+"""Parity stage: FP16 reference vs candidate on real held-out inputs -> report and gate.
+
+In:  two artifacts (export, quantize, CPU build or TensorRT engine folders), held-out text (or
+     a Polygraphy inputs.json of an earlier run), thresholds (a preset name, a file, or the
+     preset of the candidate's precision), ParityOptions.
+Out: REPORT_DIR with ``report.json`` (schema ``report.schema.json`` in this package),
+     ``report.html``, ``report.md``, and Polygraphy's ``inputs.json`` / ``outputs.json``;
+     a :class:`ParityReport` whose ``passed`` / ``exit_code`` a pipeline gates on. The folder
+     is written to a temporary sibling and renamed when complete: a run that errors leaves
+     nothing behind. A failed gate is a result (the report is written), not an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trtforge.artifacts import EngineArtifact, OnnxArtifact, atomic_output_dir, check_output_dir
+from trtforge.errors import InputError
+from trtforge.parity import metrics as M
+from trtforge.parity.data import build_eval_data, calibration_overlap, load_saved_inputs
+from trtforge.parity.gate import Check, evaluate, failed
+from trtforge.parity.models import ModelSide, check_compatible, make_runner, open_side, profile_limits
+from trtforge.parity.options import ParityOptions, Thresholds, load_thresholds
+from trtforge.parity.report import build_report, write_report
+from trtforge.parity.run import run_pair
+
+log = logging.getLogger(__name__)
+
+ArtifactLike = str | os.PathLike[str] | OnnxArtifact | EngineArtifact
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    """The result: where the report is, whether the gate passed, and the report's content."""
+
+    path: Path
+    passed: bool
+    checks: tuple[Check, ...]
+    content: dict[str, Any]
+
+    @property
+    def failures(self) -> list[Check]:
+        """Failed checks, task-level ones first."""
+        return failed(self.checks)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.passed else 1
+
+    def summary(self) -> dict[str, Any]:
+        """What ``--json`` prints: verdict, failures, headline figures, where the files are."""
+        c = self.content
+        return {
+            "passed": self.passed,
+            "exit_code": self.exit_code,
+            "report_dir": str(self.path),
+            "thresholds": c["thresholds"]["name"],
+            "checks": len(self.checks),
+            "failures": [f.to_json() for f in self.failures],
+            "headline": c["headline"],
+            "warnings": c["warnings"],
+            "files": c["files"],
+        }
+
+
+def check_parity(
+    reference: ArtifactLike,
+    candidate: ArtifactLike,
+    data: Sequence[str | os.PathLike[str]] | None,
+    thresholds: Thresholds | str | os.PathLike[str] | None,
+    out: str | os.PathLike[str],
+    *,
+    per_layer: bool = False,
+    force: bool = False,
+    options: ParityOptions = ParityOptions(),
+    inputs: str | os.PathLike[str] | None = None,
+) -> ParityReport:
+    """Run both models, measure, gate, and write the report folder (see module docstring)."""
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    out_path = check_output_dir(Path(out), force=force)
+    if data and inputs:
+        raise InputError("both --data and --inputs given", "pass held-out text with --data, or a saved inputs.json with --inputs")
+    ref = open_side(reference, "reference")
+    cand = open_side(candidate, "candidate")
+    if out_path in (ref.artifact.path, cand.artifact.path):
+        raise InputError(f"report folder {out_path} is one of the artifacts", "choose another -o")
+    thr = load_thresholds(thresholds, cand.precision)
+    warnings = check_compatible(ref, cand)
+    if per_layer:
+        from trtforge.parity.perlayer import preflight
+
+        preflight(cand)
+
+    if not inputs:
+        options, notes = fit_to_engines(options, (ref, cand))
+        warnings += notes
+    t = time.perf_counter()
+    ev = load_saved_inputs(inputs, ref) if inputs else build_eval_data(ref, data, options)
+    overlap = calibration_overlap(ev, cand)
+    warnings += ev.description["notes"] + [f"evaluation data overlaps calibration data: {r}" for r in overlap["reasons"]]
+    timings["data_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    ref_runner, ref_runtime = make_runner(ref)
+    cand_runner, cand_runtime = make_runner(cand)
+    timings["load_s"] = time.perf_counter() - t
+
+    with atomic_output_dir(out_path, force=force) as tmp:
+        t = time.perf_counter()
+        outputs, run_info = run_pair([ref_runner, cand_runner], ev.feeds, tmp, save_outputs=options.save_outputs)
+        timings["inference_s"] = time.perf_counter() - t
+        if not run_info["polygraphy_validate_passed"]:
+            warnings.append("Polygraphy's output validation found NaN or Inf (possibly on padded positions)")
+
+        t = time.perf_counter()
+        sections, dists, case_stats = measure(ref.task, ref.output_names, outputs["reference"], outputs["candidate"],
+                                              ev.feeds, options.seed)
+        timings["metrics_s"] = time.perf_counter() - t
+        for name, m in sections["outputs"].items():
+            if m["nonfinite_reference"]:
+                warnings.append(f"the reference has {m['nonfinite_reference']} NaN/Inf values in {name} on valid "
+                                "positions; they are left out of every metric")
+
+        if per_layer:
+            from trtforge.parity.perlayer import rank_layers
+
+            t = time.perf_counter()
+            sections["per_layer"] = rank_layers(ref, cand, ev, outputs["reference"], options)
+            timings["per_layer_s"] = time.perf_counter() - t
+
+        checks = evaluate(sections, thr)
+        passed = all(c.passed for c in checks)
+        for c in ev.cases:
+            c["outputs"] = case_stats.pop(0)
+        timings["total_s"] = time.perf_counter() - t_start
+        content = build_report(
+            passed=passed, checks=checks, thresholds=thr, ref=ref, cand=cand, ref_runtime=ref_runtime,
+            cand_runtime=cand_runtime, data=ev, overlap=overlap, sections=sections, distributions=dists,
+            run_info=run_info, options=options, warnings=warnings, timings=timings,
+        )
+        write_report(tmp, content)
+    log.info("parity %s: %d/%d checks passed; report in %s", "PASSED" if passed else "FAILED",
+             sum(c.passed for c in checks), len(checks), out_path)
+    return ParityReport(out_path, passed, tuple(checks), content)
+
+
+def fit_to_engines(options: ParityOptions, sides: Sequence[ModelSide]) -> tuple[ParityOptions, list[str]]:
+    """Keep batch sizes and text lengths inside the shape profiles TensorRT engines were built for."""
+    notes: list[str] = []
+    for side in sides:
+        limits = profile_limits(side)
+        batch, seq = limits.get("batch"), limits.get("sequence") or limits.get("total_sequence")
+        changes: dict[str, Any] = {}
+        if batch and (max(options.batch_sizes) > batch[1] or min(options.batch_sizes) < batch[0]):
+            changes["batch_sizes"] = tuple(dict.fromkeys(min(max(b, batch[0]), batch[1]) for b in options.batch_sizes))
+        if seq and options.max_len > seq[1]:
+            changes["max_len"] = seq[1]
+            changes["min_len"] = max(2, min(options.min_len, seq[1]))
+        if seq and options.min_len < seq[0]:
+            changes["min_len"] = seq[0]
+        if changes:
+            options = replace(options, **changes)
+            notes.append(f"the {side.role} engine's shape profile limits the inputs: "
+                         + ", ".join(f"{k} {v}" for k, v in changes.items()))
+    return options, notes
+
+
+def measure(
+    task: str,
+    output_names: Sequence[str],
+    ref_out: Sequence[dict[str, np.ndarray]],
+    cand_out: Sequence[dict[str, np.ndarray]],
+    feeds: Sequence[dict[str, np.ndarray]],
+    seed: int,
+) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """All metric sections, their distributions, and small per-batch figures."""
+    rng = np.random.default_rng(seed)
+    sections: dict[str, Any] = {"outputs": {}, "logits": None, "perplexity": None, "embeddings": None}
+    dists: dict[str, Any] = {"outputs": {}}
+    case_stats: list[dict[str, Any]] = [{} for _ in feeds]
+    for name in output_names:
+        refs = [o[name] for o in ref_out]
+        cands = [o[name] for o in cand_out]
+        valids = [M.valid_for(name, r.shape, f, task) for r, f in zip(refs, feeds, strict=True)]
+        sections["outputs"][name], dists["outputs"][name] = M.output_metrics(name, refs, cands, valids, rng)
+        for i, (r, c, v) in enumerate(zip(refs, cands, valids, strict=True)):
+            rr = np.asarray(r, np.float64)
+            d = np.abs(np.asarray(c, np.float64) - rr)
+            m = np.broadcast_to(v, d.shape) if v is not None else np.ones(d.shape, bool)
+            dv, rv = d[m], rr[m]
+            ok = np.isfinite(dv)
+            case_stats[i][name] = {
+                "max_abs_err": float(dv[ok].max()) if ok.any() else 0.0,
+                "snr_db": M.snr_db(float(np.square(rv[ok]).sum()), float(np.square(dv[ok]).sum())),
+            }
+        if name == "logits" and task != "feature-extraction":
+            sections["logits"], d = M.logits_metrics(refs, cands, valids)
+            dists.update(d)
+            if task in ("causal-lm", "causal-lm-with-past"):
+                sections["perplexity"] = M.perplexity(refs, cands, feeds)
+        if name == "last_hidden_state" and task == "feature-extraction":
+            sections["embeddings"], d = M.embedding_metrics(refs, cands, feeds)
+            dists.update(d)
+    return sections, dists, case_stats

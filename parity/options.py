@@ -1,0 +1,233 @@
+"""Parity options and gate thresholds: named presets per precision, overridable from a file.
+
+In:  a preset name (``fp16``, ``int8``, ``fp8``, ``int4``), or a TOML/JSON file that may start
+     from a preset and override single limits; the candidate's precision picks the preset when
+     neither is given.
+Out: :class:`Thresholds` (frozen), whose ``limits`` the gate compares the report's metrics with,
+     and :class:`ParityOptions` (how many samples, which shapes, seed).
+
+A threshold file is flat; unknown keys are rejected so a typo cannot silently disable a check::
+
+    preset = "int8"          # optional: start from this preset
+    top1_agreement = 0.95    # tighten one limit
+    snr_db = false           # false (TOML) or null (JSON) turns a limit off
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from trtforge.errors import InputError
+
+
+class Direction(str, Enum):
+    """Whether a metric must stay at or above its limit (MIN) or at or below it (MAX)."""
+
+    MIN = "min"
+    MAX = "max"
+
+
+class Scope(str, Enum):
+    """Where a metric is measured: every output, the logits, the LM, or pooled embeddings."""
+
+    OUTPUT = "output"
+    LOGITS = "logits"
+    PERPLEXITY = "perplexity"
+    EMBEDDINGS = "embeddings"
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    scope: Scope
+    direction: Direction
+    unit: str
+    description: str
+
+
+# Every metric the gate can check. The key is the field name in report.json (in the section of
+# its scope) and in a threshold file.
+METRICS: dict[str, Metric] = {
+    m.key: m
+    for m in (
+        Metric("cosine_mean", Scope.OUTPUT, Direction.MIN, "", "mean per-row cosine similarity, every output"),
+        Metric("cosine_min", Scope.OUTPUT, Direction.MIN, "", "worst per-row cosine similarity, every output"),
+        Metric("snr_db", Scope.OUTPUT, Direction.MIN, "dB", "signal-to-noise ratio, every output"),
+        Metric("max_abs_err", Scope.OUTPUT, Direction.MAX, "", "largest absolute error, every output"),
+        Metric("mean_abs_err", Scope.OUTPUT, Direction.MAX, "", "mean absolute error, every output"),
+        Metric("top1_agreement", Scope.LOGITS, Direction.MIN, "", "share of rows with the same arg-max"),
+        Metric("top5_agreement", Scope.LOGITS, Direction.MIN, "", "mean overlap of the top-5 sets"),
+        Metric("kl_mean", Scope.LOGITS, Direction.MAX, "nats", "mean KL(reference || candidate) of the softmax"),
+        Metric("ppl_change_pct", Scope.PERPLEXITY, Direction.MAX, "%", "perplexity increase over the reference"),
+        Metric("embedding_cosine_mean", Scope.EMBEDDINGS, Direction.MIN, "", "mean cosine of mean-pooled embeddings"),
+        Metric("embedding_cosine_min", Scope.EMBEDDINGS, Direction.MIN, "", "worst cosine of mean-pooled embeddings"),
+    )
+}
+
+
+class Preset(str, Enum):
+    FP16 = "fp16"
+    INT8 = "int8"
+    FP8 = "fp8"
+    INT4 = "int4"
+
+
+# Why these numbers: docs/parity.md ("The gate and the threshold presets"). FP16 is rounding
+# only; the quantized presets follow what healthy W8A8 SmoothQuant, FP8 E4M3 and INT4 AWQ models
+# keep, with head-room, so a healthy recipe passes and a broken layer (SNR collapse, arg-max
+# flips) fails.
+_PRESETS: dict[Preset, dict[str, float | None]] = {
+    Preset.FP16: dict(cosine_mean=0.9999, cosine_min=0.999, snr_db=40.0, top1_agreement=0.99,
+                      top5_agreement=0.97, kl_mean=1e-3, ppl_change_pct=0.5,
+                      embedding_cosine_mean=0.9999, embedding_cosine_min=0.999),
+    Preset.FP8: dict(cosine_mean=0.995, cosine_min=0.92, snr_db=22.0, top1_agreement=0.93,
+                     top5_agreement=0.88, kl_mean=0.02, ppl_change_pct=3.0,
+                     embedding_cosine_mean=0.995, embedding_cosine_min=0.98),
+    Preset.INT8: dict(cosine_mean=0.99, cosine_min=0.90, snr_db=20.0, top1_agreement=0.90,
+                      top5_agreement=0.85, kl_mean=0.03, ppl_change_pct=5.0,
+                      embedding_cosine_mean=0.99, embedding_cosine_min=0.97),
+    Preset.INT4: dict(cosine_mean=0.98, cosine_min=0.85, snr_db=15.0, top1_agreement=0.85,
+                      top5_agreement=0.80, kl_mean=0.1, ppl_change_pct=10.0,
+                      embedding_cosine_mean=0.98, embedding_cosine_min=0.95),
+}
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Limits per metric key (see METRICS); a missing key is not gated."""
+
+    name: str
+    limits: dict[str, float] = field(default_factory=dict)
+    source: str = "preset"  # "preset" or the file it was read from
+
+    def __post_init__(self) -> None:
+        for k in self.limits:
+            if k not in METRICS:
+                raise InputError(f"unknown parity metric {k!r}", f"use one of: {', '.join(METRICS)}")
+
+    @classmethod
+    def preset(cls, name: str | Preset) -> Thresholds:
+        try:
+            p = Preset(name)
+        except ValueError:
+            raise InputError(
+                f"unknown thresholds preset {name!r}", f"use one of: {', '.join(p.value for p in Preset)}, or a file"
+            ) from None
+        return cls(p.value, {k: v for k, v in _PRESETS[p].items() if v is not None})
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "source": self.source,
+            "limits": {k: {"limit": v, "direction": METRICS[k].direction.value} for k, v in self.limits.items()},
+        }
+
+
+def preset_for_precision(precision: str) -> Preset:
+    """The preset a candidate of this precision is held to (fp32/fp16/bf16 exports: fp16)."""
+    p = (precision or "").lower()
+    for prefix, preset in (("int8", Preset.INT8), ("w8a8", Preset.INT8), ("fp8", Preset.FP8),
+                           ("int4", Preset.INT4), ("w4", Preset.INT4),
+                           # 4-bit floats (NVFP4) lose about what INT4 AWQ loses: same preset
+                           ("nvfp4", Preset.INT4), ("fp4", Preset.INT4)):
+        if p.startswith(prefix):
+            return preset
+    if p in ("fp32", "fp16", "bf16", "float32", "float16", "bfloat16"):
+        return Preset.FP16
+    raise InputError(
+        f"no thresholds preset for the candidate's precision {precision!r}",
+        f"pass --thresholds with a preset ({', '.join(x.value for x in Preset)}) or a file",
+    )
+
+
+def load_thresholds(spec: str | os.PathLike[str] | Thresholds | None, precision: str) -> Thresholds:
+    """A Thresholds object, a preset name, a TOML/JSON file, or None (preset of ``precision``)."""
+    if isinstance(spec, Thresholds):
+        return spec
+    if spec is None:
+        return Thresholds.preset(preset_for_precision(precision))
+    text = os.fspath(spec)
+    if text in {p.value for p in Preset}:
+        return Thresholds.preset(text)
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise InputError(
+            f"--thresholds {text!r} is neither a preset nor an existing file",
+            f"use one of {', '.join(p.value for p in Preset)} or the path of a .toml/.json file",
+        )
+    return _read_file(path, precision)
+
+
+def _read_file(path: Path, precision: str) -> Thresholds:
+    raw = path.read_bytes()
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(raw.decode("utf-8"))
+        else:
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib  # type: ignore[no-redef]
+            data = tomllib.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError and TOMLDecodeError are ValueErrors
+        raise InputError(f"thresholds file {path} cannot be parsed: {exc}", "write TOML (.toml) or JSON (.json)") from None
+    if not isinstance(data, dict):
+        raise InputError(f"thresholds file {path} must hold a table of metric = limit", "see docs/parity.md")
+    base_name = data.pop("preset", None)
+    base = Thresholds.preset(base_name) if base_name is not None else Thresholds.preset(preset_for_precision(precision))
+    unknown = sorted(set(data) - set(METRICS))
+    if unknown:
+        raise InputError(
+            f"thresholds file {path} has unknown keys: {', '.join(unknown)}",
+            f"allowed: preset, {', '.join(METRICS)}",
+        )
+    limits = dict(base.limits)
+    for key, value in data.items():
+        if value is None or value is False:
+            limits.pop(key, None)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            limits[key] = float(value)
+        else:
+            raise InputError(
+                f"thresholds file {path}: {key} = {value!r} is not a number", "give a number, or false/null to turn it off"
+            )
+    name = f"{base.name}+{path.name}" if data else base.name
+    return Thresholds(name, limits, str(path))
+
+
+@dataclass(frozen=True)
+class ParityOptions:
+    """What data to build and how: shapes, sizes, seed.
+
+    Batches take ``batch_sizes`` in turn (the first 1 is an unpadded single row, the others are
+    padded batches of texts of different lengths) until ``num_samples`` texts are used.
+    """
+
+    num_samples: int = 24
+    max_len: int = 96  # tokens per text (capped by the model's positions)
+    min_len: int = 8  # decoders: shortest text, so batches mix lengths
+    batch_sizes: tuple[int, ...] = (1, 4, 8)
+    seed: int = 0
+    save_outputs: bool = True  # Polygraphy's outputs.json beside inputs.json
+    per_layer_samples: int = 4  # texts used per quantize-one-layer candidate
+    text_field: str = "text"
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1:
+            raise InputError(f"num_samples must be at least 1 (got {self.num_samples})", "pass --num-samples 1 or more")
+        if self.max_len < 2 or self.min_len < 2 or self.min_len > self.max_len:
+            raise InputError(
+                f"text lengths {self.min_len}..{self.max_len} are not usable", "use 2 <= min_len <= max_len"
+            )
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            raise InputError(f"batch sizes {self.batch_sizes} are not usable", "give positive batch sizes, e.g. 1,4,8")
+        if self.per_layer_samples < 1:
+            raise InputError("per_layer_samples must be at least 1", "pass a positive number")
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -1,0 +1,217 @@
+"""--per-layer: which quantized layers contribute most of the error, by quantizing one at a time.
+
+In:  the candidate's quantization manifest (recipe, float upstream, quantized nodes), its saved
+     activation ranges (``ranges.json``), the reference's outputs on the evaluation batches.
+Out: the ``per_layer`` section of report.json: for every quantized GEMM, the error of the task
+     output (logits or last_hidden_state) when only that GEMM is quantized, its share of the
+     summed excess error, a ranking, and suggested exclusions.
+
+Method: the float upstream model is run once (baseline: what the candidate would compute with
+nothing quantized, e.g. FP32 vs the FP16 reference), then once per quantized node with only
+that node quantized (the quantize stage's ``quantize_model(..., only={node})``, with the same
+recipe and ranges, so smoothing of that node's group is included). A node's excess noise is its
+noise power minus the baseline's; quantization noise of independent layers adds roughly
+linearly, so shares of the sum rank the layers. Runs on the first ``per_layer_samples`` texts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trtforge.artifacts import sha256_file
+from trtforge.errors import ParityError
+from trtforge.parity import metrics as M
+from trtforge.parity.data import EvalData
+from trtforge.parity.models import ModelSide
+from trtforge.parity.options import ParityOptions
+
+log = logging.getLogger(__name__)
+
+METHOD = "quantize one layer at a time"
+SUGGEST_RULE = ("layers whose share is at least twice the average, in rank order, until they cover half of the "
+                "error; at most 10 % of the quantized layers")
+
+
+def _quantization_home(cand: ModelSide) -> tuple[Path, dict]:
+    """The folder and manifest of the quantize stage's output: the candidate itself, or (for a
+    build, which carries the quantization record but not the ranges) the artifact it came from."""
+    quantized = [(f, m) for f, m in cand.lineage if m.get("quantization")]
+    if not quantized:
+        raise ParityError("--per-layer needs a quantized candidate, and this one has no quantization in its manifest",
+                          "pass the folder written by 'trtforge quantize' (or a build of it)")
+    for folder, manifest in quantized:
+        if (folder / manifest["quantization"].get("ranges_file", "ranges.json")).is_file():
+            return folder, manifest
+    return quantized[-1]
+
+
+def preflight(cand: ModelSide) -> None:
+    """Fail before any inference when --per-layer cannot run for this candidate."""
+    folder, manifest = _quantization_home(cand)
+    q = manifest["quantization"]
+    up = (q.get("upstream") or {}).get("path")
+    if not up or not (Path(up) / "manifest.json").is_file():
+        raise ParityError(f"--per-layer re-quantizes the float model the candidate came from, and {up} is missing",
+                          "keep the export folder the candidate was quantized from")
+    quantizer(folder, manifest)
+
+
+def quantizer(folder: Path, manifest: dict) -> Callable[[Any, str], Any]:
+    """Adapter to the quantize stage: returns ``f(float_model, node)`` -> the float model with
+    only ``node`` quantized, as the candidate's recipe and saved ranges quantize it. Every use of
+    the quantize stage's API is in this function."""
+    try:
+        from trtforge.calibration import ActivationRanges, QuantRecipe, quantize_model
+    except ImportError as exc:
+        raise ParityError(f"--per-layer needs trtforge.calibration.quantize_model, which is not available ({exc})",
+                          "update trtforge, or run parity without --per-layer") from None
+    q = manifest["quantization"]
+    ranges_path = folder / q.get("ranges_file", "ranges.json")
+    if not ranges_path.is_file():
+        raise ParityError(f"--per-layer needs the candidate's saved ranges, and {ranges_path} is missing",
+                          "re-run 'trtforge quantize' to write them")
+    recipe = QuantRecipe.from_dict(q["recipe"], source=f"{folder / 'manifest.json'}")
+    ranges = ActivationRanges.load(ranges_path)
+    dtype = q.get("dtype") or (manifest.get("model") or {}).get("dtype")
+
+    def only(float_model: Any, node: str) -> Any:
+        try:
+            model, _ = quantize_model(float_model, recipe, ranges, dims=manifest.get("dims"), only={node}, dtype=dtype)
+        except TypeError as exc:  # the API changed shape
+            raise ParityError(f"--per-layer could not call trtforge.calibration.quantize_model: {exc}",
+                              "per-layer analysis needs quantize_model(model, recipe, ranges, *, dims, only, dtype)") from None
+        return model
+
+    return only
+
+
+def _session(model: Any, tmp: Path):
+    """An ORT session for an in-memory model (saved with external data when over 2 GB)."""
+    from trtforge.ort import session
+
+    try:
+        return session(model.SerializeToString())
+    except ValueError:  # protobuf refuses messages over 2 GiB
+        import onnx
+
+        path = tmp / "layer.onnx"
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="layer.onnx.data")
+        return session(path)
+
+
+def _cast(feeds: dict[str, np.ndarray], sess) -> dict[str, np.ndarray]:
+    types = {i.name: i.type for i in sess.get_inputs()}
+    out = {}
+    for k, v in feeds.items():
+        if k not in types:
+            continue
+        t = types[k]
+        out[k] = v.astype(np.float16) if t == "tensor(float16)" else v.astype(np.float32) if t == "tensor(float)" else v
+    return out
+
+
+def rank_layers(
+    ref: ModelSide, cand: ModelSide, ev: EvalData, ref_outputs: list[dict[str, np.ndarray]], options: ParityOptions
+) -> dict[str, Any]:
+    """The per_layer section (see module docstring)."""
+    import onnx
+
+    folder, manifest = _quantization_home(cand)
+    q = manifest["quantization"]
+    nodes = [n for n in q.get("nodes") or [] if n.get("status") == "quantized"]
+    output = "last_hidden_state" if ref.task == "feature-extraction" else "logits"
+    result: dict[str, Any] = {"method": METHOD, "output": output, "num_samples": 0, "baseline_snr_db": None,
+                              "layers": [], "suggested_exclusions": [], "suggestion_rule": SUGGEST_RULE}
+    if not nodes:
+        result["note"] = "the candidate has no quantized layers"
+        return result
+    up = (q.get("upstream") or {}).get("path")
+    if not up or not Path(up).is_dir():
+        raise ParityError(f"--per-layer re-quantizes the float upstream model, and {up} is missing",
+                          "keep the export folder the candidate was quantized from")
+    from trtforge.artifacts import OnnxArtifact
+
+    up_model_file = OnnxArtifact.open(up).model_path
+    want = (q.get("upstream") or {}).get("sha256")
+    if want and sha256_file(up_model_file) != want:
+        raise ParityError(f"the float upstream {up_model_file} changed since the candidate was quantized",
+                          "re-run 'trtforge quantize' so the per-layer analysis matches the candidate")
+    float_model = onnx.load(str(up_model_file), load_external_data=True)
+
+    # The first batches, up to per_layer_samples texts.
+    idx, rows = [], 0
+    for i, f in enumerate(ev.feeds):
+        if rows >= options.per_layer_samples:
+            break
+        idx.append(i)
+        rows += f["input_ids"].shape[0]
+    feeds = [ev.feeds[i] for i in idx]
+    refs = [ref_outputs[i][output] for i in idx]
+    valids = [M.valid_for(output, r.shape, f, ref.task) for r, f in zip(refs, feeds, strict=True)]
+    signal = sum(float(np.square(_sel(r, v)).sum()) for r, v in zip(refs, valids, strict=True))
+    result["num_samples"] = rows
+
+    def measure(model: Any, tmp: Path) -> dict[str, Any]:
+        """The task output of ``model`` on the subset against the reference's."""
+        sess = _session(model, tmp)
+        outs = [sess.run([output], _cast(f, sess))[0] for f in feeds]
+        triples = list(zip(refs, outs, valids, strict=True))
+        noise = sum(float(np.square(_sel(c, v) - _sel(r, v)).sum()) for r, c, v in triples)
+        cos = np.concatenate([M.row_cosine(M.valid_rows(r, v), M.valid_rows(c, v)) for r, c, v in triples])
+        m = {"noise_total": noise, "snr_db": M.snr_db(signal, noise), "cosine_mean": float(np.nanmean(cos)),
+             "kl_mean": None}
+        if output == "logits":
+            m["kl_mean"] = M.logits_metrics(refs, outs, valids)[0]["kl_mean"]
+        return m
+
+    with tempfile.TemporaryDirectory(prefix="trtforge-perlayer-") as tmpdir:
+        tmp = Path(tmpdir)
+        quantize_one = quantizer(folder, manifest)
+        base = measure(float_model, tmp)
+        result["baseline_snr_db"] = base["snr_db"]
+        layers = []
+        for n, entry in enumerate(nodes, 1):
+            log.info("per-layer %d/%d: %s", n, len(nodes), entry["node"])
+            m = measure(quantize_one(float_model, entry["node"]), tmp)
+            layers.append({"node": entry["node"], "weight": entry.get("weight"),
+                           "noise": max(0.0, m["noise_total"] - base["noise_total"]),
+                           "snr_db": m["snr_db"], "cosine_mean": m["cosine_mean"], "kl_mean": m["kl_mean"]})
+    total = sum(x["noise"] for x in layers)
+    layers.sort(key=lambda x: -x["noise"])
+    for rank, x in enumerate(layers, 1):
+        x["rank"] = rank
+        x["share_pct"] = 100.0 * x["noise"] / total if total > 0 else 0.0
+    result["layers"] = [{k: x[k] for k in ("rank", "node", "weight", "share_pct", "noise", "snr_db", "cosine_mean",
+                                           "kl_mean")} for x in layers]
+    result["suggested_exclusions"] = suggest(layers)
+    if total <= 0:
+        result["note"] = "quantizing any single layer adds no measurable error on these samples"
+    return result
+
+
+def suggest(layers: list[dict[str, Any]]) -> list[str]:
+    """See SUGGEST_RULE; ``layers`` sorted by share, largest first."""
+    if not layers:
+        return []
+    average = 100.0 / len(layers)
+    cap = max(1, math.floor(0.1 * len(layers)))
+    picked, covered = [], 0.0
+    for x in layers:
+        if covered >= 50.0 or len(picked) >= cap or x["share_pct"] < 2 * average:
+            break
+        picked.append(x["node"])
+        covered += x["share_pct"]
+    return picked
+
+
+def _sel(a: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
+    a = np.asarray(a, np.float64)
+    return a[np.broadcast_to(valid, a.shape)] if valid is not None else a.reshape(-1)

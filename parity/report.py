@@ -1,0 +1,209 @@
+"""The parity report: report.json (versioned schema), report.md (a PR comment), report.html.
+
+In:  the measured sections, the gate's checks, descriptions of both sides and of the data.
+Out: the report dict (validated by ``report.schema.json`` in this package; ``SCHEMA_VERSION``
+     changes whenever a field is renamed or removed, not when one is added) and the three files.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from trtforge.artifacts import library_versions, now_iso, write_json
+from trtforge.parity.gate import Check, condensed_checks, failed, fmt_number
+from trtforge.parity.options import METRICS, ParityOptions, Thresholds
+
+if TYPE_CHECKING:
+    from trtforge.parity.data import EvalData
+    from trtforge.parity.models import ModelSide
+
+SCHEMA_VERSION = 1
+SCHEMA_ID = "urn:trtforge:schema:parity-report:1"
+SCHEMA_FILE = "report.schema.json"
+FILES = {"json": "report.json", "html": "report.html", "markdown": "report.md"}
+
+
+def schema() -> dict[str, Any]:
+    """The JSON Schema of report.json (draft 2020-12)."""
+    import json
+
+    return json.loads(resources.files("trtforge.parity").joinpath(SCHEMA_FILE).read_text(encoding="utf-8"))
+
+
+def environment() -> dict[str, Any]:
+    from trtforge.env import gpus, ort_providers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "versions": library_versions(),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "gpus": [f"{g.name} (compute capability {g.compute_capability})" for g in gpus()],
+        "onnxruntime_providers": ort_providers(),
+    }
+
+
+def headline(task: str, sections: dict[str, Any]) -> dict[str, Any]:
+    """The few figures a reviewer looks at first (also what --json prints)."""
+    primary = "last_hidden_state" if task == "feature-extraction" else "logits"
+    if primary not in sections["outputs"]:
+        primary = next(iter(sections["outputs"]))
+    out = sections["outputs"][primary]
+    h: dict[str, Any] = {"output": primary, "cosine_mean": out["cosine_mean"], "snr_db": out["snr_db"],
+                         "max_abs_err": out["max_abs_err"]}
+    if sections.get("logits"):
+        h.update({k: sections["logits"][k] for k in ("top1_agreement", "top5_agreement", "kl_mean")})
+    if sections.get("perplexity"):
+        p = sections["perplexity"]
+        h.update({"ppl_reference": p["reference"], "ppl_candidate": p["candidate"], "ppl_change_pct": p["ppl_change_pct"]})
+    if sections.get("embeddings"):
+        h["embedding_cosine_mean"] = sections["embeddings"]["embedding_cosine_mean"]
+        h["embedding_cosine_min"] = sections["embeddings"]["embedding_cosine_min"]
+    return h
+
+
+def build_report(
+    *, passed: bool, checks: Sequence[Check], thresholds: Thresholds, ref: ModelSide, cand: ModelSide,
+    ref_runtime: dict, cand_runtime: dict, data: EvalData, overlap: dict, sections: dict, distributions: dict,
+    run_info: dict, options: ParityOptions, warnings: list[str], timings: dict[str, float],
+) -> dict[str, Any]:
+    """The content of report.json (see report.schema.json)."""
+    failures = failed(checks)
+    verdict = "pass" if passed else "fail"
+    summary = (f"PASS: {len(checks)}/{len(checks)} checks within {thresholds.name} thresholds" if passed else
+               f"FAIL: {len(failures)} of {len(checks)} checks outside {thresholds.name} thresholds; first: {failures[0].message}")
+    q = cand.quantization
+    cand_desc = {**cand.describe(), "runtime": cand_runtime}
+    if q:
+        cand_desc["quantization"] = {
+            "precision": q.get("precision"),
+            "recipe": (q.get("recipe") or {}).get("name") if isinstance(q.get("recipe"), dict) else q.get("recipe"),
+            "quantized_nodes": sum(1 for n in q.get("nodes") or [] if n.get("status") == "quantized"),
+            "excluded_nodes": sum(1 for n in q.get("nodes") or [] if n.get("status") == "excluded"),
+        }
+    return {
+        "schema": SCHEMA_ID,
+        "schema_version": SCHEMA_VERSION,
+        "created_at": now_iso(),
+        "passed": passed,
+        "verdict": verdict,
+        "summary": summary,
+        "task": ref.task,
+        "headline": headline(ref.task, sections),
+        "thresholds": thresholds.to_json(),
+        "checks": [c.to_json() for c in checks],
+        "failures": [c.to_json() for c in failures],
+        "reference": {**ref.describe(), "runtime": ref_runtime},
+        "candidate": cand_desc,
+        "data": {**data.description, "cases": data.cases, "overlap": overlap,
+                 "inputs_file": run_info["inputs_file"], "outputs_file": run_info["outputs_file"]},
+        "outputs": sections["outputs"],
+        "logits": sections.get("logits"),
+        "perplexity": sections.get("perplexity"),
+        "embeddings": sections.get("embeddings"),
+        "per_layer": sections.get("per_layer"),
+        "distributions": distributions,
+        "environment": environment(),
+        "options": options.to_json(),
+        "timings": {k: round(v, 3) for k, v in timings.items()} | {
+            f"{k}_inference_s": round(v, 3) for k, v in run_info["inference_s"].items()},
+        "warnings": list(dict.fromkeys(warnings)),
+        "files": {**FILES, "inputs": run_info["inputs_file"], "outputs": run_info["outputs_file"]},
+    }
+
+
+def write_report(folder: Path, content: dict[str, Any]) -> None:
+    from trtforge.parity.html import render_html
+
+    write_json(folder / FILES["json"], content)
+    (folder / FILES["markdown"]).write_text(render_markdown(content), encoding="utf-8")
+    (folder / FILES["html"]).write_text(render_html(content), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def _v(x: Any, unit: str = "") -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, bool):
+        return str(x).lower()
+    if isinstance(x, (int, float)):
+        return f"{fmt_number(float(x))}{(' ' + unit) if unit and unit != '%' else unit}"
+    return str(x)
+
+
+def render_markdown(content: dict[str, Any]) -> str:
+    ok = content["passed"]
+    h = content["headline"]
+    ref, cand, data = content["reference"], content["candidate"], content["data"]
+    lines = [
+        f"### {'✅ Parity PASSED' if ok else '❌ Parity FAILED'} — {cand['precision']} candidate vs "
+        f"{ref['precision']} reference ({content['task']}, `{content['thresholds']['name']}` thresholds)",
+        "",
+        content["summary"],
+        "",
+        "| metric | where | value | limit | |",
+        "|---|---|---:|---:|:-:|",
+    ]
+    for c in condensed_checks(content["checks"]):
+        unit = METRICS[c["metric"]].unit if c["metric"] in METRICS else ""
+        op = ">=" if c["direction"] == "min" else "<="
+        lines.append(f"| {c['metric']} | {c['scope']} | {_v(c['value'], unit)} | {op} {_v(c['limit'], unit)} | "
+                     f"{'✅' if c['passed'] else '❌'} |")
+    lines.append("")
+    if content.get("perplexity"):
+        p = content["perplexity"]
+        lines.append(f"Perplexity on {p['num_tokens']} held-out tokens: reference {_v(p['reference'])}, "
+                     f"candidate {_v(p['candidate'])} ({_v(p['ppl_change_pct'], '%')} change).")
+    if content.get("embeddings"):
+        e = content["embeddings"]
+        lines.append(f"Mean-pooled embedding cosine over {e['num_sentences']} sentences: mean "
+                     f"{_v(e['embedding_cosine_mean'])}, min {_v(e['embedding_cosine_min'])}.")
+    lines.append(f"`{h['output']}`: cosine {_v(h['cosine_mean'])}, SNR {_v(h['snr_db'], 'dB')}, "
+                 f"max abs error {_v(h['max_abs_err'])}.")
+    pl = content.get("per_layer")
+    if pl and pl.get("layers"):
+        top = ", ".join(f"`{x['node']}` ({x['share_pct']:.0f} %)" for x in pl["layers"][:3])
+        lines.append(f"Largest error contributors: {top}. Suggested exclusions: "
+                     + (", ".join(f"`{n}`" for n in pl["suggested_exclusions"]) or "none") + ".")
+    srcs = ", ".join(f"{Path(s['path']).name} ({s['sha256'][:12]})" for s in data["sources"])
+    lines += [
+        "",
+        f"Data: {data['num_samples']} texts, {data['num_tokens']} tokens in {len(data['cases'])} batches from {srcs}; "
+        f"inputs sha256 {data['feeds_sha256'][:12]}.",
+        f"Reference: `{ref['path']}` sha256 {ref['model_sha256'][:12]} — {_runtime_line(ref['runtime'])}.",
+        f"Candidate: `{cand['path']}` sha256 {cand['model_sha256'][:12]} — {_runtime_line(cand['runtime'])}.",
+    ]
+    for w in content["warnings"][:5]:
+        lines.append(f"> ⚠️ {w}")
+    lines.append("")
+    lines.append("Full report: `report.html` (plots, per-output table, environment); machine-readable: `report.json`.")
+    return "\n".join(lines) + "\n"
+
+
+def _runtime_line(rt: dict[str, Any]) -> str:
+    if rt.get("engine") == "tensorrt":
+        return f"TensorRT {rt.get('tensorrt')} on {rt.get('gpu')}"
+    text = f"ONNX Runtime {', '.join(rt.get('providers', []))}, {rt.get('model_dtype')} graph"
+    ex = rt.get("execution") or {}
+    if ex.get("fp32_compute_nodes"):
+        text += f"; {ex['fp32_compute_nodes']} FP16 ops computed in FP32 via inserted casts"
+    if ex.get("quantized_kernels"):
+        text += "; integer kernels " + ", ".join(f"{k} x{v}" for k, v in ex["quantized_kernels"].items())
+    elif ex.get("qdq_nodes_left"):
+        text += "; Q/DQ emulated in float"
+    return text
