@@ -24,9 +24,13 @@ from trtforge.errors import InputError, TargetError
 
 # Precision names used across trtforge: what a graph computes in.
 FP32, FP16, BF16, INT8, FP8, INT4 = "fp32", "fp16", "bf16", "int8", "fp8", "int4-weight-only"
+# FP4 (E2M1) Q/DQ: never emitted by trtforge, but recognised in graphs so a build refuses it
+# on GPUs before Blackwell instead of failing inside TensorRT.
+FP4 = "fp4"
+QUANTIZED = (INT8, FP8, INT4, FP4)
 
 # minimum SM (major*10+minor) for each precision TensorRT runs natively
-MIN_SM = {FP32: 75, FP16: 75, BF16: 80, INT8: 75, INT4: 80, FP8: 89}
+MIN_SM = {FP32: 75, FP16: 75, BF16: 80, INT8: 75, INT4: 80, FP8: 89, FP4: 100}
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,10 @@ class Target:
 
     def supports(self, precision: str) -> bool:
         return precision in self.precisions()
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "sm": self.sm, "compute_capability": self.compute_capability,
+                "arch": self.arch, "example_gpus": self.example_gpus}
 
 
 TARGETS: dict[str, Target] = {
@@ -96,6 +104,7 @@ _ALTERNATIVE = {
     BF16: "export with --dtype fp16 for this GPU",
     INT4: "use the int8-sq recipe for this GPU, or build for sm_80+ (Ampere or newer)",
     INT8: "use the fp16 export for this GPU",
+    FP4: "use the fp8 recipe (Ada/Hopper) or build for sm_100+ (Blackwell)",
 }
 
 

@@ -6,7 +6,7 @@ import importlib
 
 import click
 
-_MODULES: tuple[str, ...] = ("quantize", "parity")
+_MODULES: tuple[str, ...] = ("quantize", "parity", "build")
 
 
 def register(group: click.Group) -> None:

@@ -1,0 +1,203 @@
+"""Build stage benchmark: CPU-target latency and throughput of every precision, side by side.
+
+    python bench/engines.py                      # LLaMA-like 100M model, batch 1 and 8, sequence 128
+    python bench/engines.py --preset llama --runs 10 --no-append
+
+In one run: export FP32 and FP16, quantize INT8 (SmoothQuant), FP8 and INT4 weight-only with
+``trtforge.calibration.quantize`` (or, where that stage is missing, the test suite's max-calibrated
+Q/DQ emulation), build every one with ``--target cpu`` and time them with the session options
+each build recorded. Two extra rows run quantize-stage graphs directly: "int8, signed
+activations" shows what the UINT8 rewrite buys, "int4, accuracy level 4" what the CPU target
+leaves on the table by keeping INT4 activations in float. Variants are timed round-robin (one run of
+each in turn) so a busy machine slows them alike; the median of N runs is reported.
+Results are appended to docs/benchmarks.md under "Build stage: CPU target latency". Exit code 1
+if the INT8 CPU artifact is not faster than FP32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO / "examples" / "data"
+DOC = REPO / "docs" / "benchmarks.md"
+HEADING = "## Build stage: CPU target latency"
+
+
+def machine(threads: int) -> dict:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import onnxruntime
+
+    try:
+        load = round(os.getloadavg()[0], 1)
+    except OSError:
+        load = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "onnxruntime": onnxruntime.__version__,
+            "python": platform.python_version(), "platform": platform.platform(), "date": time.strftime("%Y-%m-%d"),
+            "load_avg_1min_at_start": load}
+
+
+def _helper_quantizer():
+    """tests/engines/qdq.py: the quantize stage's output format, max calibration (fallback only)."""
+    spec = importlib.util.spec_from_file_location("trtforge_test_qdq", REPO / "tests" / "engines" / "qdq.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def make_artifacts(preset: str, work: Path, seq: int) -> tuple[dict[str, Path], str]:
+    """name -> ONNX artifact folder (exports and quantized), and which quantizer made them."""
+    from trtforge.exporter import DType, ExportOptions, Task, export_onnx
+    from trtforge.tinymodels import make_model
+
+    src = make_model(preset, work / "model")
+    arts = {}
+    for dt in ("fp32", "fp16"):
+        arts[dt] = export_onnx(src, work / f"export-{dt}", ExportOptions(task=Task("causal-lm"), dtype=DType(dt)),
+                               force=True).path
+    try:
+        from trtforge.calibration import get_preset, quantize
+    except ImportError:
+        quantize = None
+    if quantize is not None:
+        for name, recipe in (("int8", "int8-sq"), ("fp8", "fp8"), ("int4", "int4-rtn")):
+            r = get_preset(recipe).replace(num_samples=16, seq_len=min(seq, 128))
+            arts[name] = quantize(arts["fp32"], r, work / f"q-{name}", calib=[DATA / "calib-apache-2.0.txt"], force=True).path
+        return arts, "trtforge.calibration.quantize (int8-sq, fp8, int4-rtn; 16 calibration windows)"
+    from trtforge.artifacts import OnnxArtifact
+
+    qdq = _helper_quantizer()
+    fp32 = OnnxArtifact.open(arts["fp32"])
+    feeds = qdq.llama_feeds(2, min(seq, 128), fp32.manifest["dims"]["vocab_size"], n=4)
+    for name, prec in (("int8", "int8"), ("fp8", "fp8"), ("int4", "int4-weight-only")):
+        arts[name] = qdq.quantize_artifact(fp32, work / f"q-{name}", prec, feeds).path
+    return arts, "tests/engines/qdq.py (max calibration on random tokens; quantize stage not available)"
+
+
+def sessions(arts: dict[str, Path], work: Path, threads: int) -> dict[str, tuple[object, str]]:
+    from trtforge.artifacts import OnnxArtifact
+    from trtforge.engines.build import build
+    from trtforge.ort import session
+
+    out = {}
+    for name, path in arts.items():
+        built = build(path, "cpu", work / f"cpu-{name}", force=True)
+        rt = built.manifest["runtime"]
+        desc = ", ".join(f"{k} {v}" for k, v in built.manifest["build"]["ops_after"].items())
+        label = {"fp32": "fp32 (export)", "fp16": "fp16 reference (export)"}.get(name, name)
+        out[label] = (session(built.model_path, config=rt["session_config"], optimization=rt["graph_optimization_level"],
+                              threads=threads), desc)
+    raw = OnnxArtifact.open(arts["int8"])
+    out["int8, signed activations as quantized (no UINT8 rewrite)"] = (
+        session(raw.model_path, optimization="ORT_ENABLE_ALL", threads=threads), "ORT online optimization")
+    # what the CPU target does not do: MatMulNBits accuracy level 4 (activations quantized to int8)
+    raw4 = OnnxArtifact.open(arts["int4"])
+    out["int4, accuracy level 4 (W4A8, not used)"] = (
+        session(raw4.model_path, optimization="ORT_ENABLE_ALL", threads=threads,
+                config={"session.qdq_matmulnbits_accuracy_level": "4"}), "ORT online optimization")
+    return out
+
+
+def feeds_for(batch: int, seq: int, vocab: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(batch)
+    return {"input_ids": rng.integers(1, vocab, (batch, seq)).astype(np.int64),
+            "attention_mask": np.ones((batch, seq), np.int64),
+            "position_ids": np.tile(np.arange(seq, dtype=np.int64), (batch, 1))}
+
+
+def time_round_robin(sess: dict, feeds: dict, runs: int, warmup: int = 2) -> dict[str, list[float]]:
+    for s, _ in sess.values():
+        for _ in range(warmup):
+            s.run(["logits"], feeds)
+    samples: dict[str, list[float]] = {k: [] for k in sess}
+    for _ in range(runs):
+        for name, (s, _) in sess.items():
+            t = time.perf_counter()
+            s.run(["logits"], feeds)
+            samples[name].append((time.perf_counter() - t) * 1000)
+    return samples
+
+
+def table(results: dict, batch: int, seq: int) -> list[str]:
+    base = statistics.median(results["fp32 (export)"])
+    lines = [f"batch {batch}, sequence {seq}:", "",
+             "| variant | median ms | p90 ms | sequences/s | tokens/s | vs fp32 |", "|---|---|---|---|---|---|"]
+    for name, xs in results.items():
+        med = statistics.median(xs)
+        p90 = sorted(xs)[int(round(0.9 * (len(xs) - 1)))]
+        lines.append(f"| {name} | {med:.1f} | {p90:.1f} | {batch * 1000 / med:.1f} | {batch * seq * 1000 / med:.0f} "
+                     f"| {base / med:.2f}x |")
+    return lines + [""]
+
+
+def append_doc(section: list[str]) -> None:
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    text = DOC.read_text(encoding="utf-8") if DOC.exists() else "# Benchmarks\n"
+    block = "\n".join(section).rstrip() + "\n"
+    if HEADING not in text:
+        text = text.rstrip() + f"\n\n{HEADING}\n\nWritten by `python bench/engines.py`; newest run last.\n\n" + block
+    else:
+        start = text.index(HEADING)
+        nxt = text.find("\n## ", start + len(HEADING))
+        end = len(text) if nxt < 0 else nxt + 1
+        text = text[:end].rstrip() + "\n\n" + block + ("\n" + text[end:] if nxt >= 0 else "")
+    DOC.write_text(text, encoding="utf-8")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="llama-100m", help="trtforge.tinymodels preset (default llama-100m)")
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--work", type=Path, default=REPO / "bench" / "out" / "engines")
+    ap.add_argument("--no-append", action="store_true", help="print only; do not touch docs/benchmarks.md")
+    args = ap.parse_args()
+
+    mach = machine(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    arts, quantizer = make_artifacts(args.preset, args.work, args.seq)
+    sess = sessions(arts, args.work, args.threads)
+    vocab = json.loads((arts["fp32"] / "manifest.json").read_text())["dims"]["vocab_size"]
+    lines = [f"### {mach['date']}: {args.preset}, {mach['cpu']}, {mach['cores']} cores, {args.threads} threads",
+             "", f"ONNX Runtime {mach['onnxruntime']}, Python {mach['python']}, {mach['platform']}; "
+             f"1-min load average at start {mach['load_avg_1min_at_start']}. Quantized with {quantizer}. "
+             f"Median of {args.runs} runs per variant, timed round-robin after 2 warm-ups.", ""]
+    verdict = True
+    for b in (int(x) for x in args.batches.split(",")):
+        res = time_round_robin(sess, feeds_for(b, args.seq, vocab), args.runs)
+        lines += table(res, b, args.seq)
+        faster = statistics.median(res["int8"]) < statistics.median(res["fp32 (export)"])
+        verdict &= faster
+    lines.append("Fused operators per CPU artifact: " + "; ".join(f"{k}: {d}" for k, (_, d) in sess.items()) + ".")
+    lines.append("")
+    lines.append(f"INT8 CPU artifact faster than FP32 at every batch size: {'yes' if verdict else 'NO'}. "
+                 f"(bench wall time {time.time() - t0:.0f} s)")
+    print("\n".join(lines))
+    if not args.no_append:
+        append_doc(lines)
+        print(f"appended to {DOC}", file=sys.stderr)
+    return 0 if verdict else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Will this artifact load here? The engine manifest checked against the current machine.
+
+In:  a build-stage artifact (a TensorRT engine folder, or a CPU-target ONNX folder) and a
+     :class:`Machine` (TensorRT version, GPUs, ONNX Runtime version; read from this machine by
+     default, passed in by tests).
+Out: a :class:`LoadReport` with one entry per check (file hash, TensorRT version, GPU compute
+     capability and model, ONNX Runtime version) and the verdict ``loads``.
+
+TensorRT rules (support-policies and engine-compatibility docs): a plan loads only in the exact
+TensorRT version that built it unless it was built version-compatible (then in the same or a
+later runtime; TensorRT 10 version-compatible plans also in TensorRT 11); without hardware
+compatibility only on the compute capability it was built for (another GPU model of the same
+compute capability loads, with a TensorRT warning that it may be slower); AMPERE_PLUS on any
+SM 8.0+ GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+
+from trtforge.artifacts import EngineArtifact, OnnxArtifact, sha256_file
+from trtforge.env import Gpu
+
+
+@dataclass(frozen=True)
+class Machine:
+    tensorrt_version: str | None
+    gpus: tuple[Gpu, ...]
+    onnxruntime_version: str | None
+
+    @classmethod
+    def here(cls) -> Machine:
+        from trtforge.env import gpus, tensorrt_status
+
+        trt = tensorrt_status()
+        try:
+            ort_version = metadata.version("onnxruntime")
+        except metadata.PackageNotFoundError:
+            try:
+                ort_version = metadata.version("onnxruntime-gpu")
+            except metadata.PackageNotFoundError:
+                ort_version = None
+        return cls(trt.get("version") if trt["available"] else None, tuple(gpus()), ort_version)
+
+    def to_json(self) -> dict:
+        return {"tensorrt_version": self.tensorrt_version, "gpus": [asdict(g) for g in self.gpus],
+                "onnxruntime_version": self.onnxruntime_version}
+
+
+@dataclass(frozen=True)
+class Check:
+    what: str
+    ok: bool
+    detail: str
+    warning: bool = False  # ok, but worth saying
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    artifact: str
+    kind: str
+    checks: tuple[Check, ...] = field(default_factory=tuple)
+    machine: Machine | None = None
+
+    @property
+    def loads(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def to_json(self) -> dict:
+        return {"artifact": self.artifact, "kind": self.kind, "loads_here": self.loads,
+                "checks": [c.to_json() for c in self.checks], "machine": self.machine.to_json() if self.machine else None}
+
+    def text(self) -> str:
+        lines = [f"{self.artifact} ({self.kind})"]
+        for c in self.checks:
+            mark = "ok  " if c.ok and not c.warning else "warn" if c.ok else "FAIL"
+            lines.append(f"  [{mark}] {c.what}: {c.detail}")
+        lines.append("will load here" if self.loads else "will NOT load here")
+        return "\n".join(lines)
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    out = []
+    for part in v.split("."):
+        digits = "".join(ch for ch in part if ch.isdigit())
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
+
+
+def tensorrt_version_check(built: str, here: str | None, version_compatible: bool) -> Check:
+    if here is None:
+        return Check("TensorRT", False, f"not importable here (engine built with {built}); pip install 'trtforge[gpu]'")
+    if here == built:
+        return Check("TensorRT", True, f"{here}, the version that built the engine")
+    b, h = _version_tuple(built), _version_tuple(here)
+    if version_compatible and h >= b:
+        return Check("TensorRT", True, f"{here} runs version-compatible plans built with {built} "
+                     "(needs runtime.engine_host_code_allowed)", warning=True)
+    if version_compatible:
+        return Check("TensorRT", False, f"{here} is older than {built}; plans never load in an older runtime")
+    return Check("TensorRT", False, f"{here} here, engine built with {built}; a plan loads only in the exact version "
+                 "that built it (rebuild, or build with --version-compatible)")
+
+
+def gpu_check(built_cc: str, built_name: str, hw_compat: str, gpus: tuple[Gpu, ...]) -> Check:
+    if not gpus:
+        return Check("GPU", False, "no NVIDIA GPU found (nvidia-smi)")
+    g = gpus[0]
+    sm_built = int(built_cc.replace(".", ""))
+    if hw_compat == "ampere-plus":
+        ok = g.sm >= 80
+        return Check("GPU", ok, f"{g.name} (compute capability {g.compute_capability}); engine is Ampere+ "
+                     f"hardware-compatible{'' if ok else ', needs SM 8.0 or newer'}")
+    if g.sm != sm_built:
+        return Check("GPU", False, f"{g.name} has compute capability {g.compute_capability}, engine was built for "
+                     f"{built_cc} ({built_name}); rebuild on this GPU or build with --hardware-compatibility")
+    if g.name != built_name and hw_compat == "none":
+        return Check("GPU", True, f"{g.name}, same compute capability {built_cc} as {built_name} but another model: "
+                     "loads, TensorRT warns it may run slower", warning=True)
+    return Check("GPU", True, f"{g.name} (compute capability {g.compute_capability})")
+
+
+def _hash_check(path, expected: str | None, label: str) -> Check:
+    if not expected:
+        return Check(f"{label} hash", False, "the manifest records no sha256 for it")
+    got = sha256_file(path)
+    if got != expected:
+        return Check(f"{label} hash", False, f"{path.name} changed since the build (sha256 {got[:12]}..., manifest "
+                     f"{expected[:12]}...)")
+    return Check(f"{label} hash", True, f"{path.name} matches the manifest")
+
+
+def check_engine(art: EngineArtifact, machine: Machine) -> LoadReport:
+    m = art.manifest
+    eng = m.get("engine") or {}
+    plan_cfg = ((m.get("plan") or {}).get("config")) or {}
+    checks = [
+        _hash_check(art.engine_path, eng.get("sha256"), "engine"),
+        tensorrt_version_check((m.get("tensorrt") or {}).get("version", "?"), machine.tensorrt_version,
+                               bool(plan_cfg.get("version_compatible"))),
+        gpu_check((m.get("gpu") or {}).get("compute_capability", "0.0"), (m.get("gpu") or {}).get("name", "?"),
+                  plan_cfg.get("hardware_compatibility_level", "none"), machine.gpus),
+    ]
+    return LoadReport(str(art.path), "tensorrt engine", tuple(checks), machine)
+
+
+def check_cpu(art: OnnxArtifact, machine: Machine) -> LoadReport:
+    m = art.manifest
+    checks = [_hash_check(art.model_path, (m.get("files") or {}).get(m["model"]["file"]), "model")]
+    built = ((m.get("versions") or {}).get("onnxruntime")) or "?"
+    here = machine.onnxruntime_version
+    if here is None:
+        checks.append(Check("ONNX Runtime", False, f"not installed here (artifact optimized by {built}); "
+                            "pip install onnxruntime"))
+    elif _version_tuple(here)[:2] < _version_tuple(built)[:2]:
+        checks.append(Check("ONNX Runtime", False, f"{here} here is older than {built}, which optimized the graph; "
+                            "its fused contrib operators may not exist here (upgrade onnxruntime or rebuild)"))
+    else:
+        checks.append(Check("ONNX Runtime", True, f"{here} (artifact optimized by {built})",
+                            warning=_version_tuple(here)[:2] != _version_tuple(built)[:2]))
+    return LoadReport(str(art.path), "onnx runtime (cpu target)", tuple(checks), machine)
+
+
+def try_load(art: EngineArtifact | OnnxArtifact, report: LoadReport) -> LoadReport:
+    """Actually load the artifact (TensorRT deserialization or an ONNX Runtime session)."""
+    if isinstance(art, EngineArtifact):
+        from trtforge.engines import _trt
+
+        ok, detail = _trt.try_deserialize(art.engine_path.read_bytes(),
+                                          bool(((art.manifest.get("plan") or {}).get("config") or {}).get("version_compatible")))
+    else:
+        from trtforge.engines.cpu import CpuRuntime, session
+        from trtforge.errors import TrtforgeError
+
+        rt = art.manifest.get("runtime") or {}
+        try:
+            session(art.model_path, CpuRuntime(rt.get("session_config") or {},
+                                               rt.get("graph_optimization_level", "ORT_ENABLE_ALL")))
+            ok, detail = True, "ONNX Runtime created a session"
+        except TrtforgeError as exc:
+            ok, detail = False, exc.problem
+    return LoadReport(report.artifact, report.kind, report.checks + (Check("load", ok, detail),), report.machine)

@@ -1,0 +1,233 @@
+"""CPU target: an ONNX artifact optimized offline for ONNX Runtime's CPU provider.
+
+In:  an FP32/FP16 export or a Q/DQ artifact, its :class:`PrecisionInfo`, a temporary output folder.
+Out: ``model.onnx`` (+ ``model.onnx.data`` for large models) written by ONNX Runtime itself
+     (``SessionOptions.optimized_model_filepath``), and the manifest entries ``runtime`` (the
+     session options to load it with, which the parity stage reproduces), ``target`` and
+     ``build`` (rewrites, fused operator counts, a self-check against the input model).
+
+Steps: (1) symmetric INT8 activation Q/DQ pairs become UINT8 with zero point 128 (same values,
+see qdq_u8.py) so ONNX Runtime takes its U8S8 kernels; (2) the graph is optimized at
+ORT_ENABLE_EXTENDED, which fuses DequantizeLinear + MatMul into MatMulIntegerToFloat (INT8)
+or MatMulNBits (INT4), and is saved; the hardware-specific layout pass (NCHWc, ORT_ENABLE_ALL)
+is left to load time, so the file stays portable between CPUs; (3) the saved model is loaded
+with the recorded options and compared with the input model on synthetic inputs.
+
+Per-precision session options (measured, see docs/engines.md and docs/benchmarks.md):
+* INT8 in an FP32 graph: QDQ fusions on -> MatMulIntegerToFloat, 2-3x faster than FP32 here.
+* INT4 weight-only: MatMulNBits with ``session.qdq_matmulnbits_accuracy_level=0`` (activations
+  stay float, as TensorRT's W4A16 GEMMs compute); level 4 quantizes activations to int8 on the
+  fly (W4A8) and was only ~10% faster on the FP32 100M LLaMA-like graph, so it is not used.
+* FP8, and INT8 in an FP16 graph: ONNX Runtime has no fused CPU kernels for these and would
+  dequantize every weight on every call; trtforge folds the weight DequantizeLinear nodes into
+  float initializers first (bit-exact, see qdq_fold.py), activation Q/DQ stay in the graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from trtforge.engines.feeds import synthetic_feeds
+from trtforge.engines.precision import PrecisionInfo
+from trtforge.engines.profiles import BATCH, PAST, SEQ, TOTAL, ShapeProfile
+from trtforge.engines.qdq_fold import fold_weight_dequantize
+from trtforge.engines.qdq_u8 import symmetric_int8_to_uint8
+from trtforge.engines.targets import FP8, FP32, INT8
+from trtforge.errors import BuildError
+
+log = logging.getLogger(__name__)
+
+PROVIDER = "CPUExecutionProvider"
+OFFLINE_LEVEL = "ORT_ENABLE_EXTENDED"
+LOAD_LEVEL = "ORT_ENABLE_ALL"
+FUSED_OPS = ("MatMulIntegerToFloat", "MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulNBits",
+             "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear", "MatMul", "Gemm")
+
+
+@dataclass(frozen=True)
+class CpuRuntime:
+    """How to load the CPU artifact: recorded in the manifest under ``runtime``."""
+
+    session_config: dict[str, str]
+    graph_optimization_level: str = LOAD_LEVEL
+    offline_optimization_level: str = OFFLINE_LEVEL
+    provider: str = PROVIDER
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_json(self) -> dict:
+        return {"provider": self.provider, "session_config": dict(self.session_config),
+                "graph_optimization_level": self.graph_optimization_level,
+                "offline_optimization_level": self.offline_optimization_level, "notes": list(self.notes)}
+
+
+def runtime_for(info: PrecisionInfo) -> CpuRuntime:
+    """Session options per precision (see module docstring for the measurements behind them)."""
+    config = {"session.qdq_matmulnbits_accuracy_level": "0"}
+    notes = ["session.qdq_matmulnbits_accuracy_level=0: INT4 weight-only GEMMs keep float activations (W4A16)"]
+    if fold_types(info):
+        notes.append("constant weight DequantizeLinear folded into float initializers (bit-exact): no fused CPU "
+                     "kernel for this Q/DQ flavour; activation Q/DQ stay")
+    if INT8 in info.needs and info.float_dtype != FP32:
+        notes.append(f"INT8 Q/DQ in a {info.float_dtype} graph has no fused ONNX Runtime CPU kernel; quantize the "
+                     "fp32 export for a fast CPU artifact")
+    return CpuRuntime(config, notes=tuple(notes))
+
+
+def fold_types(info: PrecisionInfo) -> set[int]:
+    """Weight types to fold before optimizing: those with no fused ONNX Runtime CPU kernel."""
+    from onnx import TensorProto
+
+    types = set()
+    if FP8 in info.needs:
+        types.add(TensorProto.FLOAT8E4M3FN)
+    if INT8 in info.needs and info.float_dtype != FP32:
+        types.add(TensorProto.INT8)
+    return types
+
+
+def _level(ort, name: str):
+    return getattr(ort.GraphOptimizationLevel, name)
+
+
+def session(path: Path, runtime: CpuRuntime, *, level: str | None = None, optimized_to: Path | None = None,
+            external_data: str | None = None, threads: int | None = None):
+    """An ONNX Runtime session with the runtime's options (optionally writing the optimized model)."""
+    from trtforge._deps import require
+
+    ort = require("onnxruntime")
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = _level(ort, level or runtime.graph_optimization_level)
+    for k, v in runtime.session_config.items():
+        so.add_session_config_entry(k, str(v))
+    if threads:
+        so.intra_op_num_threads = threads
+    if optimized_to is not None:
+        so.optimized_model_filepath = str(optimized_to)
+        if external_data:
+            so.add_session_config_entry("session.optimized_model_external_initializers_file_name", external_data)
+            so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    try:
+        return ort.InferenceSession(str(path), so, providers=[runtime.provider])
+    except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, NotImplemented)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BuildError(f"ONNX Runtime cannot load {path.name} for the CPU target: {first[:300]}",
+                         "check the artifact with onnx.checker, or report the graph") from exc
+
+
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    c = Counter(n.op_type for n in model.graph.node)
+    return {k: c[k] for k in FUSED_OPS if c.get(k)}
+
+
+def _self_check_sizes(profile: ShapeProfile) -> dict[str, int]:
+    sizes = {}
+    for name, r in profile.symbols:
+        if name == TOTAL:  # past + sequence, derived by the feeds
+            continue
+        want = {BATCH: 2, SEQ: 8, PAST: 4}.get(name, r.opt)
+        sizes[name] = min(max(want, r.min), r.max)
+    return sizes
+
+
+def _identical(source: Path, rewritten: Path, manifest: dict, profile: ShapeProfile) -> bool:
+    plain = CpuRuntime({"session.qdq_matmulnbits_accuracy_level": "0"})
+    feeds = synthetic_feeds(manifest, _self_check_sizes(profile), seed=2)
+    a = session(source, plain, level="ORT_DISABLE_ALL").run(None, feeds)
+    b = session(rewritten, plain, level="ORT_DISABLE_ALL").run(None, feeds)
+    if not all(np.array_equal(x, y) for x, y in zip(a, b, strict=True)):
+        raise BuildError("rewriting INT8 activation Q/DQ to UINT8 changed the model's outputs",
+                         "report this trtforge bug with the model; --target cpu cannot be trusted for it")
+    return True
+
+
+def self_check(source: Path, built: Path, runtime: CpuRuntime, manifest: dict, profile: ShapeProfile,
+               info: PrecisionInfo) -> dict:
+    """Run the input model (plain ONNX semantics) and the built artifact on the same inputs."""
+    plain = CpuRuntime({"session.qdq_matmulnbits_accuracy_level": "0"})
+    ref_sess = session(source, plain, level="ORT_DISABLE_ALL")
+    new_sess = session(built, runtime)
+    sizes = _self_check_sizes(profile)
+    feeds = synthetic_feeds(manifest, sizes, seed=1)
+    names = [o.name for o in ref_sess.get_outputs()]
+    ref = ref_sess.run(names, feeds)
+    got = new_sess.run(names, feeds)
+    worst, rms = 0.0, 0.0
+    for a, b in zip(got, ref, strict=True):
+        a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        if a64.shape != b64.shape:
+            raise BuildError(f"the optimized CPU model returns shape {a64.shape}, the input model {b64.shape}",
+                             "report this ONNX Runtime optimization problem")
+        d = a64 - b64
+        worst = max(worst, float(np.abs(d).max()) / max(float(np.abs(b64).max()), 1e-6))
+        rms = max(rms, float(np.sqrt((d ** 2).mean() / max(float((b64 ** 2).mean()), 1e-12))))
+    # Fused integer GEMMs and prepacked float GEMMs accumulate in another order than the plain
+    # graph, which can move an activation across a rounding boundary of a later QuantizeLinear
+    # and grows through the layers (random 12-layer model: INT8 ~0.5%, FP8 ~3% relative RMS).
+    # So the relative RMS is gated loosely for quantized graphs: it catches a broken rewrite
+    # (a wrong zero point is ~100%), not rounding flips. The max error is recorded too.
+    tol = 6e-2 if info.quantized else 1e-2 if info.float_dtype != FP32 else 1e-4
+    if not np.isfinite(rms) or rms > tol:
+        raise BuildError(f"the optimized CPU model differs from the input model by {rms:.3g} (relative RMS error, "
+                         f"tolerance {tol:g})", "report this ONNX Runtime optimization problem")
+    return {"shapes": sizes, "relative_rms_err": rms, "max_normalized_err": worst, "tolerance": tol,
+            "reference": "input model, ORT_DISABLE_ALL"}
+
+
+def build_cpu(source_model: Path, source_manifest: dict, work: Path, dest: Path, info: PrecisionInfo,
+              profile: ShapeProfile, *, external: bool) -> dict:
+    """Write the optimized model to ``dest``; returns the manifest's ``runtime`` and ``build`` parts.
+
+    ``work`` is a scratch folder inside the temporary output folder (removed by the caller).
+    """
+    from trtforge.exporter.export import DATA_FILE, save_model
+
+    t0 = time.perf_counter()
+    model = onnx.load(str(source_model), load_external_data=True)
+    before = op_counts(model)
+    rewritten, pairs = symmetric_int8_to_uint8(model) if INT8 in info.needs else (model, 0)
+    del model
+    work.mkdir(parents=True, exist_ok=True)
+    rewrite_check = None
+    if pairs:
+        # The UINT8 rewrite must not change a single value: run both graphs unoptimized (same
+        # kernels apart from the Q/DQ types) and demand identical outputs.
+        (work / "u8").mkdir()
+        u8 = work / "u8" / "model.onnx"
+        if save_model(rewritten, u8, force_external=external):
+            rewritten = onnx.load(str(u8), load_external_data=True)  # saving moved the weights out of the proto
+        rewrite_check = _identical(source_model, u8, source_manifest, profile)
+    rewritten, folded = fold_weight_dequantize(rewritten, fold_types(info))
+    staged = work / "model.onnx"
+    save_model(rewritten, staged, force_external=external)
+    del rewritten
+    runtime = runtime_for(info)
+    t1 = time.perf_counter()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    session(staged, runtime, level=runtime.offline_optimization_level, optimized_to=dest,
+            external_data=DATA_FILE if external else None)
+    if not dest.exists():
+        raise BuildError("ONNX Runtime did not write the optimized model", "check free disk space")
+    t2 = time.perf_counter()
+    after = op_counts(onnx.load(str(dest), load_external_data=False))
+    check = self_check(source_model, dest, runtime, source_manifest, profile, info)
+    log.info("cpu target: %d INT8 activation Q/DQ groups -> UINT8; ops %s", pairs, after)
+    return {
+        "runtime": runtime.to_json(),
+        "build": {
+            "uint8_activation_groups": pairs,
+            "folded_weight_dequantize": folded,
+            "ops_before": before,
+            "ops_after": after,
+            "self_check": {**check, "uint8_rewrite_identical": rewrite_check},
+            "timings": {"rewrite_s": round(t1 - t0, 3), "optimize_s": round(t2 - t1, 3),
+                        "self_check_s": round(time.perf_counter() - t2, 3)},
+        },
+    }

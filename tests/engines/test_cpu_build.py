@@ -1,0 +1,160 @@
+"""--target cpu: an ONNX Runtime artifact that runs, fused, with the session options recorded."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from trtforge.artifacts import OnnxArtifact, sha256_file
+from trtforge.cli import main
+from trtforge.engines.build import build
+from trtforge.errors import BuildError, InputError, OutputExistsError
+from trtforge.ort import session
+
+from ..conftest import leftovers  # noqa: TID252
+from .qdq import llama_feeds
+
+
+def _run_recorded(art: OnnxArtifact, feeds: dict) -> np.ndarray:
+    """Run the artifact the way the parity stage does: trtforge.ort.session with the recorded runtime."""
+    rt = art.manifest["runtime"]
+    sess = session(art.model_path, providers=[rt["provider"]], config=rt["session_config"],
+                   optimization=rt["graph_optimization_level"])
+    return sess.run(["logits"], feeds)[0]
+
+
+def _run_plain(art: OnnxArtifact, feeds: dict) -> np.ndarray:
+    return session(art.model_path, optimization="ORT_DISABLE_ALL").run(["logits"], feeds)[0]
+
+
+def test_manifest_records_everything_the_parity_stage_needs(cpu_built, quantized):
+    art = cpu_built("int8")
+    m = art.manifest
+    src = quantized("int8")
+    assert (m["kind"], m["stage"], m["target"]["name"]) == ("onnx", "build", "cpu")
+    assert m["runtime"]["provider"] == "CPUExecutionProvider"
+    assert m["runtime"]["graph_optimization_level"] == "ORT_ENABLE_ALL"
+    assert m["runtime"]["session_config"]["session.qdq_matmulnbits_accuracy_level"] == "0"
+    assert m["io"] == src.manifest["io"] and m["dims"] == src.manifest["dims"]
+    assert m["quantization"]["precision"] == "int8" and art.precision == "int8"
+    assert m["upstream"]["model_sha256"] == sha256_file(src.model_path)
+    assert m["files"]["model.onnx"] == sha256_file(art.model_path)
+    assert "tokenizer.json" in m["files"]  # side files travel so parity can tokenize
+
+
+def test_int8_graph_is_fused_on_unsigned_activations(cpu_built):
+    art = cpu_built("int8")
+    b = art.manifest["build"]
+    assert b["uint8_activation_groups"] == b["ops_before"]["QuantizeLinear"] > 0
+    assert b["ops_after"].get("MatMulIntegerToFloat", 0) >= 14 and "DequantizeLinear" not in b["ops_after"]
+    model = onnx.load(str(art.model_path))
+    inits = {t.name: t for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "QuantizeLinear":
+            assert inits[n.input[2]].data_type == onnx.TensorProto.UINT8
+    assert b["self_check"]["max_normalized_err"] < 1e-4
+
+
+@pytest.mark.parametrize("precision,fused,folded", [
+    ("fp32", "MatMul", 0),
+    ("fp16", "MatMul", 0),
+    ("int8", "MatMulIntegerToFloat", 0),
+    ("fp8", "MatMul", 14),
+    ("int4-weight-only", "MatMulNBits", 0),
+])
+def test_every_precision_runs_and_matches_its_input(cpu_built, quantized, exported, precision, fused, folded):
+    art = cpu_built(precision)
+    assert art.manifest["build"]["ops_after"].get(fused, 0) > 0
+    assert art.manifest["build"]["folded_weight_dequantize"] == folded
+    src = exported("llama", task="causal-lm", dtype=precision) if precision in ("fp32", "fp16") else quantized(precision)
+    feeds = llama_feeds(3, 10, art.manifest["dims"]["vocab_size"], n=1, seed=7)[0]
+    got, ref = _run_recorded(art, feeds), _run_plain(src, feeds)
+    assert got.shape == ref.shape == (3, 10, 1000) and np.isfinite(got).all()
+    d = got.astype(np.float64) - ref
+    # relative RMS: robust to a rare activation crossing a rounding boundary of a later Q node
+    rms = np.sqrt((d ** 2).mean() / (ref.astype(np.float64) ** 2).mean())
+    assert rms < {"fp32": 1e-5, "fp16": 5e-3}.get(precision, 5e-3), rms
+
+
+def test_fp16_int8_graph_gets_folded_weights_and_a_note(cpu_built):
+    art = cpu_built("int8", "fp16")
+    rt = art.manifest["runtime"]
+    assert art.manifest["build"]["folded_weight_dequantize"] == 14
+    assert art.manifest["build"]["uint8_activation_groups"] > 0
+    assert any("fp16 graph has no fused" in n for n in rt["notes"])
+    assert art.manifest["build"]["self_check"]["relative_rms_err"] < 1e-2
+
+
+def test_failure_leaves_nothing_behind(quantized, tmp_path, monkeypatch):
+    import trtforge.engines.cpu as cpu
+
+    def broken(*a, **k):
+        raise BuildError("simulated self-check failure", "none")
+
+    monkeypatch.setattr(cpu, "self_check", broken)
+    with pytest.raises(BuildError, match="simulated"):
+        build(quantized("int8"), "cpu", tmp_path / "out")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_existing_output_and_wrong_inputs(quantized, cpu_built, tmp_path):
+    out = tmp_path / "out"
+    build(quantized("fp8"), "cpu", out)
+    with pytest.raises(OutputExistsError):
+        build(quantized("fp8"), "cpu", out)
+    first = sha256_file(out / "manifest.json")
+    build(quantized("int8"), "cpu", out, force=True)
+    assert sha256_file(out / "manifest.json") != first and OnnxArtifact.open(out).precision == "int8"
+    with pytest.raises(InputError, match="written by 'trtforge build'"):
+        build(cpu_built("int8").path, "cpu", tmp_path / "again")
+    with pytest.raises(InputError, match="inside the input artifact"):
+        build(quantized("int8"), "cpu", quantized("int8").path / "sub")
+
+
+def test_cli_build_cpu(quantized, tmp_path):
+    r = CliRunner().invoke(main, ["build", str(quantized("int4-weight-only").path), "--target", "cpu",
+                                  "-o", str(tmp_path / "c"), "--json"])
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.stdout)
+    assert m["target"]["name"] == "cpu" and m["build"]["ops_after"]["MatMulNBits"] > 0
+    r = CliRunner().invoke(main, ["build", str(quantized("int8").path), "-t", "cpu", "-o", str(tmp_path / "d")])
+    assert r.exit_code == 0 and "INT8 activation Q/DQ -> UINT8" in r.output
+    r = CliRunner().invoke(main, ["build", str(quantized("int8").path), "-t", "cpu", "-o", str(tmp_path / "d")])
+    assert r.exit_code == 1 and "already exists" in r.output
+
+
+def test_external_data_models_stay_external(tmp_path):
+    """Models over 2 GB keep weights in model.onnx.data; the CPU target must write them the same way."""
+    from trtforge.artifacts import file_table, write_json
+
+    from .qdq import tiny_graph, tiny_manifest
+
+    src = tmp_path / "src"
+    src.mkdir()
+    onnx.save_model(tiny_graph("int8"), str(src / "model.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=0)
+    man = tiny_manifest("int8")
+    man["model"]["external_data"] = "model.onnx.data"
+    man["files"] = file_table(src)
+    write_json(src / "manifest.json", man)
+    art = build(src, "cpu", tmp_path / "cpu")
+    assert art.manifest["model"]["external_data"] == "model.onnx.data"
+    assert (tmp_path / "cpu" / "model.onnx.data").stat().st_size > 1000 and "model.onnx.data" in art.manifest["files"]
+    assert not (tmp_path / "cpu" / "_work").exists()
+    assert art.manifest["upstream"]["external_data_sha256"] == sha256_file(src / "model.onnx.data")
+    x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+    got = session(art.model_path, config=art.manifest["runtime"]["session_config"]).run(None, {"x": x})[0]
+    ref = session(src / "model.onnx", optimization="ORT_DISABLE_ALL").run(None, {"x": x})[0]
+    assert np.allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_decoder_with_kv_cache(exported, tmp_path):
+    src = exported("llama", task="causal-lm-with-past")
+    art = build(src, "cpu", tmp_path / "kv")
+    check = art.manifest["build"]["self_check"]
+    assert check["shapes"] == {"batch": 2, "past_sequence": 4, "sequence": 8} and check["relative_rms_err"] < 1e-4
+    assert art.manifest["profile"]["symbols"]["total_sequence"] == [1, 129, 256]
