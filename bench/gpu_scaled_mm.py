@@ -50,7 +50,6 @@ def prepare(out: Path, export_dir: Path, ranges: Path, names: list[str]) -> None
 
 def ort_qdq(x, w, sx, sw, precision):
     """The Q/DQ MatMul graph trtforge writes, run by ONNX Runtime (CPU)."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
