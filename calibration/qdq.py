@@ -93,8 +93,14 @@ def insert_activation_qdq(
     return scales
 
 
-def quantize_weights(model: onnx.ModelProto, plans: list[WeightPlan], precision: Precision) -> dict[str, dict]:
-    """Replace each GEMM's float weight by a quantized initializer behind a DequantizeLinear."""
+def quantize_weights(
+    model: onnx.ModelProto, plans: list[WeightPlan], precision: Precision, *, per_tensor: bool = False
+) -> dict[str, dict]:
+    """Replace each GEMM's float weight by a quantized initializer behind a DequantizeLinear.
+
+    INT8/FP8 weights get one scale per output channel, or one per tensor with ``per_tensor``
+    (what TensorRT-LLM's FP8 checkpoints store).
+    """
     idx = GraphIndex(model)
     _, np_dtype = float_type(model)
     inits = {t.name: t for t in model.graph.initializer}
@@ -118,15 +124,22 @@ def quantize_weights(model: onnx.ModelProto, plans: list[WeightPlan], precision:
             attrs = {"axis": axis, "block_size": plan.block}
             deq = q.astype(np.float32) * np.repeat(scales.astype(np.float32), plan.block, axis=axis)
         else:
-            scales = weight_scales(w_kn, precision, np_dtype)
-            q = quantize(w_kn, scales[None, :], precision)
-            if g.trans_b:
-                q = q.T.copy()
-            axis = 0 if g.trans_b else 1
-            attrs = {"axis": axis}
-            deq = q.astype(np.float32) * (scales[:, None] if g.trans_b else scales[None, :]).astype(np.float32)
+            if per_tensor:
+                scales = as_scale(np.abs(w_kn).max(), QMAX[precision], np_dtype)
+                q = quantize(w_kn, scales, precision)
+                q = q.T.copy() if g.trans_b else q
+                attrs = {}
+                deq = q.astype(np.float32) * scales.astype(np.float32)
+            else:
+                scales = weight_scales(w_kn, precision, np_dtype)
+                q = quantize(w_kn, scales[None, :], precision)
+                if g.trans_b:
+                    q = q.T.copy()
+                axis = 0 if g.trans_b else 1
+                attrs = {"axis": axis}
+                deq = q.astype(np.float32) * (scales[:, None] if g.trans_b else scales[None, :]).astype(np.float32)
         model.graph.initializer.append(numpy_helper.from_array(q, qname))
-        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(scales), sname))
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(np.asarray(scales, np_dtype)), sname))
         out = idx.unique(f"{base}_dequantized")
         dq = helper.make_node("DequantizeLinear", [qname, sname], [out], name=idx.unique(f"{base}_DequantizeLinear"), **attrs)
         node = nodes[g.node]

@@ -189,7 +189,7 @@ def finish(prep: Prepared, *, dtype: str) -> tuple[onnx.ModelProto, dict]:
             x = st.sample.astype(np.float32) / (sm.s[None, :] if sm else 1.0)
             clip = awq_clip(x, weight_kn(GraphIndex(model), current[name]), d.block, recipe.awq_clip_grid)
         plans.append(WeightPlan(current[name], d.block, clip))
-    winfo = quantize_weights(model, plans, precision)
+    winfo = quantize_weights(model, plans, precision, per_tensor=recipe.weight_granularity == "tensor")
     nodes = []
     for name, d in prep.decisions.items():
         g = d.gemm

@@ -57,6 +57,9 @@ class QuantRecipe:
     # non-smoothed activations may use another method (None: calib_method)
     unsmoothed_calib_method: CalibMethod | None = None
     quantize_attention_bmm: bool = False
+    # INT8/FP8 weight scales: one per output channel (default), or one per tensor (what
+    # TensorRT-LLM's FP8 checkpoints hold; use it when the ONNX and TRT-LLM artifacts must agree)
+    weight_granularity: str = "channel"
     # --- INT4 weight-only
     int4_method: Int4Method = Int4Method.AWQ
     block_size: int = 128
@@ -113,6 +116,8 @@ class QuantRecipe:
             raise RecipeError(f"{source}: block_size {self.block_size} is not supported", "use 32, 64 or 128")
         if self.dtype not in ("auto", "fp16", "fp32"):
             raise RecipeError(f"{source}: dtype {self.dtype!r} is not one of auto, fp16, fp32", "use auto")
+        if self.weight_granularity not in ("channel", "tensor"):
+            raise RecipeError(f"{source}: weight_granularity {self.weight_granularity!r} is invalid", "use channel or tensor")
         if self.calib_mode not in ("auto", "windows", "sentences"):
             raise RecipeError(f"{source}: calib_mode {self.calib_mode!r} is invalid", "use auto, windows or sentences")
         for n, lo in (("num_samples", 1), ("seq_len", 2), ("batch_size", 1), ("keep_tokens", 16), ("awq_grid", 1)):

@@ -193,3 +193,12 @@ def test_fp8_weights_are_e4m3_and_saturate():
     assert arr.dtype == ml_dtypes.float8_e4m3fn
     assert np.abs(arr.astype(np.float32)).max() == 448.0  # per-channel amax maps to the top of the range
     assert Precision.FP8.value == "fp8"
+
+
+def test_per_tensor_weight_scales_option():
+    model = _graph()
+    q, rep = quantize_model(model, get_preset("fp8").replace(exclude=[], weight_granularity="tensor"), _ranges(model))
+    onnx.checker.check_model(q, full_check=True)
+    assert all(n["scale_shape"] == [] for n in rep["nodes"])
+    dq = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("weight_quantized")]
+    assert dq and all(not n.attribute for n in dq)  # no axis: one scale per tensor
