@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,7 +133,6 @@ def collect_ranges(
 
     if not samples.ids:
         raise CalibrationError("no calibration samples", "pass calibration text")
-    t0 = time.perf_counter()
     types = tensor_types(model)
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
@@ -169,8 +167,8 @@ def collect_ranges(
                     f"activation {name} is non-finite (inf or NaN) on calibration batch {bi}",
                     "the model overflows on this data: calibrate the fp32 export, or check the weights",
                 ) from None
+    # no timings here: ranges.json is content, identical for identical inputs (timings go to manifests)
     meta = {
-        "seconds": round(time.perf_counter() - t0, 3),
         "batches": len(groups),
         "batch_size": batch_size,
         "histogram_bins": bins,

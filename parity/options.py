@@ -85,7 +85,7 @@ _PRESETS: dict[Preset, dict[str, float | None]] = {
     Preset.FP16: dict(cosine_mean=0.9999, cosine_min=0.999, snr_db=40.0, top1_agreement=0.99,
                       top5_agreement=0.97, kl_mean=1e-3, ppl_change_pct=0.5,
                       embedding_cosine_mean=0.9999, embedding_cosine_min=0.999),
-    Preset.FP8: dict(cosine_mean=0.995, cosine_min=0.92, snr_db=22.0, top1_agreement=0.93,
+    Preset.FP8: dict(cosine_mean=0.995, cosine_min=0.92, snr_db=20.0, top1_agreement=0.93,
                      top5_agreement=0.88, kl_mean=0.02, ppl_change_pct=3.0,
                      embedding_cosine_mean=0.995, embedding_cosine_min=0.98),
     Preset.INT8: dict(cosine_mean=0.99, cosine_min=0.90, snr_db=20.0, top1_agreement=0.90,

@@ -58,6 +58,14 @@ def key_line(text: str, key: str, table: str | None = None) -> int | None:
     return None
 
 
+def table_line(text: str, table: str) -> int | None:
+    """Line number (1-based) of a ``[table]`` header (TOML) or ``table:`` (YAML)."""
+    for n, line in enumerate(text.splitlines(), 1):
+        if re.match(rf"^\s*\[+\s*{re.escape(table)}\s*\]+", line) or re.match(rf"^{re.escape(table)}:\s*$", line):
+            return n
+    return None
+
+
 def where(path: str | Path, text: str, key: str, table: str | None = None) -> str:
     line = key_line(text, key, table)
     return f"{path}:{line}" if line else str(path)

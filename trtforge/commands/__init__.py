@@ -6,7 +6,7 @@ import importlib
 
 import click
 
-_MODULES: tuple[str, ...] = ("quantize", "parity", "build")
+_MODULES: tuple[str, ...] = ("quantize", "parity", "build", "run")
 
 
 def register(group: click.Group) -> None:
