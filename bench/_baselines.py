@@ -20,10 +20,16 @@ def _calib_feeds(src: Path, calib: Path, n: int = 64):
                       seq_len=128 if mode == "sentences" else 256, seed=0, max_positions=d["max_positions"],
                       vocab_size=d["vocab_size"])
     names = [i["name"] for i in art.inputs]
+    # onnxruntime's histogram calibrators need one shape for every batch: right-pad sentences
+    # to the longest (with their attention mask), as a user of quantize_static would.
+    width = max(len(x) for x in s.ids)
     feeds = []
     for i, ids in enumerate(s.ids):
-        tt = s.token_type_ids[i][None] if s.token_type_ids else None
-        feeds.append(make_feeds(ids[None], names, d, np.float32, tt))
+        tt = s.token_type_ids[i] if s.token_type_ids else np.zeros_like(ids)
+        pad = width - len(ids)
+        f = make_feeds(np.pad(ids, (0, pad))[None], names, d, np.float32, np.pad(tt, (0, pad))[None])
+        f["attention_mask"] = np.pad(np.ones(len(ids), np.int64), (0, pad))[None]
+        feeds.append(f)
     return art, feeds
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DATA, REPO, cosine, machine, mean_pool, minilm_dir, sentences  # noqa: E402
+from _common import DATA, REPO, cosine, machine, mean_pool, minilm_dir, sentences  # noqa: E402,I001
 
 OUT = REPO / "bench" / "out"
 
@@ -135,23 +135,26 @@ def minilm(results: dict) -> None:
 
 
 def decoder(results: dict) -> None:
-    import transformers
-    from _decoder import train_llama, with_outliers
+    from _decoder import corpus, train_llama, with_outliers
 
     from trtforge.exporter import ExportOptions, Task, export_onnx
     from trtforge.ort import session
 
+    import transformers
+
     base = OUT / "decoder"
-    info = train_llama(OUT / "llama-trained", DATA)
-    variants = {"trained": OUT / "llama-trained", "trained+outliers": with_outliers(OUT / "llama-trained", OUT / "llama-outliers")}
-    tok = transformers.AutoTokenizer.from_pretrained(str(OUT / "llama-trained"))
-    text = (DATA / "eval-gpl-3.0.txt").read_text()
-    ids = np.asarray(tok(text, add_special_tokens=False)["input_ids"], np.int64)
+    data = OUT / "pydoc"
+    text_info = corpus(data)
+    info = train_llama(OUT / "llama-pydoc", data)
+    variants = {"trained": OUT / "llama-pydoc", "trained+outliers": with_outliers(OUT / "llama-pydoc", OUT / "llama-pydoc-outliers")}
+    tok = transformers.AutoTokenizer.from_pretrained(str(OUT / "llama-pydoc"))
+    ids = np.asarray(tok((data / "eval.txt").read_text(), add_special_tokens=False)["input_ids"], np.int64)
     L = 128
-    windows = ids[: (len(ids) // L) * L].reshape(-1, L)[:48]
-    calib = DATA / "calib-mpl-lgpl.txt"
-    results["decoder"] = {"model": info, "evaluation": f"{len(windows)} windows of {L} tokens of eval-gpl-3.0.txt",
-                          "calibration": "calib-mpl-lgpl.txt, 128 windows of 256 tokens (fewer if the text is short)"}
+    windows = ids[: (len(ids) // L) * L].reshape(-1, L)[:64]
+    calib = data / "calib.txt"
+    results["decoder"] = {"model": info, "corpus": text_info,
+                          "evaluation": f"{len(windows)} windows of {L} tokens of held-out standard-library docstrings",
+                          "calibration": "calib.txt (400 training-split docstrings), 128 windows of 256 tokens"}
 
     def evaluate(path: Path, ref_top1=None):
         s = session(path)

@@ -50,12 +50,12 @@ def corpus() -> list[str]:
     return texts
 
 
-def make_tokenizer(kind: str, vocab_size: int = 1000):
+def make_tokenizer(kind: str, vocab_size: int = 1000, texts: list[str] | None = None):
     """A trained WordPiece (BERT-style) or byte-level BPE (GPT-2/LLaMA-style) fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    texts = corpus()
+    texts = corpus() if texts is None else texts
     if kind == "wordpiece":
         specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
         tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
