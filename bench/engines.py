@@ -35,14 +35,9 @@ HEADING = "## Build stage: CPU target latency"
 
 
 def machine(threads: int) -> dict:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from trtforge.env import cpu_name
+
+    cpu = cpu_name()
     import onnxruntime
 
     try:

@@ -36,16 +36,9 @@ def schema() -> dict[str, Any]:
 
 
 def environment() -> dict[str, Any]:
-    from trtforge.env import gpus, ort_providers
+    from trtforge.env import cpu_name, gpus, ort_providers
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     return {
         "versions": library_versions(),
         "platform": platform.platform(),

@@ -41,6 +41,20 @@ def gpus() -> list[Gpu]:
     return found
 
 
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), for reports and benchmark records."""
+    import platform
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def tensorrt_status() -> dict:
     """Whether ``import tensorrt`` works here, and its version or the reason it fails."""
     try:
