@@ -45,6 +45,9 @@ class WeightPlan:
     gemm: Gemm
     block: int | None = None  # INT4 only
     clip: np.ndarray | None = None  # INT4 AWQ clip ratios [K/B, N]
+    # per-tensor INT8/FP8: the amax shared by the GEMMs reading one input (q/k/v, gate/up), as
+    # TensorRT-LLM's loader rescales their fused weights to one scale anyway
+    shared_amax: float | None = None
 
 
 def float_type(model: onnx.ModelProto) -> tuple[int, type]:
@@ -125,7 +128,8 @@ def quantize_weights(
             deq = q.astype(np.float32) * np.repeat(scales.astype(np.float32), plan.block, axis=axis)
         else:
             if per_tensor:
-                scales = as_scale(np.abs(w_kn).max(), QMAX[precision], np_dtype)
+                amax = plan.shared_amax if plan.shared_amax is not None else np.abs(w_kn).max()
+                scales = as_scale(amax, QMAX[precision], np_dtype)
                 q = quantize(w_kn, scales, precision)
                 q = q.T.copy() if g.trans_b else q
                 attrs = {}
@@ -139,7 +143,10 @@ def quantize_weights(
                 attrs = {"axis": axis}
                 deq = q.astype(np.float32) * (scales[:, None] if g.trans_b else scales[None, :]).astype(np.float32)
         model.graph.initializer.append(numpy_helper.from_array(q, qname))
-        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(np.asarray(scales, np_dtype)), sname))
+        # keep a per-tensor scale 0-d: a [1] scale reads as per-axis (np.ascontiguousarray makes 0-d arrays 1-d)
+        scale_arr = np.asarray(scales, np_dtype)
+        scale_arr = scale_arr.copy() if scale_arr.ndim == 0 else np.ascontiguousarray(scale_arr)
+        model.graph.initializer.append(numpy_helper.from_array(scale_arr, sname))
         out = idx.unique(f"{base}_dequantized")
         dq = helper.make_node("DequantizeLinear", [qname, sname], [out], name=idx.unique(f"{base}_DequantizeLinear"), **attrs)
         node = nodes[g.node]

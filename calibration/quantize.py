@@ -177,6 +177,14 @@ def finish(prep: Prepared, *, dtype: str) -> tuple[onnx.ModelProto, dict]:
                 acts[tensor] = (amax, readers)
                 act_info[tensor] = {"amax": amax, "method": recipe.calib_method.value, "smoothed": False, "bmm": True}
         act_scales = insert_activation_qdq(model, acts, precision)
+    shared: dict[str, float] = {}
+    if recipe.weight_granularity == "tensor" and precision != Precision.INT4:
+        cur_idx = GraphIndex(model)
+        for grp in prep.groups:
+            members = [n for n in grp.gemms if prep.decisions[n].quantize]
+            if len(members) > 1:
+                amax = max(float(np.abs(weight_kn(cur_idx, current[n])).max()) for n in members)
+                shared.update({n: amax for n in members})
     plans = []
     for name, d in prep.decisions.items():
         if not d.quantize:
@@ -188,7 +196,7 @@ def finish(prep: Prepared, *, dtype: str) -> tuple[onnx.ModelProto, dict]:
             sm = prep.smoothings.get(grp.act) if grp else None
             x = st.sample.astype(np.float32) / (sm.s[None, :] if sm else 1.0)
             clip = awq_clip(x, weight_kn(GraphIndex(model), current[name]), d.block, recipe.awq_clip_grid)
-        plans.append(WeightPlan(current[name], d.block, clip))
+        plans.append(WeightPlan(current[name], d.block, clip, shared.get(name)))
     winfo = quantize_weights(model, plans, precision, per_tensor=recipe.weight_granularity == "tensor")
     nodes = []
     for name, d in prep.decisions.items():

@@ -15,18 +15,24 @@ REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "examples" / "data"
 
 
-def _gpu_ready() -> bool:
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need an NVIDIA GPU and TensorRT; those also marked `trtllm` need TensorRT-LLM
+    instead of TensorRT (its 1.x releases no longer install TensorRT's Python package)."""
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if not gpu_items:
+        return
+    from trtforge._deps import available
     from trtforge.env import gpus, tensorrt_status
 
-    return bool(gpus()) and tensorrt_status()["available"]
-
-
-def pytest_collection_modifyitems(config, items):
-    if any("gpu" in item.keywords for item in items) and not _gpu_ready():
-        skip = pytest.mark.skip(reason="needs an NVIDIA GPU and an importable tensorrt")
-        for item in items:
-            if "gpu" in item.keywords:
-                item.add_marker(skip)
+    has_gpu = bool(gpus())
+    has_trt = has_gpu and tensorrt_status()["available"]
+    has_trtllm = has_gpu and available("tensorrt_llm")
+    for item in gpu_items:
+        if "trtllm" in item.keywords:
+            if not has_trtllm:
+                item.add_marker(pytest.mark.skip(reason="needs an NVIDIA GPU and an importable tensorrt_llm"))
+        elif not has_trt:
+            item.add_marker(pytest.mark.skip(reason="needs an NVIDIA GPU and an importable tensorrt"))
 
 
 @pytest.fixture(scope="session")

@@ -202,3 +202,9 @@ def test_per_tensor_weight_scales_option():
     assert all(n["scale_shape"] == [] for n in rep["nodes"])
     dq = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("weight_quantized")]
     assert dq and all(not n.attribute for n in dq)  # no axis: one scale per tensor
+    inits = {t.name: t for t in q.graph.initializer}
+    assert all(list(inits[n.input[1]].dims) == [] for n in dq)  # a 0-d scale, not [1]
+    # A and B read the same input: one shared scale (what TensorRT-LLM's fused QKV loader needs)
+    sa = numpy_helper.to_array(inits["a.weight_scale"])
+    sb = numpy_helper.to_array(inits["b.weight_scale"])
+    assert sa == sb

@@ -6,7 +6,7 @@ import importlib
 
 import click
 
-_MODULES: tuple[str, ...] = ("quantize", "parity", "build", "run")
+_MODULES: tuple[str, ...] = ("quantize", "parity", "build", "run", "checkpoint")
 
 
 def register(group: click.Group) -> None:

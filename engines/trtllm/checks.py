@@ -1,0 +1,263 @@
+"""Everything export-checkpoint refuses, decided from the quantize manifest before any heavy work.
+
+In:  a quantize-stage OnnxArtifact (its manifest only) and CheckpointOptions.
+Out: a ``Plan`` (quant_algo, group size, checkpoint dtype, excluded modules, memory estimate,
+     notes), or a one-line TrtforgeError saying what the TensorRT-LLM loader cannot read and what
+     to do instead: an architecture without a TensorRT-LLM model class, W8A8 SmoothQuant, INT4
+     block sizes its kernels lack, mixed quantization inside a layer the loader fuses, FP8
+     smoothing that needs a pre_quant_scale FP8 layers do not have, a model too large for memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trtforge.artifacts import OnnxArtifact
+from trtforge.engines.trtllm.formats import (
+    FUSED_ORDER,
+    QUANT_ALGO_FP8,
+    QUANT_ALGO_FP8_ROWWISE,
+    QUANT_ALGO_W4A16_AWQ,
+    SQ_HINT,
+    SQ_REFUSAL,
+    TRTLLM_ARCHITECTURES,
+    W4A16_GROUP_SIZES,
+    WRITABLE_ARCHITECTURES,
+    CkptDType,
+    Fp8Scheme,
+    fused_group,
+)
+from trtforge.engines.trtllm.onnx_source import module_of
+from trtforge.errors import InputError, QuantizationError, TrtforgeError
+
+log = logging.getLogger(__name__)
+GiB = float(2**30)
+OVERHEAD_BYTES = 1 << 30  # torch + transformers + onnxruntime themselves
+
+
+class ResourceError(TrtforgeError):
+    """The machine has too little free memory (or disk) for the model."""
+
+
+@dataclass(frozen=True)
+class CheckpointOptions:
+    dtype: CkptDType = CkptDType.AUTO
+    fp8_scheme: Fp8Scheme = Fp8Scheme.TENSOR
+    max_shard_bytes: int = 5 * 10**9
+    parity: bool = True  # run the fake-quantized PyTorch model against the float reference
+    reference: Path | None = None  # float HF model folder (default: the source the manifest records)
+    text: Path | None = None  # held-out text, one sample per line (default: built-in sentences)
+    max_samples: int = 16
+
+    def to_json(self) -> dict:
+        return {"dtype": self.dtype.value, "fp8_scheme": self.fp8_scheme.value, "max_shard_bytes": self.max_shard_bytes,
+                "parity": self.parity, "reference": str(self.reference) if self.reference else None,
+                "text": str(self.text) if self.text else None, "max_samples": self.max_samples}
+
+
+@dataclass
+class Plan:
+    art: OnnxArtifact
+    quant_algo: str
+    group_size: int | None
+    dtype: str  # "float16" | "bfloat16"
+    exclude_modules: list[str]
+    memory: dict
+    weight_granularity: str  # "tensor" | "channel" (INT8/FP8 weight scales in the ONNX artifact)
+    notes: list[str] = field(default_factory=list)
+
+
+def plan(art: OnnxArtifact, options: CheckpointOptions, *, available: int | None = None) -> Plan:
+    m = art.manifest
+    q = m.get("quantization")
+    if m.get("stage") != "quantize" or not q:
+        raise InputError(f"{art.path} is a {m.get('stage')} artifact, not a quantized one",
+                         "run 'trtforge quantize --recipe fp8' or '--recipe int4-awq' on the export first")
+    src = m["source"]
+    arch = src.get("architecture")
+    if arch not in WRITABLE_ARCHITECTURES:
+        where = ("TensorRT-LLM can load it, but trtforge does not map its modules" if arch in TRTLLM_ARCHITECTURES
+                 else "TensorRT-LLM's PyTorch backend has no model class for it (tensorrt_llm/_torch/models/_arch_index.py)")
+        raise InputError(f"architecture {arch} cannot be written as a TensorRT-LLM checkpoint: {where}",
+                         f"export-checkpoint supports {', '.join(WRITABLE_ARCHITECTURES)}; build a TensorRT engine from "
+                         "the ONNX artifact instead ('trtforge build')")
+    if src.get("task") not in ("causal-lm", "causal-lm-with-past"):
+        raise InputError(f"{art.path} was exported for {src.get('task')}, not text generation",
+                         "export with --task causal-lm-with-past (the default for decoders)")
+    precision = q["precision"]
+    recipe = q.get("recipe") or {}
+    if precision == "int8":
+        raise QuantizationError(SQ_REFUSAL, SQ_HINT)
+    nodes = q.get("nodes") or []
+    if not any(n.get("status") == "quantized" for n in nodes):
+        raise InputError(f"{art.path} quantizes no GEMM (every one is excluded)", "quantize with a smaller exclude list")
+    by_module = {module_of(n["node"]): n for n in nodes}
+    notes: list[str] = []
+    _check_fused(by_module)
+    if by_module.get("lm_head", {}).get("status") == "quantized":
+        raise InputError("the ONNX artifact quantizes lm_head; the checkpoint keeps it in float, as Model Optimizer does",
+                         "quantize with the default exclude list (it excludes *lm_head*)")
+    smoothing = q.get("smoothing") or []
+    granularity = str(recipe.get("weight_granularity", "channel"))
+    group_size = None
+    if precision == "fp8":
+        quant_algo = QUANT_ALGO_FP8 if options.fp8_scheme == Fp8Scheme.TENSOR else QUANT_ALGO_FP8_ROWWISE
+        muls = [g for sm in smoothing if sm.get("fold") == "mul" for g in sm["gemms"]
+                if by_module.get(module_of(g), {}).get("status") == "quantized"]
+        if muls:
+            raise QuantizationError(
+                f"the ONNX artifact smooths the input of {module_of(muls[0])} with an explicit Mul, and TensorRT-LLM's FP8 "
+                "layers have no pre_quant_scale to carry it (FP8QDQLinearMethod in linear.py)",
+                "quantize with --set smooth_with_mul=false (the folds into norms and GEMMs stay), or without smoothquant")
+        if quant_algo == QUANT_ALGO_FP8 and granularity != "tensor":
+            notes.append("the ONNX artifact has per-channel FP8 weight scales; the checkpoint's FP8 per-tensor weights are "
+                         "re-quantized from them (a second rounding step). Quantize with --set weight_granularity=tensor "
+                         "and the two artifacts hold identical FP8 weights (TensorRT-LLM's loader still re-scales fused "
+                         "q/k/v and gate/up shards to their largest scale, see docs/trtllm.md)")
+        if quant_algo == QUANT_ALGO_FP8_ROWWISE:
+            notes.append("FP8_PER_CHANNEL_PER_TOKEN quantizes activations per token at run time; the ONNX artifact's static "
+                         "per-tensor activation scales are not used (TensorRT-LLM documents this recipe for Hopper)")
+        if recipe.get("quantize_attention_bmm"):
+            notes.append("the ONNX artifact's FP8 Q/DQ on the attention BMMs has no counterpart in the checkpoint "
+                         "(TensorRT-LLM's FP8 KV cache is a different scheme); attention runs in the checkpoint dtype")
+    elif precision == "int4-weight-only":
+        quant_algo = QUANT_ALGO_W4A16_AWQ
+        blocks = {n.get("block_size") for n in nodes if n.get("status") == "quantized"}
+        if len(blocks) != 1 or next(iter(blocks)) not in W4A16_GROUP_SIZES:
+            odd = [n for n in nodes if n.get("status") == "quantized" and n.get("block_size") not in W4A16_GROUP_SIZES]
+            what = (f"{module_of(odd[0]['node'])} (K={odd[0]['k']}) uses block size {odd[0].get('block_size')}" if odd
+                    else f"the GEMMs use block sizes {sorted(b for b in blocks if b)}")
+            raise QuantizationError(
+                f"TensorRT-LLM's W4A16 kernels take one group size of 64 or 128 for the whole model, but {what}",
+                "quantize with --set block_size=64 or 128 that divides every GEMM's input size (hidden and intermediate "
+                "sizes must be multiples of it)")
+        group_size = int(next(iter(blocks)))
+        for sm in smoothing:
+            if sm.get("fold") == "mul" and any(fused_group(module_of(g)) for g in sm["gemms"]):
+                raise QuantizationError(
+                    f"the ONNX artifact smooths the input of {module_of(sm['gemms'][0])} with an explicit Mul; TensorRT-LLM "
+                    "ignores pre_quant_scale on the q/k/v and gate/up layers it fuses",
+                    "quantize with --set smooth_with_mul=false")
+        if recipe.get("int4_method") == "rtn":
+            notes.append("INT4 round-to-nearest (no AWQ scales): written as W4A16_AWQ with pre_quant_scale of ones")
+    else:
+        raise InputError(f"{art.path} has precision {precision!r}", "quantize with --recipe fp8 or --recipe int4-awq")
+    exclude = sorted({module_of(n["node"]) for n in nodes if n.get("status") != "quantized"})
+    exclude.append("model.embed_tokens")
+    dtype = _resolve_dtype(art, options.dtype)
+    memory = estimate_memory(art, parity=options.parity, available=available)
+    return Plan(art, quant_algo, group_size, dtype, exclude, memory, granularity, notes)
+
+
+def _check_fused(by_module: dict[str, dict]) -> None:
+    """q/k/v and gate/up are one GEMM in TensorRT-LLM: all quantized or none."""
+    groups: dict[tuple[str, str], dict[str, str]] = {}
+    for mod, n in by_module.items():
+        fg = fused_group(mod)
+        if fg:
+            groups.setdefault((fg[0], fg[1]), {})[fg[2]] = n.get("status", "")
+    for (parent, kind), members in groups.items():
+        if len(set(members.values())) > 1:
+            q = [m for m in FUSED_ORDER[kind] if members.get(m) == "quantized"]
+            e = [m for m in FUSED_ORDER[kind] if members.get(m) != "quantized"]
+            raise QuantizationError(
+                f"{parent}: {', '.join(q)} quantized but {', '.join(e)} not; TensorRT-LLM fuses "
+                f"{'/'.join(FUSED_ORDER[kind])} into one layer with one quantization",
+                "exclude all of them or none when quantizing")
+
+
+def _resolve_dtype(art: OnnxArtifact, want: CkptDType) -> str:
+    if want != CkptDType.AUTO:
+        return want.value
+    cfg = _read_config(art.path)
+    src = str(cfg.get("dtype") or cfg.get("torch_dtype") or "")
+    return src if src in ("float16", "bfloat16") else "float16"
+
+
+def _read_config(folder: Path) -> dict:
+    from trtforge.artifacts import read_json
+
+    p = folder / "config.json"
+    if not p.exists():
+        raise InputError(f"{folder} has no config.json", "re-run trtforge export and quantize (they copy it)")
+    return read_json(p, "config")
+
+
+def available_bytes() -> int | None:
+    """Memory this process can still use: psutil if installed, else /proc/meminfo MemAvailable."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def estimate_memory(art: OnnxArtifact, *, parity: bool, available: int | None = None) -> dict:
+    """Peak bytes from the artifact's file sizes and parameter count; refuses when over what is free.
+
+    Conversion holds the ONNX graph and its arrays (INT4 unpacked to one byte per value: up to
+    2x), then those arrays and the checkpoint's: about 3x the ONNX weight files. Verification
+    reads one layer at a time; parity then holds a float32 PyTorch model (4 bytes per parameter)
+    and an ONNX Runtime session of the artifact (1x).
+    """
+    onnx_bytes = sum(p.stat().st_size for p in art.path.glob("model.onnx*") if p.is_file())
+    q = art.manifest["quantization"]
+    dims = art.manifest.get("dims") or {}
+    params = sum(int(n["k"]) * int(n["n"]) for n in q.get("nodes") or [])
+    params += int(dims.get("vocab_size") or 0) * int(dims.get("hidden_size") or 0)
+    base = 3 * onnx_bytes + OVERHEAD_BYTES
+    need = max(base, (4 * params + onnx_bytes + OVERHEAD_BYTES) if parity else 0)
+    free = available if available is not None else available_bytes()
+    out = {"onnx_bytes": onnx_bytes, "parameters": params, "needed_bytes": need,
+           "needed_without_parity_bytes": base, "available_bytes": free}
+    if free is not None and need > free:
+        hint = f"run it where {human(need)} is free"
+        if parity:
+            hint += f", or pass --no-parity to skip the PyTorch comparison (then about {human(base)})"
+        raise ResourceError(
+            f"writing and verifying this checkpoint needs about {human(need)} of memory but only {human(free)} is available "
+            f"({human(onnx_bytes)} of ONNX weights, {params / 1e9:.2f}B parameters"
+            + (f"; parity holds a float32 copy, {human(4 * params)})" if parity else ")"),
+            hint)
+    if free is None:
+        log.warning("cannot tell how much memory is free (no psutil, no /proc/meminfo); about %s is needed", human(need))
+    return out
+
+
+def human(n: float) -> str:
+    return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / 2**20:.0f} MiB"
+
+
+def shard_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB' or a byte count -> bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    s = text.strip().upper().replace(" ", "")
+    num = s.rstrip("KMGIB")
+    unit = s[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        value = -1.0
+    if unit not in units or value <= 0:
+        raise InputError(f"shard size {text!r} is not a size", "write e.g. 5GB, 500MB or 2GiB")
+    return int(value * units[unit])
+
+
+def free_disk(path: Path) -> int | None:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
