@@ -1,3 +1,4 @@
+# ruff: noqa: E402  (a script: torch loads only after the --prepare branch)
 """GPU check of TensorRT-LLM FP8 checkpoints written by `trtforge export-checkpoint`.
 
 (a) the loader's fused q/k/v and gate/up re-scaling, run on the GPU exactly as TensorRT-LLM's
@@ -11,8 +12,11 @@ emulation of the checkpoint (logits cosine, top-1, perplexity change).
 
 Result of the run quoted in docs/trtllm.md: docs/results/trtllm_gpu_check_h200.json.
 """
-import json, sys, time
+import json
+import sys
+import time
 from pathlib import Path
+
 import numpy as np
 
 
@@ -51,9 +55,9 @@ here = Path(sys.argv[2]) if len(sys.argv) > 2 else Path(".")
 dev = sys.argv[1] if len(sys.argv) > 1 else ("cuda" if torch.cuda.is_available() else "cpu")
 out_dir = here
 torch.set_num_threads(1)
+from trtforge.engines.trtllm._torch import TORCH_DTYPES, LinearSpec, build_model
+from trtforge.engines.trtllm.formats import fused_group
 from trtforge.engines.trtllm.reader import CheckpointReader
-from trtforge.engines.trtllm._torch import LinearSpec, build_model, FakeQuantLinear, TORCH_DTYPES
-from trtforge.engines.trtllm.formats import fused_group, FUSED_ORDER
 from trtforge.engines.trtllm.verify import compare_logits
 
 rows = [r for r in np.load(here / "rows.npz").values()]
@@ -109,7 +113,7 @@ for name in sorted(p.name for p in here.iterdir() if p.is_dir() and p.name.start
             fg = fused_group(m)
             if fg and lins[m].quantized:
                 groups.setdefault(fg[:2], []).append(m)
-        for (parent, kind), members in groups.items():
+        for members in groups.values():
             scales = torch.tensor([float(reader.tensor(f"{m}.weight_scale")) for m in members], device=dev)
             s_max = scales.max()
             for m, s_i in zip(members, scales):
