@@ -73,7 +73,10 @@ class DimOverride:
         sym = sym.strip()
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", sym):
             raise ValueError(f"{sym!r} is not a dimension name (e.g. batch, sequence, past_sequence)")
-        return cls(sym, DimRange.parse(rng))
+        try:
+            return cls(sym, DimRange.parse(rng))
+        except ValueError as exc:
+            raise ValueError(f"profile {sym}: {exc}") from None
 
     def __str__(self) -> str:
         return f"{self.symbol}={self.range}"

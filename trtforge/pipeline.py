@@ -95,6 +95,7 @@ class Runner:
         self.skip_unavailable = skip_unavailable_targets
         self.stages: list[StageResult] = []
         self.planned: tuple[list, list[tuple[str, str]]] = ([], [])
+        self.build_options = None
         self.t0 = time.perf_counter()
 
     # ------------------------------------------------------------------ caching
@@ -135,11 +136,33 @@ class Runner:
         from trtforge.exporter.export import inspect_source
 
         r = self.r
+        self.build_options = self._build_options()
         self.planned = self.plan_targets()
         inspect_source(r.model_dir, Task(r.task) if r.task else None)
         for p in [*r.calib_data, *r.parity_data, *([r.ranges] if r.ranges else [])]:
             if not Path(p).exists():
                 raise TrtforgeError(f"data file {p} does not exist", "check calibration.data / parity.data in the recipe")
+
+    def _build_options(self):
+        from trtforge.engines import BuildOptions, DimOverride, HardwareCompatibility, Layout
+        from trtforge.errors import RecipeError
+
+        b = self.r.build
+        try:
+            opts = BuildOptions(
+                profile=tuple(DimOverride.parse(p) for p in (b.get("profile") or [])),
+                optimization_level=b.get("optimization_level", 3), workspace_mib=b.get("workspace_mib"),
+                layout=Layout(b.get("layout", "plain")),
+                hardware_compatibility=HardwareCompatibility(b.get("hardware_compatibility", "none")),
+                version_compatible=b.get("version_compatible", False),
+            )
+        except ValueError as exc:
+            raise RecipeError(f"{self.r.source}: [build] {exc}", "see docs/pipeline.md for the build keys") from None
+        for p in opts.profile:  # the rest is checked against the model when the build stage runs
+            if not p.range.min <= p.range.opt <= p.range.max:
+                raise RecipeError(f"{self.r.source}: [build] profile {p} is not ordered min <= opt <= max",
+                                  "write SYMBOL=MIN:OPT:MAX, e.g. batch=1:8:32")
+        return opts
 
     def plan_targets(self) -> tuple[list, list[tuple[str, str]]]:
         """Refuse impossible precision/target pairs and missing GPUs before any work."""
@@ -153,6 +176,8 @@ class Runner:
         for name in self.r.targets:
             t = resolve_target(name)
             check_supported(t, precision)
+            if self.build_options is not None:
+                self.build_options.check(t)
             if not t.is_cpu:
                 if trt_ok is None:
                     trt_ok, found = tensorrt_status()["available"], gpus()
@@ -170,7 +195,7 @@ class Runner:
     # ------------------------------------------------------------------ stages
     def run(self) -> dict:
         from trtforge.calibration import quantize
-        from trtforge.engines import BuildOptions, DimOverride, HardwareCompatibility, Layout, build
+        from trtforge.engines import build
         from trtforge.exporter import DType, ExportOptions, Task, export_onnx
 
         r, out = self.r, self.out
@@ -179,15 +204,18 @@ class Runner:
         source_key = {"weights": hash_files(weights), "config": sha256_file(r.model_dir / "config.json")}
         task = Task(r.task) if r.task else None
 
+        def export_to(dtype: DType) -> Callable[[Path], None]:
+            def fn(folder: Path) -> None:
+                export_onnx(r.model_dir, folder, ExportOptions(task=task, dtype=dtype, opset=r.opset, validate=r.validate),
+                            force=True)
+            return fn
+
+        export_key = {"source": source_key, "task": r.task, "opset": r.opset, "validate": r.validate}
         exp32 = out / "export" / "fp32"
-        self.stage("export/fp32", exp32, {"source": source_key, "task": r.task, "opset": r.opset, "validate": r.validate},
-                   lambda f: export_onnx(r.model_dir, f, ExportOptions(task=task, dtype=DType.FP32, opset=r.opset,
-                                                                       validate=r.validate), force=True) and None)
+        self.stage("export/fp32", exp32, export_key, export_to(DType.FP32))
         ref_dir = out / "export" / r.reference_dtype
         if r.reference_dtype == "fp16":
-            self.stage("export/fp16", ref_dir, {"source": source_key, "task": r.task, "opset": r.opset, "validate": r.validate},
-                       lambda f: export_onnx(r.model_dir, f, ExportOptions(task=task, dtype=DType.FP16, opset=r.opset,
-                                                                           validate=r.validate), force=True) and None)
+            self.stage("export/fp16", ref_dir, export_key, export_to(DType.FP16))
 
         quant = r.quant
         if quant.dtype == "auto":  # TensorRT engines want the unquantized rest in FP16; CPUs run FP32 faster
@@ -196,22 +224,23 @@ class Runner:
         data_key = {"calib": {str(p): sha256_file(p) if p.is_file() else hash_files(x for x in p.rglob("*") if x.is_file())
                               for p in r.calib_data},
                     "ranges": sha256_file(r.ranges) if r.ranges else None}
-        self.stage(f"quantized/{quant.name}", qdir, {"upstream": self.upstream_key(exp32), "recipe": quant.to_dict(), **data_key},
-                   lambda f: quantize(exp32, quant, f, calib=r.calib_data or None, ranges=r.ranges, force=True) and None)
 
-        b = r.build
-        opts = BuildOptions(
-            profile=tuple(DimOverride.parse(p) for p in (b.get("profile") or [])) if b.get("profile") else (),
-            optimization_level=b.get("optimization_level", 3), workspace_mib=b.get("workspace_mib"),
-            layout=Layout(b.get("layout", "plain")),
-            hardware_compatibility=HardwareCompatibility(b.get("hardware_compatibility", "none")),
-            version_compatible=b.get("version_compatible", False),
-        )
+        def quantize_to(folder: Path) -> None:
+            quantize(exp32, quant, folder, calib=r.calib_data or None, ranges=r.ranges, force=True)
+
+        self.stage(f"quantized/{quant.name}", qdir, {"upstream": self.upstream_key(exp32), "recipe": quant.to_dict(), **data_key},
+                   quantize_to)
+
+        opts = self.build_options
         built: list[tuple[str, Path]] = []
         for t in targets:
             edir = out / "engines" / t.name
+
+            def build_to(folder: Path, t=t) -> None:
+                build(qdir, t, folder, opts, force=True)
+
             self.stage(f"engines/{t.name}", edir, {"upstream": self.upstream_key(qdir), "options": opts.to_json(), "target": t.name},
-                       lambda f, t=t: build(qdir, t, f, opts, force=True) and None)
+                       build_to)
             built.append((t.name, edir))
         for name, why in skipped:
             self.stages.append(StageResult(f"engines/{name}", out / "engines" / name, "skipped", "", detail=why))

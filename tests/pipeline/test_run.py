@@ -142,6 +142,8 @@ def test_gate_failure_exits_1_and_keeps_artifacts(recipe, tmp_path):
     ('[model]\npath = "x"\n[calibration]\nnum_samples = "many"\n', r"r\.toml:4: calibration\.num_samples must be int"),
     ('[calibration]\ndata = ["a.txt"]\n', "model.path is not set"),
     ('[model\npath = 1', "invalid TOML"),
+    ('[model]\npath = "x"\n[calibration]\ndata = ["a"]\n[build]\nlayout = "flat"\n', r"\[build\] 'flat' is not a valid Layout"),
+    ('[model]\npath = "x"\n[calibration]\ndata = ["a"]\n[build]\nprofile = ["batch=8:1:4"]\n', r"\[build\] .*batch"),
 ])
 def test_recipe_errors_name_key_and_line(tmp_path, content, match):
     p = tmp_path / "r.toml"
