@@ -42,7 +42,13 @@ TRT_RECIPES = {
 }
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
+
+def hwm_mib():  # VmHWM: this process's peak RSS (ru_maxrss can carry the parent's across exec)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
 from pathlib import Path
 kind, src, out, calib, recipe, over = sys.argv[1:7]
 t = time.perf_counter()
@@ -60,7 +66,7 @@ elif kind == "modelopt":
     from _baselines import modelopt_quantize
     path = modelopt_quantize(src, out, calib, recipe)
 print(json.dumps({"path": str(path), "seconds": time.perf_counter() - t,
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mib": hwm_mib()}))
 """
 
 
@@ -135,14 +141,13 @@ def minilm(results: dict) -> None:
 
 
 def decoder(results: dict) -> None:
+    import transformers
     from _decoder import corpus, train_llama, with_outliers
 
     from trtforge.exporter import ExportOptions, Task, export_onnx
     from trtforge.ort import session
 
-    import transformers
-
-    base = OUT / "decoder"
+    base = OUT / "decoder-pydoc"
     data = OUT / "pydoc"
     text_info = corpus(data)
     info = train_llama(OUT / "llama-pydoc", data)
@@ -195,22 +200,46 @@ def decoder(results: dict) -> None:
         results["decoder"][vname] = rows
 
 
+def memory(results: dict) -> None:
+    """Peak RSS of one quantize run as the number of calibration samples grows (streaming stats)."""
+    from _decoder import corpus, train_llama
+
+    from trtforge.exporter import ExportOptions, Task, export_onnx
+
+    data = OUT / "pydoc"
+    corpus(data)
+    train_llama(OUT / "llama-pydoc", data)
+    fp32 = OUT / "decoder-pydoc" / "trained" / "fp32"
+    if not (fp32 / "manifest.json").exists():
+        export_onnx(OUT / "llama-pydoc", fp32, ExportOptions(task=Task.CAUSAL_LM_WITH_PAST), force=True)
+    rows = []
+    for n in (32, 128, 512):
+        r = run_child("trtforge", fp32, OUT / "memory" / f"n{n}", data / "train.txt", "int8-sq",
+                      {"num_samples": n, "seq_len": 128})
+        r.update(num_samples=n, seq_len=128)
+        rows.append(r)
+        print(f"memory  {n:4d} samples x 128 tokens: peak RSS {r.get('peak_rss_mib', 0):.0f} MiB, {r.get('seconds', 0):.1f}s", flush=True)
+    results["calibration_memory"] = {"model": "decoder 'trained' (bench/_decoder.py)", "recipe": "int8-sq", "rows": rows}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", choices=["minilm", "decoder"])
+    ap.add_argument("--only", choices=["minilm", "decoder", "memory"])
     ap.add_argument("--json", type=Path, default=REPO / "docs" / "results" / "quantize.json")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    results: dict = {"machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M")}
-    if args.only in (None, "minilm"):
-        minilm(results)
-    if args.only in (None, "decoder"):
-        decoder(results)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    prev = json.loads(args.json.read_text()) if args.json.exists() else {}
-    prev.update(results)
-    args.json.write_text(json.dumps(prev, indent=2))
-    print(f"wrote {args.json}")
+    for name, fn in (("minilm", minilm), ("decoder", decoder), ("memory", memory)):
+        if args.only not in (None, name):
+            continue
+        results: dict = {"machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M")}
+        fn(results)
+        # each section is saved as soon as it is done (a later failure keeps it)
+        prev = json.loads(args.json.read_text()) if args.json.exists() else {}
+        prev.update({k: v for k, v in results.items() if k not in ("machine", "started")})
+        prev.setdefault("machine", {})[name] = results["machine"] | {"started": results["started"]}
+        args.json.write_text(json.dumps(prev, indent=2))
+        print(f"wrote {args.json} ({name})", flush=True)
     return 0
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 import transformers
 
@@ -144,14 +145,31 @@ def export(
     output_names: list[str],
     dynamic_axes: dict[str, dict[int, str]],
     opset: int,
-) -> None:
-    """Export with the TorchScript exporter (``dynamo=False``).
+) -> tuple[onnx.ModelProto, str]:
+    """Export with the TorchScript exporter (``dynamo=False``); returns (model, how weights got in).
 
     Why not ``dynamo=True``: with the pinned torch/transformers it exported a small LLaMA in
     about 9 s and its graph differed from PyTorch by 0.33 on left-padded positions, while the
     TorchScript exporter took under 0.5 s and matched to 2e-7 including left-padded rows
     (measured for issue 2; tests/exporter cover padded batches either way).
+
+    Memory: with its parameters embedded, torch.onnx.export peaked at about 5x the weights
+    (2.5 GB for a 432 MB LLaMA, bench/export.py): it holds the traced constants, the folded
+    copies and the serialized proto at once. So the graph is exported without parameters and
+    each one is attached afterwards straight from the module, one copy in all. Where an input
+    cannot be matched to a parameter, the export falls back to embedding them.
     """
+    _torch_export(wrapper, dummy, path, output_names, dynamic_axes, opset, export_params=False)
+    proto = onnx.load(str(path))
+    if attach_parameters(proto, wrapper, set(dummy)):
+        return proto, "attached from the module"
+    del proto
+    log.info("could not attach every parameter directly; exporting with embedded weights (more memory)")
+    _torch_export(wrapper, dummy, path, output_names, dynamic_axes, opset, export_params=True)
+    return onnx.load(str(path), load_external_data=True), "embedded by torch.onnx.export"
+
+
+def _torch_export(wrapper, dummy, path, output_names, dynamic_axes, opset, *, export_params: bool) -> None:
     args = tuple(torch.from_numpy(dummy[name]) for name in dummy)
     try:
         with warnings.catch_warnings():
@@ -166,6 +184,7 @@ def export(
                     dynamic_axes=dynamic_axes,
                     opset_version=opset,
                     do_constant_folding=True,
+                    export_params=export_params,
                     dynamo=False,
                 )
     except OSError:
@@ -175,6 +194,49 @@ def export(
             f"torch.onnx.export failed: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}",
             "report this with the model's config.json; try another --opset",
         ) from exc
+
+
+def attach_parameters(proto: onnx.ModelProto, wrapper: torch.nn.Module, real_inputs: set[str]) -> bool:
+    """Turn the parameter inputs of a graph exported with ``export_params=False`` into initializers.
+
+    An input is either a parameter or buffer by name, or a constant the exporter folded from one:
+    in these graphs, only the transpose of a Linear weight feeding a MatMul, found through the
+    MatMul's module path in its node name. Shapes must match exactly. Returns False (and changes
+    nothing) if any input cannot be resolved.
+    """
+    from onnx import numpy_helper
+
+    # remove_duplicate=False: a tied lm_head is the embedding Parameter under a second name
+    named = dict(wrapper.named_parameters(remove_duplicate=False)) | dict(wrapper.named_buffers(remove_duplicate=False))
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in proto.graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    resolved: dict[str, np.ndarray] = {}
+    for inp in proto.graph.input:
+        if inp.name in real_inputs:
+            continue
+        shape = [d.dim_value for d in inp.type.tensor_type.shape.dim]
+        arr = None
+        if inp.name in named:
+            arr = named[inp.name].detach().cpu().numpy()
+        else:
+            users = consumers.get(inp.name, [])
+            if len(users) == 1 and users[0].op_type == "MatMul" and users[0].input[1] == inp.name:
+                parts = [p for p in users[0].name.strip("/").split("/") if p][:-1]
+                w = named.get(".".join(parts) + ".weight")
+                if w is not None:
+                    arr = w.detach().cpu().numpy().T
+        if arr is None or list(arr.shape) != shape:
+            return False
+        resolved[inp.name] = arr
+    g = proto.graph
+    keep = [i for i in g.input if i.name in real_inputs]
+    for name, arr in resolved.items():
+        g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+    del g.input[:]
+    g.input.extend(keep)
+    return True
 
 
 @torch.no_grad()

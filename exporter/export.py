@@ -8,6 +8,7 @@ Out: OUT_DIR with ``model.onnx`` (+ ``model.onnx.data`` for large models), the t
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
@@ -192,12 +193,23 @@ def export_onnx(
         raw_dir = tmp / "_raw"
         raw_dir.mkdir()
         t = time.perf_counter()
-        _torch.export(wrapper, dummy_inputs(src.task, dims, io, options.seed), raw_dir / MODEL_FILE, io.output_names,
-                      io.dynamic_axes, options.opset)
+        proto, weights_how = _torch.export(wrapper, dummy_inputs(src.task, dims, io, options.seed), raw_dir / MODEL_FILE,
+                                           io.output_names, io.dynamic_axes, options.opset)
         timings["export_s"] = time.perf_counter() - t
 
+        # PyTorch's outputs for validation now, then free the model: the weights are never held
+        # three times (module, graph, serialized bytes) while the graph is saved.
+        expected: dict = {}
+        cases: list = []
+        if options.validate:
+            t = time.perf_counter()
+            cases = validation_cases(src, io, dims, tokenizer)
+            expected = {id(c.feeds): _torch.run(wrapper, c.feeds, io.output_names) for c in cases}
+            timings["validate_s"] = time.perf_counter() - t
+        del wrapper, model
+        gc.collect()
+
         t = time.perf_counter()
-        proto = onnx.load(str(raw_dir / MODEL_FILE), load_external_data=True)
         proto = name_weights(proto)
         if options.dtype == DType.FP16:
             from trtforge.exporter.fp16 import convert_to_fp16
@@ -225,17 +237,9 @@ def export_onnx(
             from trtforge.exporter.validate import validate
 
             t = time.perf_counter()
-            cases = validation_cases(src, io, dims, tokenizer)
-            validation = validate(
-                tmp / MODEL_FILE,
-                cases,
-                lambda feeds: _torch.run(wrapper, feeds, io.output_names),
-                io.output_names,
-                options.dtype.value,
-                options.tolerance,
-            )
+            validation = validate(tmp / MODEL_FILE, cases, expected, io.output_names, options.dtype.value, options.tolerance)
             validation["inputs"] = "real tokens" if tokenizer is not None else "random token ids (no tokenizer in folder)"
-            timings["validate_s"] = time.perf_counter() - t
+            timings["validate_s"] += time.perf_counter() - t
 
         manifest = base_manifest("export", "onnx")
         manifest["source"] = {
@@ -254,6 +258,7 @@ def export_onnx(
             "opset": opset,
             "dtype": options.dtype.value,
             "exporter": "torch.onnx.export(dynamo=False)",
+            "weights": weights_how,
         }
         manifest["dims"] = asdict(dims)
         manifest["io"] = {
@@ -328,7 +333,9 @@ def save_model(model: onnx.ModelProto, path: Path, *, force_external: bool = Fal
                 location=DATA_FILE, size_threshold=1024,
             )
         else:
-            onnx.save_model(model, str(path))
+            from trtforge.onnx_io import save_streaming
+
+            save_streaming(model, path)
     except OSError as exc:
         raise ExportError(f"writing {path} failed: {exc.strerror or exc}", "check free disk space and permissions") from exc
     return external

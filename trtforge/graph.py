@@ -306,8 +306,7 @@ def _all_inputs(node: onnx.NodeProto) -> list[str]:
 def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     """Element type of every tensor, inferred on a weight-free copy (works for >2 GB models)."""
     light = onnx.ModelProto()
-    light.CopyFrom(model) if model.ByteSize() < 1_500_000_000 else _copy_without_weights(model, light)
-    del light.graph.initializer[:]
+    _copy_without_weights(model, light)  # never a full copy: the weights can be gigabytes
     for t in model.graph.initializer:
         light.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False)

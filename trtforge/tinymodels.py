@@ -33,10 +33,11 @@ PRESETS: dict[str, tuple[str, dict, str]] = {
                             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True), "lm"),
     "mistral": ("mistral", dict(hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=6,
                                 num_key_value_heads=2, max_position_embeddings=256, sliding_window=None), "lm"),
-    # ~100M parameters, LLaMA layout with SmolLM-like awkward widths (576 hidden, 1536 MLP).
-    "llama-100m": ("llama", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=9,
-                                 num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True),
-                   "lm"),
+    # ~110M parameters, the LLaMA layout of SmolLM-135M with fewer layers: hidden 576 and MLP 1536
+    # (128 divides neither), 9/3 GQA heads, a 49152-token vocabulary, tied embeddings.
+    "llama-100m": ("llama", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=24, num_attention_heads=9,
+                                 num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True,
+                                 vocab_size=49152), "lm"),
 }
 
 
@@ -97,7 +98,8 @@ def make_model(preset: str, out: str | Path, *, seed: int = 0, vocab_size: int |
     model_type, kwargs, head = PRESETS[preset]
     kwargs = {**kwargs, **overrides}
     tokenizer = make_tokenizer("wordpiece" if model_type in ("bert", "roberta") else "bpe")
-    vocab = vocab_size or max(len(tokenizer), 1000)
+    vocab = vocab_size or kwargs.pop("vocab_size", None) or max(len(tokenizer), 1000)
+    kwargs.pop("vocab_size", None)
     cfg_cls = transformers.AutoConfig.for_model(model_type).__class__
     special = {}
     if model_type in ("bert", "roberta"):

@@ -102,7 +102,10 @@ def test_write_failure_leaves_nothing(tiny_model, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
 
+    import trtforge.onnx_io
+
     monkeypatch.setattr(onnx, "save_model", boom)
+    monkeypatch.setattr(trtforge.onnx_io, "save_streaming", boom)
     _one_line_error(run("export", str(tiny_model("bert")), "-o", str(tmp_path / "out")), "No space left", "disk space")
     assert not (tmp_path / "out").exists()
     assert leftovers(tmp_path) == []
