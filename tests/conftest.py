@@ -82,3 +82,14 @@ def minilm_dir() -> Path:
 def leftovers(folder: Path) -> list[str]:
     """Temporary files or folders a failed stage might have left next to its output."""
     return sorted(p.name for p in Path(folder).iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+
+
+def one_line_error(result, *needles) -> str:
+    """A CLI result that failed the way users are promised: exit 1, one `error:` line, no traceback."""
+    assert result.exit_code == 1, result.output
+    lines = [ln for ln in result.output.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, result.output
+    assert "Traceback" not in result.output
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]

@@ -10,20 +10,11 @@ from click.testing import CliRunner
 from trtforge.cli import main
 
 from ..conftest import leftovers  # noqa: TID252
+from ..conftest import one_line_error as _one_line_error
 
 
 def run(*args):
     return CliRunner().invoke(main, list(args))
-
-
-def _one_line_error(result, *needles):
-    assert result.exit_code == 1, result.output
-    lines = [ln for ln in result.output.strip().splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, result.output
-    assert "Traceback" not in result.output
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 def test_missing_folder(tmp_path):

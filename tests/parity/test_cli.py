@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from trtforge.cli import main
 
 from ..conftest import leftovers  # noqa: TID252
+from ..conftest import one_line_error as _one_line_error
 from .conftest import EVAL_TEXT, copy_artifact, edit_model
 
 FAST = ["--num-samples", "4", "--max-len", "24", "--batch-sizes", "1,3"]
@@ -17,16 +18,6 @@ FAST = ["--num-samples", "4", "--max-len", "24", "--batch-sizes", "1,3"]
 
 def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def _one_line_error(result, *needles):
-    assert result.exit_code == 1, result.output
-    lines = [ln for ln in result.output.strip().splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, result.output
-    assert "Traceback" not in result.output
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 def test_pass_exits_0_and_prints_json_summary(bert, tmp_path):
