@@ -25,7 +25,7 @@ def quantize_section(q: dict) -> str:
            "process; time and peak RSS (VmHWM) are that process's, including library imports.", ""]
     if "minilm" in q:
         m = q["minilm"]
-        out += [f"### all-MiniLM-L6-v2 (encoder, real weights)", "",
+        out += ["### all-MiniLM-L6-v2 (encoder, real weights)", "",
                 f"Machine: {_machine(q['machine']['minilm'])}. Calibration: {m['calibration']}; evaluation: "
                 f"{m['evaluation']}; metric: cosine similarity of mean-pooled sentence embeddings to the FP32 model. "
                 f"FP32 model file {m['fp32_size_mib']:.1f} MiB.", "",
