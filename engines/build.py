@@ -37,7 +37,7 @@ from trtforge.artifacts import (
 from trtforge.engines import triton
 from trtforge.engines.plan import BuildOptions, BuildPlan, HardwareCompatibility, Layout
 from trtforge.engines.precision import check_target, detect_precision, tensorrt_qdq_problems
-from trtforge.engines.profiles import ShapeProfile, derive_profile
+from trtforge.engines.profiles import derive_profile
 from trtforge.engines.targets import Target, resolve_target
 from trtforge.errors import InputError, MissingDependencyError, TargetError
 
@@ -137,10 +137,17 @@ def _common_manifest(art: OnnxArtifact, plan: BuildPlan, kind: str) -> dict:
     return m
 
 
-def _write_triton(tmp: Path, name: str, platform: str, io: dict, profile: ShapeProfile) -> dict:
+def _place(tmp: Path, art: OnnxArtifact, plan: BuildPlan, platform: str, plain_file: str) -> tuple[str, dict]:
+    """Where the built model goes: ``plain_file``, or a Triton repository (config.pbtxt written);
+    returns (path relative to the artifact folder, layout record)."""
+    if plan.options.layout != Layout.TRITON:
+        return plain_file, {"kind": "plain"}
+    name = _model_name(art, plan)
     (tmp / name / triton.VERSION).mkdir(parents=True, exist_ok=True)
-    (tmp / name / "config.pbtxt").write_text(triton.config_pbtxt(name, platform, io, profile), encoding="utf-8")
-    return {"kind": "triton", "model_name": name, "config": f"{name}/config.pbtxt", "platform": platform}
+    (tmp / name / "config.pbtxt").write_text(triton.config_pbtxt(name, platform, art.manifest["io"], plan.profile),
+                                             encoding="utf-8")
+    layout = {"kind": "triton", "model_name": name, "config": f"{name}/config.pbtxt", "platform": platform}
+    return triton.model_file(name, platform), layout
 
 
 # --------------------------------------------------------------------------- CPU
@@ -153,12 +160,7 @@ def _build_cpu(art: OnnxArtifact, plan: BuildPlan, out: Path, force: bool, t_sta
     src_size = sum(p.stat().st_size for p in art.path.iterdir() if p.is_file() and p.name.startswith("model.onnx"))
     external = bool(art.manifest["model"].get("external_data")) or src_size > EXTERNAL_DATA_THRESHOLD
     with atomic_output_dir(out, force=force) as tmp:
-        layout = {"kind": "plain"}
-        rel = CPU_MODEL_FILE
-        if plan.options.layout == Layout.TRITON:
-            name = _model_name(art, plan)
-            rel = triton.model_file(name, "onnxruntime_onnx")
-            layout = _write_triton(tmp, name, "onnxruntime_onnx", art.manifest["io"], plan.profile)
+        rel, layout = _place(tmp, art, plan, "onnxruntime_onnx", CPU_MODEL_FILE)
         parts = build_cpu(art.model_path, art.manifest, tmp / "_work", tmp / rel, plan.precision, plan.profile,
                           external=external)
         shutil.rmtree(tmp / "_work", ignore_errors=True)
@@ -234,12 +236,7 @@ def _build_gpu(art: OnnxArtifact, plan: BuildPlan, out: Path, force: bool, t_sta
 
     with atomic_output_dir(out, force=force) as tmp:
         result = _trt.build(plan, cache.data)
-        layout = {"kind": "plain"}
-        rel = ENGINE_FILE
-        if plan.options.layout == Layout.TRITON:
-            name = _model_name(art, plan)
-            rel = triton.model_file(name, "tensorrt_plan")
-            layout = _write_triton(tmp, name, "tensorrt_plan", art.manifest["io"], plan.profile)
+        rel, layout = _place(tmp, art, plan, "tensorrt_plan", ENGINE_FILE)
         (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp / rel).write_bytes(result.engine)
         (tmp / LAYERS_FILE).write_text(json.dumps(result.layers, indent=1) + "\n", encoding="utf-8")
