@@ -10,8 +10,8 @@ import numpy as np
 def _calib_feeds(src: Path, calib: Path, n: int = 64):
     """The same calibration text trtforge gets, tokenized the same way (sentences / windows)."""
     from trtforge.artifacts import OnnxArtifact
-    from trtforge.calibration.collect import make_feeds
-    from trtforge.calibration.data import build_samples, load_tokenizer
+    from trtforge.inputs import make_feeds
+    from trtforge.textdata import build_samples, load_tokenizer
 
     art = OnnxArtifact.open(src)
     d = art.manifest["dims"]

@@ -32,7 +32,7 @@ def minilm_dir() -> Path:
 
 
 def sentences(path: Path, n: int | None = None) -> list[str]:
-    from trtforge.calibration.data import split_sentences
+    from trtforge.textdata import split_sentences
 
     s = split_sentences(path.read_text(encoding="utf-8"))
     return s[:n] if n else s

@@ -3,7 +3,7 @@
 For real (activation rows, weight) pairs of all-MiniLM-L6-v2 (saved by ``--prepare`` from a
 trtforge quantization run), this script
 1. computes trtforge's scales (per-tensor activation, per-channel weight) and quantized values
-   with ``trtforge.calibration.numerics`` (the code the quantize stage uses);
+   with ``trtforge.numerics`` (the code the quantize stage uses);
 2. computes the reference the way the Q/DQ ONNX graph defines it: dequantize both operands and
    multiply in float64 (exact for these operands), and the same graph in ONNX Runtime (CPU);
 3. runs the same integers / FP8 values through ``torch._scaled_mm`` (FP8 E4M3) and
@@ -53,8 +53,8 @@ def ort_qdq(x, w, sx, sw, precision):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from trtforge.calibration.numerics import quantize
     from trtforge.calibration.recipe import Precision
+    from trtforge.numerics import quantize
 
     p = Precision(precision)
     wq = quantize(w, sw[None, :], p)
@@ -84,8 +84,8 @@ def check(pairs: Path) -> dict:
     import ml_dtypes
     import torch
 
-    from trtforge.calibration.numerics import QMAX, as_scale, quantize, weight_scales
     from trtforge.calibration.recipe import Precision
+    from trtforge.numerics import QMAX, as_scale, quantize, weight_scales
 
     dev = torch.device("cuda")
     z = np.load(pairs)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from trtforge.calibration.collect import ActivationRanges, collect_ranges
-from trtforge.calibration.data import Samples, build_samples
 from trtforge.calibration.quantize import finish, prepare, quantize_model
 from trtforge.calibration.recipe import PRESETS, CalibMethod, Int4Method, Precision, QuantRecipe, get_preset
 from trtforge.calibration.stage import quantize
+from trtforge.textdata import Samples, build_samples
 
 __all__ = [
     "PRESETS",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from trtforge.calibration.numerics import int4_fake
+from trtforge.numerics import int4_fake
 
 
 def awq_scale(

@@ -18,10 +18,11 @@ import onnx
 from onnx import helper
 
 from trtforge.artifacts import read_json, sha256_json, write_json
-from trtforge.calibration.data import Samples
 from trtforge.calibration.stats import TensorStats
 from trtforge.errors import CalibrationError, InputError
 from trtforge.graph import tensor_types
+from trtforge.inputs import make_feeds
+from trtforge.textdata import Samples
 
 log = logging.getLogger(__name__)
 RANGES_VERSION = 1
@@ -81,23 +82,6 @@ def model_key(model: onnx.ModelProto, watched: list[str]) -> str:
         "inputs": [(i.name, str(i.type)) for i in model.graph.input],
         "nodes": len(model.graph.node),
     })
-
-
-def make_feeds(ids: np.ndarray, input_names: list[str], dims: dict, float_dtype, token_type_ids=None) -> dict:
-    """Unpadded feeds for one batch of equal-length samples."""
-    b, s = ids.shape
-    feeds = {"input_ids": ids, "attention_mask": np.ones((b, s), np.int64)}
-    for name in input_names:
-        if name == "token_type_ids":
-            feeds[name] = token_type_ids if token_type_ids is not None else np.zeros_like(ids)
-        elif name == "position_ids":
-            feeds[name] = np.tile(np.arange(s, dtype=np.int64), (b, 1))
-        elif name.startswith("past_key_values."):
-            feeds[name] = np.zeros((b, dims["num_kv_heads"], 0, dims["head_dim"]), float_dtype)
-    unknown = set(input_names) - set(feeds)
-    if unknown:
-        raise InputError(f"cannot build calibration inputs for {sorted(unknown)}", "calibrate a trtforge export")
-    return {k: feeds[k] for k in input_names}
 
 
 def batches(samples: Samples, batch_size: int):

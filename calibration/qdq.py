@@ -24,7 +24,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from trtforge.calibration.numerics import (
+from trtforge.calibration.patterns import Gemm
+from trtforge.calibration.recipe import Precision
+from trtforge.graph import GraphIndex
+from trtforge.numerics import (
     QMAX,
     as_scale,
     int4_block_scales,
@@ -32,9 +35,6 @@ from trtforge.calibration.numerics import (
     quantize,
     weight_scales,
 )
-from trtforge.calibration.patterns import Gemm
-from trtforge.calibration.recipe import Precision
-from trtforge.graph import GraphIndex
 
 ZP_TYPE = {Precision.INT8: TensorProto.INT8, Precision.FP8: TensorProto.FLOAT8E4M3FN}
 MIN_OPSET = {Precision.INT8: 13, Precision.FP8: 19, Precision.INT4: 21}

@@ -22,7 +22,6 @@ import onnx
 
 from trtforge.calibration.awq import awq_clip, awq_scale
 from trtforge.calibration.collect import ActivationRanges
-from trtforge.calibration.numerics import QMAX, block_size_for
 from trtforge.calibration.patterns import Gemm, Group, find_gemms, find_groups
 from trtforge.calibration.qdq import WeightPlan, ensure_opset, insert_activation_qdq, quantize_weights
 from trtforge.calibration.recipe import Int4Method, Precision, QuantRecipe
@@ -30,9 +29,9 @@ from trtforge.calibration.smoothquant import Smoothing, apply_smoothing, choose_
 from trtforge.calibration.stats import amax_from_rows, choose_amax
 from trtforge.errors import QuantizationError
 from trtforge.graph import GraphIndex, inline_identity_initializers
+from trtforge.numerics import QMAX, block_size_for
 
 log = logging.getLogger(__name__)
-MODEL_FILE = "model.onnx"
 RANGES_FILE = "ranges.json"
 
 
@@ -144,7 +143,7 @@ def finish(prep: Prepared, *, dtype: str) -> tuple[onnx.ModelProto, dict]:
     recipe, precision = prep.recipe, prep.recipe.precision
     model = prep.model
     if dtype == "fp16" and prep.dtype == "fp32":
-        from trtforge.exporter.fp16 import convert_to_fp16
+        from trtforge.fp16 import convert_to_fp16
 
         model = convert_to_fp16(model)
     model = ensure_opset(model, precision, fp16=dtype == "fp16" or prep.dtype == "fp16")

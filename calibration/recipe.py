@@ -13,12 +13,7 @@ from dataclasses import asdict, dataclass, fields
 from enum import Enum
 
 from trtforge.errors import RecipeError
-
-
-class Precision(str, Enum):
-    INT8 = "int8"
-    FP8 = "fp8"
-    INT4 = "int4-weight-only"
+from trtforge.vocab import RECIPE_PRECISIONS, Granularity, Precision
 
 
 class CalibMethod(str, Enum):
@@ -108,6 +103,9 @@ class QuantRecipe:
         return QuantRecipe.from_dict({**self.to_dict(), **changes}, source="recipe override")
 
     def check(self, source: str = "recipe") -> None:
+        if self.precision not in RECIPE_PRECISIONS:
+            raise RecipeError(f"{source}: precision {self.precision.value!r} is not a quantization precision",
+                              f"use one of: {', '.join(p.value for p in RECIPE_PRECISIONS)}")
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
             raise RecipeError(f"{source}: alpha {self.alpha} is outside [0, 1]", "use 0.5 (INT8 default) or null for automatic")
         if not 0 < self.percentile <= 100:
@@ -116,7 +114,7 @@ class QuantRecipe:
             raise RecipeError(f"{source}: block_size {self.block_size} is not supported", "use 32, 64 or 128")
         if self.dtype not in ("auto", "fp16", "fp32"):
             raise RecipeError(f"{source}: dtype {self.dtype!r} is not one of auto, fp16, fp32", "use auto")
-        if self.weight_granularity not in ("channel", "tensor"):
+        if self.weight_granularity not in (Granularity.CHANNEL, Granularity.TENSOR):
             raise RecipeError(f"{source}: weight_granularity {self.weight_granularity!r} is invalid", "use channel or tensor")
         if self.calib_mode not in ("auto", "windows", "sentences"):
             raise RecipeError(f"{source}: calib_mode {self.calib_mode!r} is invalid", "use auto, windows or sentences")

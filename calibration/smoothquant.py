@@ -17,10 +17,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from trtforge.calibration.numerics import QMAX, as_scale, fake_quant, weight_scales
 from trtforge.calibration.patterns import Gemm, Group
 from trtforge.calibration.recipe import Precision
 from trtforge.graph import GraphIndex
+from trtforge.numerics import QMAX, as_scale, fake_quant, weight_scales
 
 
 @dataclass

@@ -18,10 +18,8 @@ from trtforge.artifacts import (
     file_table,
     write_json,
 )
-from trtforge.calibration.collect import ActivationRanges, collect_ranges, make_feeds, model_key
-from trtforge.calibration.data import build_samples, load_tokenizer
+from trtforge.calibration.collect import ActivationRanges, collect_ranges, model_key
 from trtforge.calibration.quantize import (
-    MODEL_FILE,
     RANGES_FILE,
     attention_bmm_inputs,
     finish,
@@ -31,6 +29,9 @@ from trtforge.calibration.quantize import (
 from trtforge.calibration.recipe import CalibMethod, Int4Method, Precision, QuantRecipe
 from trtforge.errors import InputError, QuantizationError, ValidationError
 from trtforge.graph import inline_identity_initializers
+from trtforge.inputs import make_feeds
+from trtforge.onnx_io import MODEL_FILE
+from trtforge.textdata import build_samples, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def quantize(
         t = time.perf_counter()
         qmodel, report = finish(prep, dtype=dtype)
         timings["quantize_s"] = time.perf_counter() - t
-        from trtforge.exporter.export import check_onnx, save_model
+        from trtforge.onnx_io import check_onnx, save_model
 
         external = save_model(qmodel, tmp / MODEL_FILE)
         del qmodel, prep
@@ -151,7 +152,7 @@ def _io(path: Path) -> dict:
 
 def _check_cases(art: OnnxArtifact, dims: dict) -> list[dict]:
     """A few held-out real sentences (never calibration text), one per row, unpadded."""
-    from trtforge.exporter.sample_text import SENTENCES
+    from trtforge.sample_text import SENTENCES
 
     tok = load_tokenizer(art.path)
     names = [i["name"] for i in art.inputs]

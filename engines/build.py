@@ -155,7 +155,7 @@ def _place(tmp: Path, art: OnnxArtifact, plan: BuildPlan, platform: str, plain_f
 
 def _build_cpu(art: OnnxArtifact, plan: BuildPlan, out: Path, force: bool, t_start: float) -> OnnxArtifact:
     from trtforge.engines.cpu import build_cpu
-    from trtforge.exporter.export import DATA_FILE, EXTERNAL_DATA_THRESHOLD
+    from trtforge.onnx_io import DATA_FILE, EXTERNAL_DATA_THRESHOLD
 
     src_size = sum(p.stat().st_size for p in art.path.iterdir() if p.is_file() and p.name.startswith("model.onnx"))
     external = bool(art.manifest["model"].get("external_data")) or src_size > EXTERNAL_DATA_THRESHOLD

@@ -30,6 +30,7 @@ from trtforge.engines.targets import (
     Target,
     check_supported,
 )
+from trtforge.vocab import Precision
 
 _Q_TYPES = {
     TensorProto.INT8: INT8,
@@ -44,9 +45,6 @@ _Q_TYPES = {
 if hasattr(TensorProto, "FLOAT4E2M1"):
     _Q_TYPES[TensorProto.FLOAT4E2M1] = FP4
 
-# Names other stages may write in quantization.precision, mapped to the target table's.
-_MANIFEST_NAMES = {"int8": INT8, "fp8": FP8, "int4": INT4, "int4-weight-only": INT4, "int4-awq": INT4,
-                   "fp16": FP16, "fp32": FP32, "bf16": BF16, "fp4": FP4, "nvfp4": FP4}
 
 
 @dataclass(frozen=True)
@@ -122,7 +120,7 @@ def detect_precision(manifest: dict, model: onnx.ModelProto) -> PrecisionInfo:
     float_dtype, counts = scan_graph(model)
     needs = {float_dtype} | set(counts)
     q = manifest.get("quantization") or {}
-    named = _MANIFEST_NAMES.get(str(q.get("precision", "")).lower()) if q else None
+    named = Precision.lookup(q.get("precision", "")) if q else None
     if named:
         needs.add(named)
         return PrecisionInfo(named, float_dtype, frozenset(needs), "manifest", dict(counts))

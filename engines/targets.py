@@ -21,13 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from trtforge.errors import InputError, TargetError
+from trtforge.vocab import QUANTIZED, Precision  # noqa: F401  (QUANTIZED re-exported)
 
-# Precision names used across trtforge: what a graph computes in.
-FP32, FP16, BF16, INT8, FP8, INT4 = "fp32", "fp16", "bf16", "int8", "fp8", "int4-weight-only"
-# FP4 (E2M1) Q/DQ: never emitted by trtforge, but recognised in graphs so a build refuses it
-# on GPUs before Blackwell instead of failing inside TensorRT.
-FP4 = "fp4"
-QUANTIZED = (INT8, FP8, INT4, FP4)
+# Short names for the one vocabulary (trtforge.vocab.Precision), used by the tables below.
+FP32, FP16, BF16, INT8, FP8, INT4, FP4 = (Precision.FP32, Precision.FP16, Precision.BF16, Precision.INT8,
+                                          Precision.FP8, Precision.INT4, Precision.FP4)
 
 # minimum SM (major*10+minor) for each precision TensorRT runs natively
 MIN_SM = {FP32: 75, FP16: 75, BF16: 80, INT8: 75, INT4: 80, FP8: 89, FP4: 100}

@@ -3,19 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 
-
-class Task(str, Enum):
-    FEATURE_EXTRACTION = "feature-extraction"
-    SEQUENCE_CLASSIFICATION = "sequence-classification"
-    CAUSAL_LM = "causal-lm"
-    CAUSAL_LM_WITH_PAST = "causal-lm-with-past"
-
-    @property
-    def is_decoder(self) -> bool:
-        return self in (Task.CAUSAL_LM, Task.CAUSAL_LM_WITH_PAST)
-
+from trtforge.vocab import Task
 
 # transformers Auto class used to load each task
 AUTO_CLASS = {

@@ -29,9 +29,10 @@ from trtforge.artifacts import (
     sha256_file,
     write_json,
 )
-from trtforge.errors import ExportError, InputError
+from trtforge.errors import InputError
 from trtforge.exporter.architectures import SUPPORTED, ArchSpec, Task, supported_list, task_from_architectures
-from trtforge.exporter.inputs import (
+from trtforge.graph import GraphIndex, describe_io
+from trtforge.inputs import (
     IOSpec,
     ModelDims,
     decoder_prefill_feeds,
@@ -41,15 +42,11 @@ from trtforge.exporter.inputs import (
     positions_from_mask,
     tokenize_batch,
 )
-from trtforge.exporter.sample_text import SENTENCES
-from trtforge.graph import GraphIndex, describe_io
+from trtforge.onnx_io import DATA_FILE, MODEL_FILE, check_onnx, save_model
+from trtforge.sample_text import SENTENCES
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
-# protobuf cannot serialize a message over 2 GiB; stay clear of it.
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 # The export wrappers hold the Hugging Face model as attribute ``model``.
 WRAPPER_PREFIX = "model."
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
@@ -212,7 +209,7 @@ def export_onnx(
         t = time.perf_counter()
         proto = name_weights(proto)
         if options.dtype == DType.FP16:
-            from trtforge.exporter.fp16 import convert_to_fp16
+            from trtforge.fp16 import convert_to_fp16
 
             proto = convert_to_fp16(proto)
         proto.producer_name = "trtforge"
@@ -319,36 +316,6 @@ def name_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def save_model(model: onnx.ModelProto, path: Path, *, force_external: bool = False) -> bool:
-    """Save, with all weights in one ``model.onnx.data`` beside it when large; returns whether external."""
-    size = sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)
-    external = force_external or size > EXTERNAL_DATA_THRESHOLD
-    try:
-        if external:
-            data = path.parent / DATA_FILE
-            if data.exists():
-                data.unlink()
-            onnx.save_model(
-                model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                location=DATA_FILE, size_threshold=1024,
-            )
-        else:
-            from trtforge.onnx_io import save_streaming
-
-            save_streaming(model, path)
-    except OSError as exc:
-        raise ExportError(f"writing {path} failed: {exc.strerror or exc}", "check free disk space and permissions") from exc
-    return external
-
-
-def check_onnx(path: Path) -> None:
-    """Full onnx.checker pass, by path so models with external data (>2 GB) work."""
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise ExportError(f"the exported graph fails onnx.checker: {str(exc).splitlines()[0]}", "report this export bug") from exc
-
-
 def validation_cases(src: SourceInfo, io: IOSpec, dims: ModelDims, tokenizer) -> list:
     """At least two shapes from real tokens: one row unpadded, then a padded batch of three
     (right-padded for encoders, left-padded for decoders); decoders with past also a decode step."""
@@ -365,7 +332,7 @@ def validation_cases(src: SourceInfo, io: IOSpec, dims: ModelDims, tokenizer) ->
         a = tokenize_batch(tokenizer, texts_a, side, max_len, pad_id)
         b = tokenize_batch(tokenizer, texts_b, side, max_len, pad_id)
     else:
-        from trtforge.exporter.inputs import pad_sequences
+        from trtforge.inputs import pad_sequences
 
         rng = np.random.default_rng(0)
         hi = dims.vocab_size

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from trtforge.errors import ValidationError
-from trtforge.exporter.inputs import valid_mask_for
+from trtforge.inputs import valid_mask_for
 
 # Tolerance on max|ort - torch| / max(1, max|torch|), on valid positions.
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}

@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from trtforge import metrics as M
 from trtforge.artifacts import EngineArtifact, OnnxArtifact, atomic_output_dir, check_output_dir
 from trtforge.errors import InputError
-from trtforge.parity import metrics as M
 from trtforge.parity.data import build_eval_data, calibration_overlap, load_saved_inputs
 from trtforge.parity.gate import Check, evaluate, failed
 from trtforge.parity.models import ModelSide, check_compatible, make_runner, open_side, profile_limits

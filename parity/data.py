@@ -31,7 +31,7 @@ from trtforge.parity.options import ParityOptions
 
 log = logging.getLogger(__name__)
 
-BUILTIN = "builtin:trtforge.exporter.sample_text"
+BUILTIN = "builtin:trtforge.sample_text"
 _DECODER_TASKS = ("causal-lm", "causal-lm-with-past")
 
 
@@ -70,14 +70,14 @@ def describe_cases(feeds: Sequence[dict[str, np.ndarray]], padding_side: str) ->
 
 def build_eval_data(side: ModelSide, paths: Sequence[str | Path] | None, options: ParityOptions) -> EvalData:
     """Tokenize held-out text with the side's tokenizer and cut it into batches (module docstring)."""
-    from trtforge.calibration.data import build_samples, load_tokenizer, read_documents, split_sentences
-    from trtforge.exporter.inputs import (
+    from trtforge.inputs import (
         IOSpec,
         ModelDims,
         decoder_prefill_feeds,
         encoder_feeds,
         pad_sequences,
     )
+    from trtforge.textdata import build_samples, load_tokenizer, read_documents, split_sentences
 
     folder = side.tokenizer_dir()
     if folder is None:
@@ -94,7 +94,7 @@ def build_eval_data(side: ModelSide, paths: Sequence[str | Path] | None, options
         if paths:
             files = [Path(p).expanduser() for p in paths]
         else:
-            from trtforge.exporter.sample_text import SENTENCES
+            from trtforge.sample_text import SENTENCES
 
             files = [Path(tmp) / "builtin-sentences.txt"]
             files[0].write_text("\n\n".join(SENTENCES) + "\n", encoding="utf-8")
@@ -155,7 +155,7 @@ def build_eval_data(side: ModelSide, paths: Sequence[str | Path] | None, options
 
 def _expand(files: list[Path]) -> list[Path]:
     """Folders given as --data stand for the text files in them (as read_documents reads them)."""
-    from trtforge.calibration.data import JSONL_SUFFIXES, TEXT_SUFFIXES
+    from trtforge.textdata import JSONL_SUFFIXES, TEXT_SUFFIXES
 
     out: list[Path] = []
     for p in files:
@@ -220,7 +220,7 @@ def calibration_overlap(data: EvalData, candidate: ModelSide) -> dict[str, Any]:
     our_paths = {s["path"] for s in data.description["sources"]}
     ours_norm = {_norm(s) for s in data.sentences if len(s.split()) >= 5}
     unreadable = []
-    from trtforge.calibration.data import read_documents, split_sentences
+    from trtforge.textdata import read_documents, split_sentences
 
     for entry in calib.get("sources") or []:
         raw = entry.get("path") if isinstance(entry, dict) else entry

@@ -20,6 +20,7 @@ from typing import Any
 
 from trtforge.artifacts import EngineArtifact, OnnxArtifact, load_artifact, sha256_file
 from trtforge.errors import InputError, ParityError
+from trtforge.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +189,9 @@ def open_side(path: str | os.PathLike[str] | OnnxArtifact | EngineArtifact, role
 
 def _upstream_path(manifest: dict) -> Path | None:
     """Where an artifact says it came from (quantize: quantization.upstream; build: upstream)."""
+    if isinstance(manifest, Manifest):
+        up = manifest.origin
+        return up.folder if up is not None else None
     for holder in (manifest, manifest.get("quantization") or {}, manifest.get("build") or {}):
         up = holder.get("upstream") if isinstance(holder, dict) else None
         if isinstance(up, dict) and isinstance(up.get("path"), str):

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from trtforge.errors import InputError
+from trtforge.vocab import Precision
 
 
 class Direction(str, Enum):
@@ -128,17 +129,18 @@ class Thresholds:
         }
 
 
+# The gate each precision of the one vocabulary is held to. 4-bit floats (NVFP4) lose about
+# what INT4 AWQ loses: same preset.
+_PRESET_FOR = {Precision.FP32: Preset.FP16, Precision.FP16: Preset.FP16, Precision.BF16: Preset.FP16,
+               Precision.INT8: Preset.INT8, Precision.FP8: Preset.FP8, Precision.INT4: Preset.INT4,
+               Precision.FP4: Preset.INT4}
+
+
 def preset_for_precision(precision: str) -> Preset:
     """The preset a candidate of this precision is held to (fp32/fp16/bf16 exports: fp16)."""
-    p = (precision or "").lower()
-    for prefix, preset in (("int8", Preset.INT8), ("w8a8", Preset.INT8), ("fp8", Preset.FP8),
-                           ("int4", Preset.INT4), ("w4", Preset.INT4),
-                           # 4-bit floats (NVFP4) lose about what INT4 AWQ loses: same preset
-                           ("nvfp4", Preset.INT4), ("fp4", Preset.INT4)):
-        if p.startswith(prefix):
-            return preset
-    if p in ("fp32", "fp16", "bf16", "float32", "float16", "bfloat16"):
-        return Preset.FP16
+    p = Precision.lookup(precision)
+    if p is not None:
+        return _PRESET_FOR[p]
     raise InputError(
         f"no thresholds preset for the candidate's precision {precision!r}",
         f"pass --thresholds with a preset ({', '.join(x.value for x in Preset)}) or a file",

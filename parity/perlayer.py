@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from trtforge import metrics as M
 from trtforge.artifacts import sha256_file
 from trtforge.errors import ParityError
-from trtforge.parity import metrics as M
 from trtforge.parity.data import EvalData
 from trtforge.parity.models import ModelSide
 from trtforge.parity.options import ParityOptions

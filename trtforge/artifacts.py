@@ -12,22 +12,24 @@ import contextlib
 import hashlib
 import json
 import os
-import platform
 import shutil
-import sys
 import tempfile
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from trtforge._version import __version__
 from trtforge.errors import InputError, OutputExistsError
-
-MANIFEST = "manifest.json"
-MANIFEST_SCHEMA_VERSION = 1
+from trtforge.manifest import (  # noqa: F401  (re-exported)
+    MANIFEST,
+    MANIFEST_SCHEMA_VERSION,
+    Manifest,
+    ModelDims,
+    TensorInfo,
+    library_versions,
+    now_iso,
+)
+from trtforge.vocab import Task
 
 # Files copied from a Hugging Face folder into every ONNX artifact, so later stages can
 # tokenize text and read the model config without the source folder.
@@ -98,6 +100,8 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def _json_default(o: Any) -> Any:
+    if hasattr(o, "to_json"):  # Manifest and its sections
+        return o.to_json()
     if isinstance(o, Path):
         return str(o)
     if hasattr(o, "tolist"):
@@ -179,48 +183,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-# --------------------------------------------------------------------------- environment
-
-
-_VERSIONED = (
-    "torch",
-    "transformers",
-    "onnx",
-    "onnxruntime",
-    "onnxruntime-gpu",
-    "polygraphy",
-    "numpy",
-    "ml_dtypes",
-    "tensorrt",
-    "nvidia-modelopt",
-)
-
-
-def library_versions() -> dict[str, str | None]:
-    """Versions of the libraries that shape an artifact, read without importing them."""
-    out: dict[str, str | None] = {"trtforge": __version__, "python": platform.python_version()}
-    for name in _VERSIONED:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            if name not in ("onnxruntime-gpu", "tensorrt", "nvidia-modelopt"):
-                out[name] = None
-    return out
-
-
-def now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
 def base_manifest(stage: str, kind: str) -> dict[str, Any]:
-    return {
-        "schema_version": MANIFEST_SCHEMA_VERSION,
-        "kind": kind,
-        "stage": stage,
-        "created_at": now_iso(),
-        "versions": library_versions(),
-        "host": {"platform": platform.platform(), "machine": platform.machine(), "argv": sys.argv[:1]},
-    }
+    """Transitional: the dict form of :meth:`Manifest.new` (stages move to trtforge.stage)."""
+    d = Manifest.new(stage, kind).to_json()
+    d.pop("timings"), d.pop("files")
+    return d
 
 
 # --------------------------------------------------------------------------- artifacts
@@ -231,57 +198,65 @@ class OnnxArtifact:
     """An ONNX model folder: ``model.onnx`` (+ external data), HF side files, manifest."""
 
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
 
     @property
     def model_path(self) -> Path:
-        return self.path / self.manifest["model"]["file"]
+        return self.path / self.manifest.model.file
 
     @property
     def dtype(self) -> str:
-        return self.manifest["model"]["dtype"]
+        return self.manifest.model.dtype
 
     @property
-    def task(self) -> str:
-        return self.manifest["source"]["task"]
+    def task(self) -> Task:
+        return self.manifest.source.task
 
     @property
     def architecture(self) -> str:
-        return self.manifest["source"]["architecture"]
+        return self.manifest.source.architecture
 
     @property
     def model_type(self) -> str:
-        return self.manifest["source"]["model_type"]
+        return self.manifest.source.model_type
 
     @property
-    def inputs(self) -> list[dict[str, Any]]:
-        return self.manifest["io"]["inputs"]
+    def dims(self) -> ModelDims:
+        return self.manifest.dims
 
     @property
-    def outputs(self) -> list[dict[str, Any]]:
-        return self.manifest["io"]["outputs"]
+    def inputs(self) -> list[TensorInfo]:
+        return self.manifest.io.inputs
+
+    @property
+    def outputs(self) -> list[TensorInfo]:
+        return self.manifest.io.outputs
 
     @property
     def precision(self) -> str:
         """What the graph computes in: fp32/fp16 for exports, the recipe's precision for quantized."""
-        q = self.manifest.get("quantization")
-        return q["precision"] if q else self.dtype
+        q = self.manifest.quantization
+        return q.precision.value if q else self.dtype
+
+    @property
+    def quantized(self) -> bool:
+        return self.manifest.quantization is not None
 
     @property
     def sha256(self) -> str:
-        return self.manifest["files"][self.manifest["model"]["file"]]
+        return self.manifest.files[self.manifest.model.file]
 
     def load(self, load_external_data: bool = True):  # -> onnx.ModelProto
-        import onnx
+        from trtforge.onnx_io import load_model
 
-        return onnx.load(str(self.model_path), load_external_data=load_external_data)
+        return load_model(self.model_path, load_external_data=load_external_data)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> OnnxArtifact:
         art = load_artifact(path)
         if not isinstance(art, OnnxArtifact):
             raise InputError(
-                f"{path} is a {art.manifest.get('kind')} artifact, not an ONNX artifact",
+                f"{path} is a {art.manifest.kind} artifact, not an ONNX artifact",
                 "pass the folder written by 'trtforge export' or 'trtforge quantize'",
             )
         return art
@@ -292,14 +267,34 @@ class EngineArtifact:
     """A TensorRT engine folder: ``model.plan``, layer info, manifest."""
 
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
 
     @property
     def engine_path(self) -> Path:
-        return self.path / self.manifest["engine"]["file"]
+        return self.path / self.manifest.section("engine")["file"]
 
 
-def load_artifact(path: str | os.PathLike[str]) -> OnnxArtifact | EngineArtifact:
+@dataclass(frozen=True)
+class CheckpointArtifact:
+    """A TensorRT-LLM checkpoint folder (Model Optimizer's unified HF format) and its manifest."""
+
+    path: Path
+    manifest: Manifest
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> CheckpointArtifact:
+        art = load_artifact(path)
+        if not isinstance(art, CheckpointArtifact):
+            raise InputError(f"{Path(path).expanduser().resolve()} is not a checkpoint written by trtforge "
+                             "export-checkpoint", "pass its output folder")
+        return art
+
+
+Artifact = OnnxArtifact | EngineArtifact | CheckpointArtifact
+CHECKPOINT_KIND = "trtllm-checkpoint"
+
+
+def load_artifact(path: str | os.PathLike[str]) -> Artifact:
     """Open an artifact folder written by any stage, checking it is complete."""
     folder = Path(path).expanduser().resolve()
     if not folder.exists():
@@ -312,26 +307,23 @@ def load_artifact(path: str | os.PathLike[str]) -> OnnxArtifact | EngineArtifact
             f"{folder} has no {MANIFEST}, so it was not written by trtforge (or not completely)",
             "pass the folder a trtforge stage wrote",
         )
-    manifest = read_json(mpath, "manifest")
-    if not isinstance(manifest, dict) or "kind" not in manifest:
-        raise InputError(f"{mpath} is not a trtforge manifest", "pass the folder a trtforge stage wrote")
-    if manifest.get("schema_version", 0) > MANIFEST_SCHEMA_VERSION:
-        raise InputError(
-            f"{mpath} was written by a newer trtforge (manifest schema {manifest['schema_version']})",
-            "upgrade trtforge",
-        )
-    kind = manifest["kind"]
+    manifest = Manifest.read(mpath)
+    kind = manifest.kind
     if kind == "onnx":
-        art: OnnxArtifact | EngineArtifact = OnnxArtifact(folder, manifest)
+        art: Artifact = OnnxArtifact(folder, manifest)
+        if manifest.model is None:
+            raise InputError(f"{mpath} has no model section", "re-run the stage that wrote it")
         if not art.model_path.exists():
             raise InputError(f"{art.model_path} is missing from the artifact", "re-run the stage that wrote it")
         return art
     if kind == "engine":
         eng = EngineArtifact(folder, manifest)
-        if not eng.engine_path.exists():
-            raise InputError(f"{eng.engine_path} is missing from the artifact", "re-run 'trtforge build'")
+        if not isinstance(manifest.section("engine"), dict) or not eng.engine_path.exists():
+            raise InputError(f"the engine file of {folder} is missing", "re-run 'trtforge build'")
         return eng
-    raise InputError(f"{mpath} has unknown kind {kind!r}", "pass an export, quantize or build folder")
+    if kind == CHECKPOINT_KIND:
+        return CheckpointArtifact(folder, manifest)
+    raise InputError(f"{mpath} has unknown kind {kind!r}", "pass an export, quantize, build or checkpoint folder")
 
 
 def copy_side_files(src: Path, dst: Path) -> list[str]:

@@ -33,9 +33,13 @@ class TrtforgeGroup(click.Group):
             ctx.exit(exc.exit_code)
 
 
+def _json_default(o):
+    return o.to_json() if hasattr(o, "to_json") else str(o)
+
+
 def emit(result: dict, as_json: bool, text: str | None = None) -> None:
     if as_json:
-        click.echo(json.dumps(result, indent=2, default=str))
+        click.echo(json.dumps(result, indent=2, default=_json_default))
     elif text is not None:
         click.echo(text)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trtforge.exporter.sample_text import SENTENCES
+from trtforge.sample_text import SENTENCES
 
 # name -> (model_type, config kwargs, head)
 PRESETS: dict[str, tuple[str, dict, str]] = {

@@ -32,6 +32,7 @@ from trtforge.engines.trtllm.formats import (
 )
 from trtforge.engines.trtllm.onnx_source import module_of
 from trtforge.errors import InputError, QuantizationError, TrtforgeError
+from trtforge.vocab import Precision
 
 log = logging.getLogger(__name__)
 GiB = float(2**30)
@@ -89,7 +90,7 @@ def plan(art: OnnxArtifact, options: CheckpointOptions, *, available: int | None
                          "export with --task causal-lm-with-past (the default for decoders)")
     precision = q["precision"]
     recipe = q.get("recipe") or {}
-    if precision == "int8":
+    if precision == Precision.INT8:
         raise QuantizationError(SQ_REFUSAL, SQ_HINT)
     nodes = q.get("nodes") or []
     if not any(n.get("status") == "quantized" for n in nodes):
@@ -103,7 +104,7 @@ def plan(art: OnnxArtifact, options: CheckpointOptions, *, available: int | None
     smoothing = q.get("smoothing") or []
     granularity = str(recipe.get("weight_granularity", "channel"))
     group_size = None
-    if precision == "fp8":
+    if precision == Precision.FP8:
         quant_algo = QUANT_ALGO_FP8 if options.fp8_scheme == Fp8Scheme.TENSOR else QUANT_ALGO_FP8_ROWWISE
         muls = [g for sm in smoothing if sm.get("fold") == "mul" for g in sm["gemms"]
                 if by_module.get(module_of(g), {}).get("status") == "quantized"]
@@ -123,7 +124,7 @@ def plan(art: OnnxArtifact, options: CheckpointOptions, *, available: int | None
         if recipe.get("quantize_attention_bmm"):
             notes.append("the ONNX artifact's FP8 Q/DQ on the attention BMMs has no counterpart in the checkpoint "
                          "(TensorRT-LLM's FP8 KV cache is a different scheme); attention runs in the checkpoint dtype")
-    elif precision == "int4-weight-only":
+    elif precision == Precision.INT4:
         quant_algo = QUANT_ALGO_W4A16_AWQ
         blocks = {n.get("block_size") for n in nodes if n.get("status") == "quantized"}
         if len(blocks) != 1 or next(iter(blocks)) not in W4A16_GROUP_SIZES:

@@ -12,7 +12,7 @@ Out: plain dicts for the manifest.
   weights, x * pre_quant_scale, FP8 activation quantization with input_scale) against ONNX
   Runtime running the quantized ONNX artifact and against the float reference model (weights
   rounded to the checkpoint dtype), on held-out text: cosine, top-1/top-5 agreement, KL and the
-  perplexity change (trtforge.parity.metrics).
+  perplexity change (trtforge.metrics).
 """
 
 from __future__ import annotations
@@ -120,9 +120,9 @@ def _gate(summary: dict, q: list[dict], dtype: str, requantized: bool) -> None:
 
 def held_out_rows(art: OnnxArtifact, text: Path | None, max_samples: int) -> tuple[list[np.ndarray], str]:
     """Token rows (one text each, unpadded) and a description of where they came from."""
-    from trtforge.calibration.data import load_tokenizer
     from trtforge.errors import InputError
-    from trtforge.exporter.sample_text import SENTENCES
+    from trtforge.sample_text import SENTENCES
+    from trtforge.textdata import load_tokenizer
 
     if text is not None:
         try:
@@ -146,7 +146,7 @@ def held_out_rows(art: OnnxArtifact, text: Path | None, max_samples: int) -> tup
 
 
 def onnx_logits(art: OnnxArtifact, rows: list[np.ndarray]) -> list[np.ndarray]:
-    from trtforge.calibration.collect import make_feeds
+    from trtforge.inputs import make_feeds
     from trtforge.ort import session
 
     sess = session(art.model_path)
@@ -159,7 +159,7 @@ def onnx_logits(art: OnnxArtifact, rows: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def compare_logits(refs: list[np.ndarray], cands: list[np.ndarray], rows: list[np.ndarray]) -> dict:
-    from trtforge.parity.metrics import logits_metrics, perplexity, row_cosine
+    from trtforge.metrics import logits_metrics, perplexity, row_cosine
 
     lm, _ = logits_metrics(refs, cands, [None] * len(refs))
     ppl = perplexity(refs, cands, [{"input_ids": r.reshape(1, -1)} for r in rows])

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import transformers
 
-from trtforge.calibration.data import build_samples, read_documents, split_sentences
 from trtforge.errors import CalibrationError, InputError
+from trtforge.textdata import build_samples, read_documents, split_sentences
 
 from ..conftest import DATA  # noqa: TID252
 

@@ -15,7 +15,7 @@ from trtforge.calibration import ActivationRanges, get_preset, prepare, quantize
 from trtforge.calibration.stage import _run
 from trtforge.cli import main
 from trtforge.errors import CalibrationError, InputError, RecipeError
-from trtforge.exporter.inputs import positions_from_mask, tokenize_batch
+from trtforge.inputs import positions_from_mask, tokenize_batch
 from trtforge.ort import session
 
 from ..conftest import DATA, leftovers  # noqa: TID252
@@ -89,8 +89,8 @@ def test_smoothing_preserves_the_float_function(exported, tiny_model):
         art = exported(preset, task=task, outliers=True)
         model = art.load()
         from trtforge.calibration.collect import collect_ranges
-        from trtforge.calibration.data import build_samples, load_tokenizer
         from trtforge.calibration.quantize import attention_bmm_inputs, watched_tensors
+        from trtforge.textdata import build_samples, load_tokenizer
 
         d = art.manifest["dims"]
         samples = build_samples(CALIB, load_tokenizer(art.path), mode="windows", num_samples=8, seq_len=32, seed=0,

@@ -11,7 +11,7 @@ import transformers
 
 from trtforge.artifacts import OnnxArtifact, sha256_file
 from trtforge.exporter import DType, ExportOptions, Task, export_onnx
-from trtforge.exporter.inputs import positions_from_mask, tokenize_batch
+from trtforge.inputs import positions_from_mask, tokenize_batch
 
 TEXTS = ["A short line.", "The quick brown fox jumps over the lazy dog near the quiet river bank today.",
          "Engines are built per GPU."]

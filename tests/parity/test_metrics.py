@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from trtforge.errors import InputError
-from trtforge.parity import metrics as M
+from trtforge import metrics as M
 from trtforge.parity.gate import evaluate
 from trtforge.parity.options import Preset, Thresholds, load_thresholds, preset_for_precision
 

@@ -27,7 +27,7 @@ class ProfileParam(click.ParamType):
 
 
 def _emit(obj: dict, as_json: bool, text: str) -> None:
-    click.echo(json.dumps(obj, indent=2, default=str) if as_json else text)
+    click.echo(json.dumps(obj, indent=2, default=lambda o: o.to_json() if hasattr(o, "to_json") else str(o)) if as_json else text)
 
 
 @click.command()

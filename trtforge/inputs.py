@@ -6,33 +6,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from trtforge.exporter.architectures import Task
+from trtforge.errors import InputError
+from trtforge.manifest import ModelDims
+from trtforge.vocab import Task
 
 # One symbol per meaning, shared by every input and output that has that axis.
 BATCH, SEQ, PAST, TOTAL = "batch", "sequence", "past_sequence", "total_sequence"
-
-
-@dataclass(frozen=True)
-class ModelDims:
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    hidden_size: int
-    vocab_size: int
-    max_positions: int
-    num_labels: int | None = None
-
-    @classmethod
-    def from_config(cls, cfg: dict) -> ModelDims:
-        layers = cfg.get("num_hidden_layers", cfg.get("n_layer"))
-        heads = cfg.get("num_attention_heads", cfg.get("n_head"))
-        hidden = cfg.get("hidden_size", cfg.get("n_embd"))
-        kv = cfg.get("num_key_value_heads") or heads
-        head_dim = cfg.get("head_dim") or hidden // heads
-        max_pos = cfg.get("max_position_embeddings", cfg.get("n_positions", 2048))
-        labels = len(cfg["id2label"]) if isinstance(cfg.get("id2label"), dict) else cfg.get("num_labels")
-        return cls(int(layers), int(heads), int(kv), int(head_dim), int(hidden), int(cfg["vocab_size"]), int(max_pos), labels)
 
 
 @dataclass
@@ -151,3 +130,20 @@ def valid_mask_for(output: str, shape: tuple[int, ...], feeds: dict[str, np.ndar
         cur = mask[:, -shape[1] :]
         return cur.reshape(cur.shape + (1,) * (len(shape) - 2))
     return None
+
+
+def make_feeds(ids: np.ndarray, input_names: list[str], dims: dict, float_dtype, token_type_ids=None) -> dict:
+    """Unpadded feeds for one batch of equal-length samples."""
+    b, s = ids.shape
+    feeds = {"input_ids": ids, "attention_mask": np.ones((b, s), np.int64)}
+    for name in input_names:
+        if name == "token_type_ids":
+            feeds[name] = token_type_ids if token_type_ids is not None else np.zeros_like(ids)
+        elif name == "position_ids":
+            feeds[name] = np.tile(np.arange(s, dtype=np.int64), (b, 1))
+        elif name.startswith("past_key_values."):
+            feeds[name] = np.zeros((b, dims["num_kv_heads"], 0, dims["head_dim"]), float_dtype)
+    unknown = set(input_names) - set(feeds)
+    if unknown:
+        raise InputError(f"cannot build calibration inputs for {sorted(unknown)}", "calibrate a trtforge export")
+    return {k: feeds[k] for k in input_names}

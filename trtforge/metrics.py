@@ -35,7 +35,7 @@ ROW_CHUNK = 256  # rows of logits per softmax block (bounds memory for large voc
 
 def valid_for(output: str, shape: tuple[int, ...], feeds: dict[str, np.ndarray], task: str) -> np.ndarray | None:
     """Boolean mask broadcastable to ``shape`` marking unpadded positions (None: all valid)."""
-    from trtforge.exporter.inputs import valid_mask_for
+    from trtforge.inputs import valid_mask_for
 
     if task == "sequence-classification" and output == "logits":
         return None  # one row per sequence: every row is valid

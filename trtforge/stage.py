@@ -1,0 +1,66 @@
+"""The skeleton every stage shares: check the output, write into a temporary folder, record
+timings and file hashes, write the manifest, rename into place.
+
+    out = StageOutput(out_dir, stage="quantize", kind="onnx", force=force, inputs=[art.path])
+    ...                                   # every check that needs no work, then the work
+    with out.open() as tmp:               # tmp: a temporary sibling of out_dir
+        with out.timed("quantize_s"):
+            ...write files into tmp...
+        out.manifest.quantization = ...   # typed sections
+    # here out_dir exists, complete, with manifest.json (timings and file table filled in)
+
+:class:`StageOutput` checks the output location when it is created, before any work: that it
+is not a file, not the stage's own input or inside it, that it does not exist (unless
+``force``), that its parent can be written and that its temporary sibling's name fits the
+file system. On any exception in ``open()`` (Ctrl-C included) the temporary folder is removed
+and the output is left as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from trtforge.artifacts import atomic_output_dir, check_output_dir, file_table
+from trtforge.errors import InputError
+from trtforge.manifest import MANIFEST, Manifest
+
+
+class StageOutput:
+    def __init__(self, out: str | os.PathLike[str], *, stage: str, kind: str, force: bool = False,
+                 inputs: Iterable[str | os.PathLike[str]] = (), what: str = "output folder") -> None:
+        self.path = check_output_dir(Path(out), force=force)
+        self.force = force
+        for src in inputs:
+            src = Path(src).expanduser().resolve()
+            if self.path == src:
+                raise InputError(f"{what} {self.path} is the stage's own input", "write the result to another folder")
+            if src in self.path.parents:
+                raise InputError(f"{what} {self.path} is inside the input {src}", "write the result outside the input folder")
+        self.manifest = Manifest.new(stage, kind)
+        self._t0 = time.perf_counter()
+        self.dir: Path | None = None
+
+    @contextlib.contextmanager
+    def timed(self, key: str) -> Iterator[None]:
+        """Add the block's wall time to ``manifest.timings[key]`` (seconds)."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.manifest.timings[key] = self.manifest.timings.get(key, 0.0) + time.perf_counter() - t
+
+    @contextlib.contextmanager
+    def open(self, *, write_manifest: bool = True) -> Iterator[Path]:
+        """The temporary folder; on success the manifest is completed and the folder renamed."""
+        with atomic_output_dir(self.path, force=self.force) as tmp:
+            self.dir = tmp
+            yield tmp
+            if write_manifest:
+                self.manifest.timings["total_s"] = time.perf_counter() - self._t0
+                self.manifest.files = file_table(tmp)
+                self.manifest.write(tmp / MANIFEST)
+        self.dir = None
