@@ -9,6 +9,7 @@ folder: inputs and their hashes, options, tool versions, timings.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trtforge.errors import InputError, OutputExistsError
+from trtforge.errors import InputError, OutputExistsError, TrtforgeError
 from trtforge.manifest import (  # noqa: F401  (re-exported)
     MANIFEST,
     MANIFEST_SCHEMA_VERSION,
@@ -124,12 +125,81 @@ def read_json(path: Path, what: str = "file") -> Any:
 # --------------------------------------------------------------------------- atomic output
 
 
-def check_output_dir(out: Path, *, force: bool) -> Path:
-    out = Path(out).expanduser().resolve()
+# Room the temporary sibling's name needs beyond the output folder's own name:
+# ".{name}.tmp-{pid}-{8 random}" and ".{name}.old-{pid}".
+_TMP_NAME_EXTRA = 32
+_OS_HINTS = {
+    errno.ENOSPC: "free disk space, or write the output to another disk",
+    errno.EDQUOT: "free disk space (quota exceeded), or write the output elsewhere",
+    errno.EROFS: "the file system is read-only: choose an -o on a writable disk",
+    errno.EACCES: "choose an -o in a folder you can write",
+    errno.EPERM: "choose an -o in a folder you can write (it may be immutable)",
+    errno.ENAMETOOLONG: "choose a shorter output name",
+    errno.EIO: "the disk reported an I/O error: check it, or write elsewhere",
+}
+
+
+def os_error(exc: OSError, doing: str) -> TrtforgeError:
+    """A one-line error for an OSError while ``doing`` something (writing an artifact, ...)."""
+    what = exc.strerror or str(exc)
+    return TrtforgeError(f"{doing} failed: {what}", _OS_HINTS.get(exc.errno or 0, "check the path, disk space and permissions"))
+
+
+def _trtforge_wrote(folder: Path) -> bool:
+    """Whether ``folder`` is a trtforge output (artifact, report or pipeline folder) or empty."""
+    if not any(folder.iterdir()):
+        return True
+    for marker in (MANIFEST, "report.json"):
+        m = folder / marker
+        if m.is_file():
+            try:
+                data = json.loads(m.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return False
+            return isinstance(data, dict) and ("kind" in data or "verdict" in data or "schema_version" in data)
+    return False
+
+
+def check_output_dir(out: Path, *, force: bool, what: str = "output folder") -> Path:
+    """Every check of an output location that needs no work; raises a one-line error.
+
+    ``out`` must not be a file; it must not exist unless ``force``, and with ``force`` it must be
+    something trtforge wrote (never a folder of the user's own files); its parent (the nearest
+    existing ancestor) must be a writable folder, checked by creating and removing a probe; and its
+    name must leave room for the temporary sibling's suffix within the file system's name limit.
+    """
+    out = Path(out).expanduser()
+    try:
+        out = out.resolve()
+    except (OSError, RuntimeError) as exc:
+        raise InputError(f"{what} {out} cannot be resolved ({exc})", "choose another -o") from None
     if out.exists() and not out.is_dir():
-        raise InputError(f"output path {out} exists and is not a folder", "choose another -o")
-    if out.exists() and not force:
-        raise OutputExistsError(out)
+        raise InputError(f"{what} {out} exists and is not a folder", "choose another -o")
+    if out.exists():
+        if not force:
+            raise OutputExistsError(out)
+        if not _trtforge_wrote(out):
+            raise InputError(f"{what} {out} holds files trtforge did not write, so --force will not replace it",
+                             "choose another -o, or move those files away first")
+    anc = out.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise InputError(f"{what} {out} cannot be created: {anc} is a file", "choose another -o")
+    try:
+        name_max = os.pathconf(anc, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    longest = max(len(p.encode()) for p in out.relative_to(anc).parts) if out != anc else 0
+    if len(out.name.encode()) + _TMP_NAME_EXTRA > name_max or longest > name_max:
+        raise InputError(f"{what} name {out.name[:40]}... is {len(out.name.encode())} bytes; this file system allows "
+                         f"{name_max} and trtforge needs {_TMP_NAME_EXTRA} more for its temporary folder",
+                         f"choose a name under {name_max - _TMP_NAME_EXTRA} bytes")
+    try:
+        probe = Path(tempfile.mkdtemp(prefix=".trtforge-probe-", dir=anc))
+        probe.rmdir()
+    except OSError as exc:
+        raise os_error(exc, f"checking that {what} {out} can be written (in {anc})") from None
     return out
 
 
@@ -138,31 +208,35 @@ def atomic_output_dir(out: Path, *, force: bool) -> Iterator[Path]:
     """Yield a temporary folder that becomes ``out`` only if the block completes.
 
     On any exception (Ctrl-C included) the temporary folder is removed and ``out`` is left
-    as it was. With ``force`` an existing ``out`` is replaced only after the new one is
-    complete.
+    as it was; an OSError (full disk, read-only file system, ...) becomes a one-line error. With
+    ``force`` an existing ``out`` is replaced only after the new one is complete.
     """
     out = check_output_dir(out, force=force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the artifact is an ordinary folder
+    tmp: Path | None = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the artifact is an ordinary folder
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        if not force:  # someone else created it meanwhile
+        if out.exists():
+            if not force:  # someone else created it meanwhile
+                raise OutputExistsError(out)
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            tmp = None
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+            tmp = None
+    except OSError as exc:
+        raise os_error(exc, f"writing {out}") from exc
+    finally:
+        if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise OutputExistsError(out)
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def _remove_stale(out: Path) -> None:

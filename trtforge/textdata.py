@@ -79,8 +79,20 @@ class Samples:
         )
 
 
+_BOMS = ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"),
+         (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+
+
 def _decode(path: Path) -> str:
+    """UTF-8 text; a file that starts with a byte-order mark is decoded by it (UTF-16/32 editors' output)."""
     data = path.read_bytes()
+    for bom, codec in _BOMS:
+        if data.startswith(bom):
+            try:
+                return data.decode(codec)
+            except UnicodeDecodeError as exc:
+                raise InputError(f"{path} starts with a {codec.upper()} byte-order mark but is not valid {codec.upper()} "
+                                 f"(offset {exc.start})", f"re-save it as UTF-8, e.g. iconv -f {codec} -t utf-8") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -129,7 +141,9 @@ def _read_jsonl(path: Path, text: str, field_name: str) -> list[Document]:
             raise InputError(f"{path}:{n} is not valid JSON ({exc.msg})", "fix the line; each line must be one JSON object") from None
         if not isinstance(obj, dict) or field_name not in obj:
             keys = ", ".join(sorted(obj)) if isinstance(obj, dict) else type(obj).__name__
-            raise InputError(f"{path}:{n} has no field {field_name!r} (has: {keys})", "set the text field, e.g. --set calib.text_field=content")
+            raise InputError(f"{path}:{n} has no field {field_name!r} (has: {keys})", "set text_field to the field that holds the text: 'trtforge quantize ... "
+                             "--set text_field=KEY', or 'text_field = \"KEY\"' under [calibration] in a run recipe "
+                             "(--set calibration.text_field=KEY)")
         val = obj[field_name]
         if not isinstance(val, str):
             raise InputError(f"{path}:{n} field {field_name!r} is {type(val).__name__}, not text", "store the text as a string")

@@ -81,9 +81,14 @@ def test_existing_output_is_refused_without_force(tiny_model, tmp_path):
     (out / "keep.txt").write_text("mine")
     _one_line_error(run("export", str(tiny_model("bert")), "-o", str(out)), "already exists", "--force")
     assert (out / "keep.txt").read_text() == "mine"
-    r = run("export", str(tiny_model("bert")), "-o", str(out), "--force")
-    assert r.exit_code == 0, r.output
-    assert not (out / "keep.txt").exists() and (out / "model.onnx").exists()
+    # --force replaces what trtforge wrote, never a folder of the user's own files (issue 12)
+    _one_line_error(run("export", str(tiny_model("bert")), "-o", str(out), "--force"), "did not write", "move those files")
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    for _ in range(2):  # an empty folder, then trtforge's own artifact: both replaced with --force
+        r = run("export", str(tiny_model("bert")), "-o", str(out), "--force")
+        assert r.exit_code == 0, r.output
+        assert (out / "model.onnx").exists()
     assert leftovers(tmp_path) == []
 
 
