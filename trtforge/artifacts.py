@@ -87,6 +87,36 @@ def file_table(folder: Path) -> dict[str, str]:
     }
 
 
+def file_stats(folder: Path) -> dict[str, list[int]]:
+    """[size, mtime_ns] of every file in an artifact folder except the manifest: the fast check."""
+    return {
+        str(p.relative_to(folder)): [p.stat().st_size, p.stat().st_mtime_ns]
+        for p in sorted(Path(folder).rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+def verify_files(folder: Path, recorded: dict[str, str], stats: dict[str, list[int]] | None = None, *,
+                 deep: bool = False) -> list[str]:
+    """What differs between ``folder`` and the file table its manifest recorded (empty: intact).
+
+    Sizes and modification times recorded with the table (``stats``) are the fast check; a file
+    whose size or time differs, or every file with ``deep`` (or without ``stats``), is hashed.
+    """
+    folder = Path(folder)
+    now = file_stats(folder)
+    problems = []
+    for name in sorted(set(recorded) - set(now)):
+        problems.append(f"{name} is missing")
+    for name in sorted(set(now) - set(recorded)):
+        problems.append(f"{name} was added")
+    for name in sorted(set(recorded) & set(now)):
+        same_stat = stats is not None and stats.get(name) == now[name]
+        if (deep or not same_stat) and sha256_file(folder / name) != recorded[name]:
+            problems.append(f"{name} changed")
+    return problems
+
+
 # --------------------------------------------------------------------------- JSON
 
 

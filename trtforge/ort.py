@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from trtforge._deps import require
+from trtforge.errors import InputError
 
 # ONNX Runtime fuses DequantizeLinear(int4, block) + MatMul into MatMulNBits and, at its default
 # accuracy level 4, quantizes the activations to int8 on the fly: W4A16 would then be measured
@@ -35,7 +36,23 @@ def session(
     available = ort.get_available_providers()
     provs = [p for p in (providers or ["CPUExecutionProvider"]) if p in available] or ["CPUExecutionProvider"]
     src = model if isinstance(model, bytes) else os.fspath(model)
-    return ort.InferenceSession(src, so, providers=provs)
+    try:
+        return ort.InferenceSession(src, so, providers=provs)
+    except Exception as exc:
+        # A truncated or foreign file: ONNX Runtime raises InvalidProtobuf / Fail / NoSuchFile
+        # (onnxruntime.capi.onnxruntime_pybind11_state); name the file, not the binding.
+        kind = type(exc).__name__
+        if kind in ("InvalidProtobuf", "NoSuchFile", "InvalidGraph") or (kind == "Fail" and _unreadable(str(exc))):
+            where = "the given model bytes" if isinstance(model, bytes) else str(model)
+            first = (str(exc).splitlines() or [""])[0][:160]
+            raise InputError(f"ONNX Runtime cannot load {where} ({kind}: {first})",
+                             "the file is truncated, corrupt or not ONNX; re-run the stage that wrote it") from None
+        raise
+
+
+def _unreadable(msg: str) -> bool:
+    m = msg.lower()
+    return any(w in m for w in ("protobuf", "parse", "external data", "no such file", "load model", "corrupt"))
 
 
 def default_providers() -> list[str]:
