@@ -63,7 +63,7 @@ def train_llama(out: Path, data: Path, steps: int = 800, seed: int = 0) -> dict:
     import torch
     import transformers
 
-    from trtforge.tinymodels import make_tokenizer
+    from trtforge.testing.tinymodels import make_tokenizer
 
     if (out / "train.json").exists():
         return json.loads((out / "train.json").read_text())
@@ -106,12 +106,12 @@ def train_llama(out: Path, data: Path, steps: int = 800, seed: int = 0) -> dict:
 
 
 def with_outliers(src: Path, out: Path) -> Path:
-    """The same function with LLM-like activation outliers (see trtforge.tinymodels.inject_outliers)."""
+    """The same function with LLM-like activation outliers (see trtforge.testing.tinymodels.inject_outliers)."""
     import shutil
 
     import transformers
 
-    from trtforge.tinymodels import inject_outliers
+    from trtforge.testing.tinymodels import inject_outliers
 
     if (out / "config.json").exists():
         return out

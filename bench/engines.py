@@ -60,7 +60,7 @@ def _helper_quantizer():
 def make_artifacts(preset: str, work: Path, seq: int) -> tuple[dict[str, Path], str]:
     """name -> ONNX artifact folder (exports and quantized), and which quantizer made them."""
     from trtforge.exporter import DType, ExportOptions, Task, export_onnx
-    from trtforge.tinymodels import make_model
+    from trtforge.testing.tinymodels import make_model
 
     src = make_model(preset, work / "model")
     arts = {}
@@ -158,7 +158,7 @@ def append_doc(section: list[str]) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="llama-100m", help="trtforge.tinymodels preset (default llama-100m)")
+    ap.add_argument("--preset", default="llama-100m", help="trtforge.testing.tinymodels preset (default llama-100m)")
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--runs", type=int, default=20)

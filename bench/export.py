@@ -68,7 +68,7 @@ def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     llama = OUT / "llama-100m-src"
     if not (llama / "config.json").exists():  # in a child, so this process stays small
-        subprocess.run([sys.executable, "-c", "import sys; from trtforge.tinymodels import make_model; "
+        subprocess.run([sys.executable, "-c", "import sys; from trtforge.testing.tinymodels import make_model; "
                         "make_model('llama-100m', sys.argv[1])", str(llama)], check=True)
     rows = [run(minilm_dir(), "minilm", "fp32"), run(minilm_dir(), "minilm", "fp16"),
             run(llama, "llama-100m", "fp32"), run(llama, "llama-100m", "fp16")]

@@ -26,7 +26,7 @@ def prepare(d: Path) -> None:
     from trtforge.engines.trtllm import CheckpointOptions, Fp8Scheme, export_checkpoint
     from trtforge.exporter import DType, ExportOptions, export_onnx
     from trtforge.recipes import load_quant_recipe
-    from trtforge.tinymodels import make_model
+    from trtforge.testing.tinymodels import make_model
 
     repo = Path(__file__).resolve().parent.parent
     calib = [repo / "examples" / "data" / "calib-mpl-lgpl.txt"]

@@ -46,7 +46,7 @@ def quantize_section(q: dict) -> str:
                 f"{mi['seconds']:.0f} s) on {d['corpus']['source']}; final training loss {mi['final_train_loss']:.2f}. "
                 f"Evaluation: {d['evaluation']}. Calibration: {d['calibration']}. \"trained+outliers\" is the same function "
                 "with four hidden channels scaled 20-60x at every norm output (and the GEMM rows divided), the activation "
-                "outliers real LLMs have (`trtforge.tinymodels.inject_outliers`).", ""]
+                "outliers real LLMs have (`trtforge.testing.tinymodels.inject_outliers`).", ""]
         for variant in ("trained", "trained+outliers"):
             if variant not in d:
                 continue

@@ -4,7 +4,7 @@
 
 Grouped-query attention (6 query / 2 KV heads), tied embeddings and a hidden size of 96 that
 128 does not divide: the shapes real small models have. The weights carry LLM-like activation
-outliers (trtforge.tinymodels.inject_outliers) so quantization recipes behave as on real LLMs.
+outliers (trtforge.testing.tinymodels.inject_outliers) so quantization recipes behave as on real LLMs.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from trtforge.tinymodels import make_model
+from trtforge.testing.tinymodels import make_model
 
 if __name__ == "__main__":
     out = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "models" / "llama-tiny")

@@ -1,8 +1,12 @@
-"""Export stage: Hugging Face model folder -> ONNX artifact (see export.py)."""
+"""Export stage: Hugging Face model folder -> ONNX artifact (see export.py).
+
+Which model families it exports, and how, comes from the architecture registry
+(``trtforge.registry.ARCHITECTURES``, one module per family in trtforge/architectures/).
+"""
 
 from __future__ import annotations
 
-from trtforge.exporter.architectures import SUPPORTED, Task
 from trtforge.exporter.export import DType, ExportOptions, export_onnx, inspect_source
+from trtforge.vocab import Task
 
-__all__ = ["SUPPORTED", "DType", "ExportOptions", "Task", "export_onnx", "inspect_source"]
+__all__ = ["DType", "ExportOptions", "Task", "export_onnx", "inspect_source"]

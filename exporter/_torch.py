@@ -17,19 +17,20 @@ import onnx
 import torch
 import transformers
 
+from trtforge.architectures import Architecture
 from trtforge.errors import ExportError, InputError
-from trtforge.exporter.architectures import AUTO_CLASS, ArchSpec, Task
+from trtforge.vocab import Task
 
 log = logging.getLogger(__name__)
 
 
-def load_model(folder: Path, spec: ArchSpec, task: Task) -> torch.nn.Module:
+def load_model(folder: Path, arch: Architecture, task: Task) -> torch.nn.Module:
     """Load weights from a local folder, FP32, eager attention, never remote code.
 
     Eager attention exports as explicit MatMul/Softmax/MatMul, which is what Q/DQ placement on
     the attention batched matmuls and TensorRT's attention fusion patterns expect.
     """
-    auto = getattr(transformers, AUTO_CLASS[task])
+    auto = getattr(transformers, arch.auto_class[task])
     transformers.utils.logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
@@ -65,6 +66,18 @@ def load_model(folder: Path, spec: ArchSpec, task: Task) -> torch.nn.Module:
         raise InputError(f"{folder} has no classification head weights", "use --task feature-extraction")
     model.eval()
     return model
+
+
+def load_tokenizer(folder: Path):
+    """The folder's tokenizer, or None (no tokenizer files, or they fail to load: validation then
+    uses random token ids)."""
+    if not any((folder / n).exists() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")):
+        return None
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False, local_files_only=True)
+    except Exception as exc:  # a broken tokenizer must not stop the export; validation falls back
+        log.warning("tokenizer in %s failed to load (%s); validation will use random token ids", folder, exc)
+        return None
 
 
 def _benign_missing(key: str) -> bool:
@@ -128,11 +141,19 @@ class CausalLMWrapper(torch.nn.Module):
         return (out.logits, *presents)
 
 
-def build_wrapper(model: torch.nn.Module, task: Task, input_names: list[str], num_layers: int) -> torch.nn.Module:
-    if task.is_decoder:
-        w = CausalLMWrapper(model, num_layers, task == Task.CAUSAL_LM_WITH_PAST)
-    else:
+WRAPPERS = ("encoder", "causal-lm")  # the names an Architecture's ``wrapper`` may take
+
+
+def build_wrapper(model: torch.nn.Module, arch: Architecture, task: Task, input_names: list[str],
+                  num_layers: int) -> torch.nn.Module:
+    """The architecture's export wrapper (``Architecture.wrapper``) around the loaded model."""
+    if arch.wrapper == "causal-lm":
+        w: torch.nn.Module = CausalLMWrapper(model, num_layers, task == Task.CAUSAL_LM_WITH_PAST)
+    elif arch.wrapper == "encoder":
         w = EncoderWrapper(model, task, input_names)
+    else:
+        raise ExportError(f"architecture {arch.name!r} names export wrapper {arch.wrapper!r}, which the exporter lacks",
+                          f"use one of: {', '.join(WRAPPERS)}")
     # torch.onnx.export restores the module's train/eval mode afterwards; a wrapper left in
     # training mode would switch dropout back on in the model it wraps.
     return w.eval()

@@ -11,39 +11,35 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import time
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
 
+import numpy as np
 import onnx
 
-from trtforge.artifacts import (
-    OnnxArtifact,
-    atomic_output_dir,
-    base_manifest,
-    check_output_dir,
-    copy_side_files,
-    file_table,
-    hash_files,
-    sha256_file,
-    write_json,
-)
+from trtforge.architectures import Architecture
+from trtforge.artifacts import OnnxArtifact, copy_side_files, hash_files, sha256_file
 from trtforge.errors import InputError
-from trtforge.exporter.architectures import SUPPORTED, ArchSpec, Task, supported_list, task_from_architectures
+from trtforge.exporter.validate import Case, validate
+from trtforge.fp16 import convert_to_fp16
 from trtforge.graph import GraphIndex, describe_io
 from trtforge.inputs import (
     IOSpec,
-    ModelDims,
     decoder_prefill_feeds,
     dummy_inputs,
     encoder_feeds,
     io_spec,
+    pad_sequences,
     positions_from_mask,
     tokenize_batch,
 )
+from trtforge.manifest import IOInfo, ModelDims, ModelFile, SourceInfo, TensorInfo
 from trtforge.onnx_io import DATA_FILE, MODEL_FILE, check_onnx, save_model
+from trtforge.registry import ARCHITECTURES
 from trtforge.sample_text import SENTENCES
+from trtforge.stage import StageOutput
+from trtforge.vocab import Task
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +53,9 @@ class DType(str, Enum):
     FP16 = "fp16"
 
 
+OPSETS = range(14, 21)  # opsets the exporter writes: 14 to 20
+
+
 @dataclass(frozen=True)
 class ExportOptions:
     task: Task | None = None  # None: from config.json's architectures
@@ -67,6 +66,19 @@ class ExportOptions:
     tolerance: float | None = None  # None: validate.TOLERANCE[dtype]
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        # errors name the field; the CLI and recipe layers say which flag or key set it
+        if self.task is not None and not isinstance(self.task, Task):
+            object.__setattr__(self, "task", _enum(Task, self.task, "task"))
+        if not isinstance(self.dtype, DType):
+            object.__setattr__(self, "dtype", _enum(DType, self.dtype, "dtype"))
+        if isinstance(self.opset, bool) or not isinstance(self.opset, int) or self.opset not in OPSETS:
+            raise InputError(f"opset {self.opset} is not supported by the exporter",
+                             f"use an opset from {OPSETS[0]} to {OPSETS[-1]} (default 17)")
+        if self.tolerance is not None and not self.tolerance > 0:
+            raise InputError(f"tolerance {self.tolerance} must be a positive number",
+                             "leave tolerance unset for the dtype's default")
+
     def to_json(self) -> dict:
         d = asdict(self)
         d["task"] = self.task.value if self.task else None
@@ -74,16 +86,26 @@ class ExportOptions:
         return d
 
 
+def _enum(cls: type[Enum], value: object, field: str):
+    try:
+        return cls(value)
+    except ValueError:
+        raise InputError(f"{field} {value!r} is not one the exporter knows",
+                         f"use one of: {', '.join(str(m.value) for m in cls)}") from None
+
+
 @dataclass(frozen=True)
-class SourceInfo:
+class ModelSource:
+    """A checked Hugging Face model folder: its config, architecture entry, task and weights."""
+
     folder: Path
     config: dict
-    spec: ArchSpec
+    arch: Architecture
     task: Task
     weight_files: list[Path]
 
 
-def inspect_source(folder: str | Path, task: Task | None = None) -> SourceInfo:
+def inspect_source(folder: str | Path, task: Task | None = None) -> ModelSource:
     """Check a model folder before any heavy work; every problem is a one-line InputError."""
     folder = Path(folder).expanduser().resolve()
     if not folder.exists():
@@ -101,26 +123,27 @@ def inspect_source(folder: str | Path, task: Task | None = None) -> SourceInfo:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{cfg_path} is not valid JSON: {exc}", "restore the file from the model's source") from None
     model_type = config.get("model_type")
-    if model_type not in SUPPORTED:
+    arch = ARCHITECTURES.find(model_type) if isinstance(model_type, str) else None
+    if arch is None:
+        known = ", ".join(ARCHITECTURES.names())
         if config.get("auto_map"):
             raise InputError(
                 f"model type {model_type!r} needs remote code from the model folder (auto_map in config.json), "
                 "which trtforge never runs",
-                f"use a model of a supported architecture: {supported_list()}",
+                f"use a model of a supported architecture: {known}",
             )
         raise InputError(
             f"unsupported architecture {model_type!r} ({', '.join(config.get('architectures') or []) or 'no architectures listed'})",
-            f"supported model types: {supported_list()}",
+            f"supported model types: {known}",
         )
     if config.get("auto_map"):
         log.warning("config.json has auto_map; ignoring it and using transformers' own %s code", model_type)
-    spec = SUPPORTED[model_type]
     if task is None:
-        task = task_from_architectures(spec, config.get("architectures"))
-    elif task not in spec.tasks:
+        task = arch.task_for(config.get("architectures"))
+    elif task not in arch.tasks:
         raise InputError(
             f"task {task.value!r} is not supported for {model_type}",
-            f"use one of: {', '.join(t.value for t in spec.tasks)}",
+            f"use one of: {', '.join(t.value for t in arch.tasks)}",
         )
     weights = sorted(p for pat in WEIGHT_PATTERNS for p in folder.glob(pat))
     if not weights:
@@ -128,19 +151,7 @@ def inspect_source(folder: str | Path, task: Task | None = None) -> SourceInfo:
             f"{folder} has no weight files (*.safetensors or pytorch_model*.bin)",
             "copy the weights into the folder",
         )
-    return SourceInfo(folder, config, spec, task, weights)
-
-
-def _load_tokenizer(folder: Path):
-    if not any((folder / n).exists() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")):
-        return None
-    try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False, local_files_only=True)
-    except Exception as exc:  # a broken tokenizer must not stop the export; validation falls back
-        log.warning("tokenizer in %s failed to load (%s); validation will use random token ids", folder, exc)
-        return None
+    return ModelSource(folder, config, arch, task, weights)
 
 
 def pad_token_id(tokenizer, config: dict) -> int:
@@ -161,119 +172,103 @@ def export_onnx(
     source: str | Path, out: str | Path, options: ExportOptions = ExportOptions(), *, force: bool = False
 ) -> OnnxArtifact:
     """Export ``source`` to ONNX in ``out``; returns the artifact. See module docstring."""
-    t_start = time.perf_counter()
     src = inspect_source(source, options.task)
-    out = check_output_dir(Path(out), force=force)
-    if not 14 <= options.opset <= 20:
-        raise InputError(f"opset {options.opset} is not supported by the exporter", "use an opset from 14 to 20 (default 17)")
-    if src.folder == out or src.folder in out.parents:
-        raise InputError(f"output folder {out} is inside the model folder", "write the export somewhere else")
+    stage = StageOutput(out, stage="export", kind="onnx", force=force)
+    if src.folder == stage.path or src.folder in stage.path.parents:
+        raise InputError(f"output folder {stage.path} is inside the model folder", "write the export somewhere else")
 
     from trtforge.exporter import _torch  # heavy: torch + transformers
 
     dims = ModelDims.from_config(src.config)
-    tokenizer = _load_tokenizer(src.folder)
+    tokenizer = _torch.load_tokenizer(src.folder)
     with_tt = (
         "token_type_ids" in getattr(tokenizer, "model_input_names", [])
         if tokenizer is not None
         else int(src.config.get("type_vocab_size", 0) or 0) > 1
-    ) and src.spec.family != "decoder"
+    ) and not src.arch.is_decoder
     io = io_spec(src.task, dims, with_tt)
 
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
-    model = _torch.load_model(src.folder, src.spec, src.task)
-    timings["load_s"] = time.perf_counter() - t
-    wrapper = _torch.build_wrapper(model, src.task, io.input_names, dims.num_layers)
+    with stage.timed("load_s"):
+        model = _torch.load_model(src.folder, src.arch, src.task)
+    wrapper = _torch.build_wrapper(model, src.arch, src.task, io.input_names, dims.num_layers)
 
-    with atomic_output_dir(out, force=force) as tmp:
+    with stage.open() as tmp:
         raw_dir = tmp / "_raw"
         raw_dir.mkdir()
-        t = time.perf_counter()
-        proto, weights_how = _torch.export(wrapper, dummy_inputs(src.task, dims, io, options.seed), raw_dir / MODEL_FILE,
-                                           io.output_names, io.dynamic_axes, options.opset)
-        timings["export_s"] = time.perf_counter() - t
+        with stage.timed("export_s"):
+            proto, weights_how = _torch.export(wrapper, dummy_inputs(src.task, dims, io, options.seed),
+                                               raw_dir / MODEL_FILE, io.output_names, io.dynamic_axes, options.opset)
 
         # PyTorch's outputs for validation now, then free the model: the weights are never held
         # three times (module, graph, serialized bytes) while the graph is saved.
         expected: dict = {}
-        cases: list = []
+        cases: list[Case] = []
         if options.validate:
-            t = time.perf_counter()
-            cases = validation_cases(src, io, dims, tokenizer)
-            expected = {id(c.feeds): _torch.run(wrapper, c.feeds, io.output_names) for c in cases}
-            timings["validate_s"] = time.perf_counter() - t
+            with stage.timed("validate_s"):
+                cases = validation_cases(src, io, dims, tokenizer)
+                expected = {id(c.feeds): _torch.run(wrapper, c.feeds, io.output_names) for c in cases}
         del wrapper, model
         gc.collect()
 
-        t = time.perf_counter()
-        proto = name_weights(proto)
-        if options.dtype == DType.FP16:
-            from trtforge.fp16 import convert_to_fp16
+        with stage.timed("postprocess_s"):
+            proto = name_weights(proto)
+            if options.dtype == DType.FP16:
+                proto = convert_to_fp16(proto)
+            proto.producer_name = "trtforge"
+            proto.doc_string = f"{src.config.get('model_type')} {src.task.value} exported by trtforge"
+            external = save_model(proto, tmp / MODEL_FILE, force_external=options.external_data)
+            inputs, outputs = describe_io(proto.graph.input), describe_io(proto.graph.output)
+            opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+            del proto
+            for p in raw_dir.iterdir():
+                p.unlink()
+            raw_dir.rmdir()
 
-            proto = convert_to_fp16(proto)
-        proto.producer_name = "trtforge"
-        proto.doc_string = f"{src.config.get('model_type')} {src.task.value} exported by trtforge"
-        external = save_model(proto, tmp / MODEL_FILE, force_external=options.external_data)
-        io_desc = {"inputs": describe_io(proto.graph.input), "outputs": describe_io(proto.graph.output)}
-        opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-        del proto
-        for p in raw_dir.iterdir():
-            p.unlink()
-        raw_dir.rmdir()
-        timings["postprocess_s"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        check_onnx(tmp / MODEL_FILE)
-        timings["check_s"] = time.perf_counter() - t
+        with stage.timed("check_s"):
+            check_onnx(tmp / MODEL_FILE)
 
         side = copy_side_files(src.folder, tmp)
 
         validation: dict = {"skipped": True}
         if options.validate:
-            from trtforge.exporter.validate import validate
+            with stage.timed("validate_s"):
+                validation = validate(tmp / MODEL_FILE, cases, expected, io.output_names, options.dtype.value,
+                                      options.tolerance)
+                validation["inputs"] = "real tokens" if tokenizer is not None else "random token ids (no tokenizer in folder)"
 
-            t = time.perf_counter()
-            validation = validate(tmp / MODEL_FILE, cases, expected, io.output_names, options.dtype.value, options.tolerance)
-            validation["inputs"] = "real tokens" if tokenizer is not None else "random token ids (no tokenizer in folder)"
-            timings["validate_s"] += time.perf_counter() - t
-
-        manifest = base_manifest("export", "onnx")
-        manifest["source"] = {
-            "path": str(src.folder),
-            "architecture": (src.config.get("architectures") or [src.config["model_type"]])[0],
-            "model_type": src.config["model_type"],
-            "family": src.spec.family,
-            "task": src.task.value,
-            "weight_files": [p.name for p in src.weight_files],
-            "weights_sha256": hash_files(src.weight_files),
-            "config_sha256": sha256_file(src.folder / "config.json"),
-        }
-        manifest["model"] = {
-            "file": MODEL_FILE,
-            "external_data": DATA_FILE if external else None,
-            "opset": opset,
-            "dtype": options.dtype.value,
-            "exporter": "torch.onnx.export(dynamo=False)",
-            "weights": weights_how,
-        }
-        manifest["dims"] = asdict(dims)
-        manifest["io"] = {
-            **io_desc,
-            "dynamic_axes": {n: {str(k): v for k, v in ax.items()} for n, ax in io.dynamic_axes.items()},
-            "padding_side": src.spec.padding_side,
-            "pad_token_id": pad_token_id(tokenizer, src.config),
-        }
-        manifest["tokenizer"] = {"files": [f for f in side if f != "config.json"], "loaded": tokenizer is not None}
-        manifest["options"] = options.to_json()
-        manifest["validation"] = validation
-        timings["total_s"] = time.perf_counter() - t_start
-        manifest["timings"] = {k: round(v, 3) for k, v in timings.items()}
-        manifest["versions"].update(_torch.library_versions())
-        manifest["files"] = file_table(tmp)
-        write_json(tmp / "manifest.json", manifest)
-    log.info("exported %s (%s, %s) to %s in %.1fs", src.folder.name, src.task.value, options.dtype.value, out, timings["total_s"])
-    return OnnxArtifact.open(out)
+        m = stage.manifest
+        m.source = SourceInfo(
+            path=str(src.folder),
+            architecture=(src.config.get("architectures") or [src.config["model_type"]])[0],
+            model_type=src.config["model_type"],
+            family=src.arch.family,
+            task=src.task,
+            weight_files=[p.name for p in src.weight_files],
+            weights_sha256=hash_files(src.weight_files),
+            config_sha256=sha256_file(src.folder / "config.json"),
+        )
+        m.model = ModelFile(
+            file=MODEL_FILE,
+            external_data=DATA_FILE if external else None,
+            opset=opset,
+            dtype=options.dtype.value,
+            extra={"exporter": "torch.onnx.export(dynamo=False)", "weights": weights_how},
+        )
+        m.dims = dims
+        m.io = IOInfo(
+            inputs=[TensorInfo(**t) for t in inputs],
+            outputs=[TensorInfo(**t) for t in outputs],
+            dynamic_axes={n: {str(k): v for k, v in ax.items()} for n, ax in io.dynamic_axes.items()},
+            padding_side=src.arch.padding_side,
+            pad_token_id=pad_token_id(tokenizer, src.config),
+        )
+        m.set("tokenizer", {"files": [f for f in side if f != "config.json"], "loaded": tokenizer is not None})
+        m.set("options", options.to_json())
+        m.set("validation", validation)
+        m.versions.update(_torch.library_versions())
+    log.info("exported %s (%s, %s) to %s in %.1fs", src.folder.name, src.task.value, options.dtype.value, stage.path,
+             m.timings["total_s"])
+    return OnnxArtifact.open(stage.path)
 
 
 def name_weights(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -316,15 +311,11 @@ def name_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def validation_cases(src: SourceInfo, io: IOSpec, dims: ModelDims, tokenizer) -> list:
+def validation_cases(src: ModelSource, io: IOSpec, dims: ModelDims, tokenizer) -> list[Case]:
     """At least two shapes from real tokens: one row unpadded, then a padded batch of three
     (right-padded for encoders, left-padded for decoders); decoders with past also a decode step."""
-    import numpy as np
-
-    from trtforge.exporter.validate import Case
-
     pad_id = pad_token_id(tokenizer, src.config)
-    side = src.spec.padding_side
+    side = src.arch.padding_side
     max_len = min(dims.max_positions, 64)
     texts_a = [SENTENCES[0]]
     texts_b = [SENTENCES[4], SENTENCES[3], SENTENCES[1]]  # long, very short, medium: real padding
@@ -332,8 +323,6 @@ def validation_cases(src: SourceInfo, io: IOSpec, dims: ModelDims, tokenizer) ->
         a = tokenize_batch(tokenizer, texts_a, side, max_len, pad_id)
         b = tokenize_batch(tokenizer, texts_b, side, max_len, pad_id)
     else:
-        from trtforge.inputs import pad_sequences
-
         rng = np.random.default_rng(0)
         hi = dims.vocab_size
 

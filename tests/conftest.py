@@ -38,7 +38,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """tiny_model("llama", outliers=True) -> folder with config, safetensors and tokenizer."""
-    from trtforge.tinymodels import make_model
+    from trtforge.testing.tinymodels import make_model
 
     cache: dict = {}
     root = tmp_path_factory.mktemp("models")

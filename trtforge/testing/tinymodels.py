@@ -1,4 +1,4 @@
-"""Tiny Hugging Face models with real tokenizers, built from configs in code.
+"""Tiny Hugging Face models with real tokenizers, built from configs in code (test helpers).
 
 Used by the tests, the examples and the benchmarks: no model hub is reachable, so every model
 except the packaged all-MiniLM-L6-v2 is made here, with a fixed seed. Shapes are deliberately
@@ -23,6 +23,9 @@ PRESETS: dict[str, tuple[str, dict, str]] = {
                           max_position_embeddings=128, type_vocab_size=2), "base"),
     "bert-cls": ("bert", dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=4, intermediate_size=200,
                               max_position_embeddings=128, type_vocab_size=2, num_labels=3), "cls"),
+    # RoBERTa counts positions from pad_token_id + 1, so it needs two positions more than BERT.
+    "roberta": ("roberta", dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=4, intermediate_size=200,
+                                max_position_embeddings=130, type_vocab_size=1), "base"),
     "gpt2": ("gpt2", dict(n_embd=96, n_layer=2, n_head=4, n_positions=128), "lm"),
     # GQA (6 query heads, 2 kv heads), tied embeddings, hidden 96 / intermediate 160: neither
     # divisible by 128, so INT4 block sizes must fall back.
@@ -44,7 +47,7 @@ PRESETS: dict[str, tuple[str, dict, str]] = {
 def corpus() -> list[str]:
     """Text to train tiny tokenizers on: the packaged example data plus the sample sentences."""
     texts = list(SENTENCES)
-    data = Path(__file__).resolve().parent.parent / "examples" / "data"
+    data = Path(__file__).resolve().parents[2] / "examples" / "data"  # a source checkout
     # held-out evaluation text (eval-*.txt) never trains a tokenizer
     for p in sorted(data.glob("calib-*.txt")) if data.is_dir() else []:
         texts += [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
