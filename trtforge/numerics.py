@@ -13,7 +13,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
-from trtforge.calibration.recipe import Precision
+from trtforge.vocab import Precision
 
 QMAX = {Precision.INT8: 127.0, Precision.FP8: 448.0, Precision.INT4: 7.0}
 FP8 = ml_dtypes.float8_e4m3fn
