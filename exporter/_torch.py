@@ -17,7 +17,7 @@ import onnx
 import torch
 import transformers
 
-from trtforge.architectures import Architecture
+from trtforge.architectures import Architecture, NormKind
 from trtforge.errors import ExportError, InputError
 from trtforge.vocab import Task
 
@@ -109,6 +109,13 @@ class CausalLMWrapper(torch.nn.Module):
     transformers' DynamicCache cannot be exported directly by either torch exporter with the
     versions we pin; the wrapper builds one from ``past_key_values.N.key/value`` inputs and
     returns ``present.N.key/value``. An empty past (length 0) is a prefill.
+
+    The cache is built without the model config, so every layer is a full-length DynamicLayer,
+    sliding-window ones included (Gemma 3): ``present`` is always ``past + new`` positions long and
+    the window is applied by the mask transformers builds from the cache indices
+    (``kv_idx > q_idx - window``). transformers' own cache for such a layer keeps only the last
+    ``window - 1`` positions; attention over them is the same (tests/exporter/test_new_families.py
+    decodes past the window against ``generate()``).
     """
 
     def __init__(self, model: torch.nn.Module, num_layers: int, with_past: bool) -> None:
@@ -144,9 +151,53 @@ class CausalLMWrapper(torch.nn.Module):
 WRAPPERS = ("encoder", "causal-lm")  # the names an Architecture's ``wrapper`` may take
 
 
+class PlusOneRMSNorm(torch.nn.Module):
+    """Gemma's ``x / rms(x) * (1 + w)`` with ``1 + w`` held as one parameter, ``weight_plus_one``.
+
+    Left to itself the TorchScript exporter folds ``1 + w`` into an anonymous constant
+    (``onnx::Mul_1542``) that cannot be traced back to the module's weight, so the parameters
+    could not be attached and the export fell back to embedding them (about 5x the weights in
+    memory). With the sum as the parameter, the graph's norm is the plain RMSNorm pattern whose
+    scale initializer is ``<module>.weight_plus_one``: SmoothQuant and AWQ fold into it exactly
+    (``S / s``), and the name says that the Hugging Face weight is ``S - 1``.
+    """
+
+    def __init__(self, norm: torch.nn.Module) -> None:
+        super().__init__()
+        self.eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
+        self.weight_plus_one = torch.nn.Parameter(1.0 + norm.weight.detach().float(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * self.weight_plus_one).type_as(x)
+
+
+def fold_plus_one_norms(model: torch.nn.Module) -> int:
+    """Replace every (1 + w) RMSNorm of a ``NormKind.RMSNORM_PLUS_ONE`` model by
+    :class:`PlusOneRMSNorm`; each replacement is checked to compute exactly what the original
+    does (a norm that is not (1 + w) fails the export instead of changing the model)."""
+    targets = [(name, mod) for name, mod in model.named_modules()
+               if type(mod).__name__.endswith("RMSNorm") and isinstance(getattr(mod, "weight", None), torch.nn.Parameter)]
+    g = torch.Generator().manual_seed(0)
+    for name, mod in targets:
+        new = PlusOneRMSNorm(mod)
+        x = torch.randn(2, 3, mod.weight.shape[-1], generator=g) * 4.0
+        with torch.no_grad():
+            same = torch.allclose(mod(x), new(x), rtol=1e-6, atol=1e-6)
+        if not same:
+            raise ExportError(f"norm {name} ({type(mod).__name__}) does not compute x / rms(x) * (1 + w)",
+                              "the architecture entry declares a (1 + w) RMSNorm this model does not have; report it")
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
+    return len(targets)
+
+
 def build_wrapper(model: torch.nn.Module, arch: Architecture, task: Task, input_names: list[str],
                   num_layers: int) -> torch.nn.Module:
     """The architecture's export wrapper (``Architecture.wrapper``) around the loaded model."""
+    if arch.norm == NormKind.RMSNORM_PLUS_ONE:
+        log.debug("folded %d (1 + w) norms into weight_plus_one parameters", fold_plus_one_norms(model))
     if arch.wrapper == "causal-lm":
         w: torch.nn.Module = CausalLMWrapper(model, num_layers, task == Task.CAUSAL_LM_WITH_PAST)
     elif arch.wrapper == "encoder":

@@ -6,6 +6,7 @@ adds one tiny export per family that has no other test (RoBERTa) and nothing els
 
 from __future__ import annotations
 
+import importlib
 import json
 import pkgutil
 import re
@@ -23,9 +24,18 @@ NAMES = ARCHITECTURES.names()
 PASSTHROUGH = {"Reshape", "Cast", "Identity"}
 
 
-def test_every_entry_module_is_registered_under_its_module_name():
-    modules = sorted(m.name for m in pkgutil.iter_modules(trtforge.architectures.__path__) if m.name != "base")
-    assert modules == NAMES
+def test_every_entry_module_registers_one_entry_under_its_module_name():
+    # gemma3.py registers gemma3_text (config.json's model_type); every other module is its name
+    owned = {}
+    for m in pkgutil.iter_modules(trtforge.architectures.__path__):
+        if m.name == "base":
+            continue
+        mod = importlib.import_module(f"trtforge.architectures.{m.name}")
+        entries = [v for v in vars(mod).values() if isinstance(v, Architecture) and ARCHITECTURES.find(v.name) is v]
+        assert len(entries) == 1, (m.name, entries)
+        assert entries[0].name == m.name or entries[0].name.startswith(m.name + "_"), (m.name, entries[0].name)
+        owned[entries[0].name] = m.name
+    assert sorted(owned) == NAMES
     for arch in ARCHITECTURES:
         assert isinstance(arch, Architecture)
         assert ARCHITECTURES.get(arch.name) is arch

@@ -6,7 +6,9 @@ graph, so the graph itself must be safe in FP16. Kept in FP32:
 
 * LayerNormalization, and the RMSNorm chain Pow/ReduceMean/Add/Sqrt/Div/Mul up to (not
   including) the multiply by the learned scale: the mean of squares of a hidden state
-  overflows FP16's 65504 as soon as one channel exceeds 256.
+  overflows FP16's 65504 as soon as one channel exceeds 256. The per-head QK-norms (Gemma 3,
+  Qwen3) are RMSNorms too; Gemma's (1 + w) norms keep their scale multiply in FP32 as well,
+  as transformers computes them (``(x * (1 + w)).to(float16)``, not ``x.to(float16) * w``).
 * Softmax and the additive mask feeding it (exp and the row sum).
 * The rotary-embedding cone from ``position_ids`` to Cos/Sin: positions beyond 2048 are not
   representable in FP16 and the angle products lose all precision.
@@ -38,7 +40,8 @@ def fp32_node_names(model: onnx.ModelProto, idx: GraphIndex | None = None) -> se
     idx = idx or GraphIndex(model)
     names: set[str] = {n.name for n in model.graph.node if n.op_type in FP32_OPS}
     for norm in find_norms(model, idx):
-        names |= {n for n in norm.nodes if n != norm.scale_node or norm.kind == "layernorm"}
+        # Gemma's (1 + w) scale multiplies in FP32 too, as its reference does ((x * w).to(fp16))
+        names |= {n for n in norm.nodes if n != norm.scale_node or norm.kind == "layernorm" or norm.plus_one}
     for node in model.graph.node:
         if node.op_type == "Softmax":
             prod = idx.producer.get(node.input[0])

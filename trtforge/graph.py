@@ -3,7 +3,8 @@
 Passes elsewhere are pure functions ``ModelProto -> ModelProto``; this module holds what they
 share: who produces and who consumes a tensor, where the normalizations are (LayerNormalization
 nodes, and RMSNorm as the Pow/ReduceMean/Add/Sqrt/Div/Mul chain the TorchScript exporter
-writes for LLaMA-family models), and unique-name generation.
+writes for LLaMA-family models, Gemma's (1 + w) variant and the per-head QK-norms of Gemma 3 and
+Qwen3 included), and unique-name generation.
 """
 
 from __future__ import annotations
@@ -90,6 +91,15 @@ class NormMatch:
     nodes: list[str] = field(default_factory=list)
     # the node whose input is the scale (LayerNormalization itself, or the final Mul)
     scale_node: str = ""
+    # Gemma's RMSNorm, x / rms(x) * (1 + w). As trtforge exports it, ``scale`` is the initializer
+    # ``<module>.weight_plus_one`` holding the sum (a fold is ``S / s``, as for any RMSNorm; the
+    # Hugging Face weight is ``S - 1``). In a graph that keeps ``Add(1, w)``, ``scale`` is w and
+    # ``scale_add`` that Add node (a fold is then ``w' = (1 + w) / s - 1``).
+    plus_one: bool = False
+    scale_add: str = ""
+    # QK-norm (Gemma 3, Qwen3): normalizes each head of a q or k projection over head_dim; its
+    # output feeds RoPE and the attention matmuls, never a weight GEMM.
+    per_head: bool = False
 
 
 def _skip_cast_forward(idx: GraphIndex, name: str) -> tuple[str, list[str]]:
@@ -166,23 +176,72 @@ def _match_rmsnorm(idx: GraphIndex, pow_node: onnx.NodeProto) -> NormMatch | Non
     nodes += casts
     wmul = idx.single_consumer(out)
     scale = None
-    scale_node = ""
+    scale_node = scale_add = ""
+    plus_one = False
     if wmul is not None and wmul.op_type == "Mul":
         other = wmul.input[1] if wmul.input[0] == out else wmul.input[0]
-        if other in idx.initializers and idx.initializers[other].data_type in (
-            TensorProto.FLOAT,
-            TensorProto.FLOAT16,
-        ):
+        if _is_float_initializer(idx, other):
             scale = other
             scale_node = wmul.name
             nodes.append(wmul.name)
             out = wmul.output[0]
+            plus_one = other.endswith(PLUS_ONE_SUFFIX)
+        else:
+            w = _plus_one_operand(idx, other)
+            if w is not None:  # Mul(normed, Add(1, w)): Gemma's norm with the sum left unfolded
+                scale, scale_node, scale_add, plus_one = w, wmul.name, idx.producer[other].name, True
+                nodes.append(wmul.name)
+                out = wmul.output[0]
     # The input may arrive through a Cast (x.to(float32)); the pattern's input is the Cast's input.
     prod = idx.producer.get(x)
     if prod is not None and prod.op_type == "Cast" and len(idx.consumers[x]) == 2:
         nodes.insert(0, prod.name)
         x = prod.input[0]
-    return NormMatch("rmsnorm", x, out, scale, None, nodes, scale_node)
+    return NormMatch("rmsnorm", x, out, scale, None, nodes, scale_node, plus_one=plus_one, scale_add=scale_add,
+                     per_head=_is_per_head(idx, x, scale))
+
+
+# The initializer name trtforge's exporter gives the folded (1 + w) of a Gemma norm.
+PLUS_ONE_SUFFIX = ".weight_plus_one"
+
+
+def _is_float_initializer(idx: GraphIndex, name: str) -> bool:
+    t = idx.initializers.get(name)
+    return t is not None and t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16)
+
+
+def _plus_one_operand(idx: GraphIndex, name: str) -> str | None:
+    """w when ``name`` is ``Add(1, w)`` (either order) of a float initializer w, else None."""
+    add = idx.producer.get(name)
+    if add is None or add.op_type != "Add" or len(add.input) != 2:
+        return None
+    for a, b in (add.input, add.input[::-1]):
+        one = idx.const_value(a)
+        if one is not None and one.size == 1 and float(one.reshape(-1)[0]) == 1.0 and _is_float_initializer(idx, b):
+            return b
+    return None
+
+
+def _is_per_head(idx: GraphIndex, x: str, scale: str | None) -> bool:
+    """True when ``x`` is a weight GEMM's output reshaped into heads (through Reshape, Transpose,
+    Cast) and the norm's scale is narrower than that output: a QK-norm over head_dim. A norm on
+    a GEMM output of its own width (Gemma's post-attention and post-feedforward norms) is not."""
+    if scale is None or scale not in idx.initializers:
+        return False
+    width = int(np.prod(idx.initializers[scale].dims))
+    reshaped = False
+    for _ in range(8):
+        p = idx.producer.get(x)
+        if p is None:
+            return False
+        if p.op_type in ("MatMul", "Gemm"):
+            w = idx.initializers.get(p.input[1]) if len(p.input) > 1 else None
+            return reshaped and w is not None and len(w.dims) == 2 and width < max(w.dims)
+        if p.op_type not in ("Reshape", "Transpose", "Cast", "Identity"):
+            return False
+        reshaped |= p.op_type == "Reshape"
+        x = p.input[0]
+    return False
 
 
 def inline_identity_initializers(model: onnx.ModelProto) -> onnx.ModelProto:

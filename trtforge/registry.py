@@ -93,7 +93,8 @@ class Registry(Generic[T]):
 
 ARCHITECTURES: Registry = Registry(
     "architecture",
-    tuple(f"trtforge.architectures.{m}" for m in ("bert", "roberta", "gpt2", "llama", "mistral", "qwen2")),
+    tuple(f"trtforge.architectures.{m}" for m in ("bert", "roberta", "gpt2", "llama", "mistral", "qwen2",
+                                                   "qwen3", "phi3", "gemma3")),
     "trtforge.architectures",
 )
 QUANT_METHODS: Registry = Registry(

@@ -36,6 +36,27 @@ PRESETS: dict[str, tuple[str, dict, str]] = {
                             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True), "lm"),
     "mistral": ("mistral", dict(hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=6,
                                 num_key_value_heads=2, max_position_embeddings=256, sliding_window=None), "lm"),
+    # QK-norm over an explicit head_dim 32 (6 x 32 = 192 != hidden 96, as in real Qwen3)
+    "qwen3": ("qwen3", dict(hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=6,
+                            num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+                            tie_word_embeddings=True), "lm"),
+    # fused qkv_proj / gate_up_proj, GQA (real Phi-3-mini has none, Phi-4-mini has 24/8) and Phi-4-mini's
+    # partial rotary (0.75 of head_dim 16: 12 rotated channels)
+    "phi3": ("phi3", dict(hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=6,
+                          num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0,
+                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                           "partial_rotary_factor": 0.75},
+                          tie_word_embeddings=False), "lm"),
+    # Gemma 3's layer mix in small: a 4-token window (so test prompts run past it), sliding and
+    # full layers with their own RoPE bases, head_dim 32 with query_pre_attn_scalar 24 (the
+    # attention scale is not head_dim ** -0.5), (1 + w) norms, QK-norm, scaled tied embeddings
+    "gemma3_text": ("gemma3_text", dict(
+        hidden_size=96, intermediate_size=160, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2,
+        head_dim=32, query_pre_attn_scalar=24, max_position_embeddings=256, sliding_window=4,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}},
+        pad_token_id=0, tie_word_embeddings=True), "lm"),
     # ~110M parameters, the LLaMA layout of SmolLM-135M with fewer layers: hidden 576 and MLP 1536
     # (128 divides neither), 9/3 GQA heads, a 49152-token vocabulary, tied embeddings.
     "llama-100m": ("llama", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=24, num_attention_heads=9,
@@ -132,7 +153,9 @@ def _randomize_norms(model, seed: int) -> None:
     with torch.no_grad():
         for mod in model.modules():
             if type(mod).__name__.endswith(("LayerNorm", "RMSNorm")) and getattr(mod, "weight", None) is not None:
-                mod.weight.mul_(0).add_(1.0 + 0.2 * torch.randn(mod.weight.shape, generator=g))
+                # Gemma's norms scale by (1 + w) and start at w = 0: spread them around 0, not 1
+                centre = 0.0 if not mod.weight.any() else 1.0
+                mod.weight.mul_(0).add_(centre + 0.2 * torch.randn(mod.weight.shape, generator=g))
                 if getattr(mod, "bias", None) is not None:
                     mod.bias.copy_(0.05 * torch.randn(mod.bias.shape, generator=g))
 
