@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,18 +22,23 @@ from typing import Any
 import numpy as np
 
 from trtforge import metrics as M
-from trtforge.artifacts import EngineArtifact, OnnxArtifact, atomic_output_dir, check_output_dir
-from trtforge.errors import InputError
+from trtforge.artifacts import Artifact
+from trtforge.errors import OptionError
 from trtforge.parity.data import build_eval_data, calibration_overlap, load_saved_inputs
 from trtforge.parity.gate import Check, evaluate, failed
 from trtforge.parity.models import ModelSide, check_compatible, make_runner, open_side, profile_limits
 from trtforge.parity.options import ParityOptions, Thresholds, load_thresholds
+from trtforge.parity.perlayer import preflight, rank_layers
 from trtforge.parity.report import build_report, write_report
 from trtforge.parity.run import run_pair
+from trtforge.stage import StageOutput
+from trtforge.vocab import Task
 
 log = logging.getLogger(__name__)
 
-ArtifactLike = str | os.PathLike[str] | OnnxArtifact | EngineArtifact
+ArtifactLike = str | os.PathLike[str] | Artifact
+# The report folder is not an artifact: it holds report.json/html/md and Polygraphy's files, no manifest.
+REPORT_KIND = "parity-report"
 
 
 @dataclass(frozen=True)
@@ -84,64 +88,54 @@ def check_parity(
     inputs: str | os.PathLike[str] | None = None,
 ) -> ParityReport:
     """Run both models, measure, gate, and write the report folder (see module docstring)."""
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
-    out_path = check_output_dir(Path(out), force=force)
+    out_dir = StageOutput(out, stage="parity", kind=REPORT_KIND, force=force, what="report folder",
+                          inputs=[_path_of(reference), _path_of(candidate)])
+    timings = out_dir.manifest.timings  # filled by out_dir.timed(); written into report.json, not a manifest
     if data and inputs:
-        raise InputError("both --data and --inputs given", "pass held-out text with --data, or a saved inputs.json with --inputs")
+        raise OptionError("both data and inputs given", "pass held-out text with data, or the input file an earlier report saved with inputs",
+                          fields=("data", "inputs"))
     ref = open_side(reference, "reference")
     cand = open_side(candidate, "candidate")
-    if out_path in (ref.artifact.path, cand.artifact.path):
-        raise InputError(f"report folder {out_path} is one of the artifacts", "choose another -o")
     thr = load_thresholds(thresholds, cand.precision)
     warnings = check_compatible(ref, cand)
     if per_layer:
-        from trtforge.parity.perlayer import preflight
-
         preflight(cand)
 
     if not inputs:
         options, notes = fit_to_engines(options, (ref, cand))
         warnings += notes
-    t = time.perf_counter()
-    ev = load_saved_inputs(inputs, ref) if inputs else build_eval_data(ref, data, options)
-    overlap = calibration_overlap(ev, cand)
+    with out_dir.timed("data_s"):
+        ev = load_saved_inputs(inputs, ref) if inputs else build_eval_data(ref, data, options)
+        overlap = calibration_overlap(ev, cand)
     warnings += ev.description["notes"] + [f"evaluation data overlaps calibration data: {r}" for r in overlap["reasons"]]
-    timings["data_s"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    ref_runner, ref_runtime = make_runner(ref)
-    cand_runner, cand_runtime = make_runner(cand)
-    timings["load_s"] = time.perf_counter() - t
+    with out_dir.timed("load_s"):
+        ref_runner, ref_runtime = make_runner(ref)
+        cand_runner, cand_runtime = make_runner(cand)
 
-    with atomic_output_dir(out_path, force=force) as tmp:
-        t = time.perf_counter()
-        outputs, run_info = run_pair([ref_runner, cand_runner], ev.feeds, tmp, save_outputs=options.save_outputs)
-        timings["inference_s"] = time.perf_counter() - t
+    with out_dir.open(write_manifest=False) as tmp:
+        with out_dir.timed("inference_s"):
+            outputs, run_info = run_pair([ref_runner, cand_runner], ev.feeds, tmp, save_outputs=options.save_outputs)
         if not run_info["polygraphy_validate_passed"]:
             warnings.append("Polygraphy's output validation found NaN or Inf (possibly on padded positions)")
 
-        t = time.perf_counter()
-        sections, dists, case_stats = measure(ref.task, ref.output_names, outputs["reference"], outputs["candidate"],
-                                              ev.feeds, options.seed)
-        timings["metrics_s"] = time.perf_counter() - t
+        with out_dir.timed("metrics_s"):
+            sections, dists, case_stats = measure(ref.task, ref.output_names, outputs["reference"],
+                                                  outputs["candidate"], ev.feeds, options.seed)
         for name, m in sections["outputs"].items():
             if m["nonfinite_reference"]:
                 warnings.append(f"the reference has {m['nonfinite_reference']} NaN/Inf values in {name} on valid "
                                 "positions; they are left out of every metric")
 
         if per_layer:
-            from trtforge.parity.perlayer import rank_layers
-
-            t = time.perf_counter()
-            sections["per_layer"] = rank_layers(ref, cand, ev, outputs["reference"], options)
-            timings["per_layer_s"] = time.perf_counter() - t
+            with out_dir.timed("per_layer_s"):
+                sections["per_layer"] = rank_layers(ref, cand, ev, outputs["reference"], options)
 
         checks = evaluate(sections, thr)
         passed = all(c.passed for c in checks)
         for c in ev.cases:
             c["outputs"] = case_stats.pop(0)
-        timings["total_s"] = time.perf_counter() - t_start
+        timings["total_s"] = out_dir.elapsed()
         content = build_report(
             passed=passed, checks=checks, thresholds=thr, ref=ref, cand=cand, ref_runtime=ref_runtime,
             cand_runtime=cand_runtime, data=ev, overlap=overlap, sections=sections, distributions=dists,
@@ -149,8 +143,12 @@ def check_parity(
         )
         write_report(tmp, content)
     log.info("parity %s: %d/%d checks passed; report in %s", "PASSED" if passed else "FAILED",
-             sum(c.passed for c in checks), len(checks), out_path)
-    return ParityReport(out_path, passed, tuple(checks), content)
+             sum(c.passed for c in checks), len(checks), out_dir.path)
+    return ParityReport(out_dir.path, passed, tuple(checks), content)
+
+
+def _path_of(side: ArtifactLike) -> Path:
+    return side.path if hasattr(side, "path") else Path(side)
 
 
 def fit_to_engines(options: ParityOptions, sides: Sequence[ModelSide]) -> tuple[ParityOptions, list[str]]:
@@ -175,7 +173,7 @@ def fit_to_engines(options: ParityOptions, sides: Sequence[ModelSide]) -> tuple[
 
 
 def measure(
-    task: str,
+    task: Task,
     output_names: Sequence[str],
     ref_out: Sequence[dict[str, np.ndarray]],
     cand_out: Sequence[dict[str, np.ndarray]],
@@ -202,12 +200,12 @@ def measure(
                 "max_abs_err": float(dv[ok].max()) if ok.any() else 0.0,
                 "snr_db": M.snr_db(float(np.square(rv[ok]).sum()), float(np.square(dv[ok]).sum())),
             }
-        if name == "logits" and task != "feature-extraction":
+        if name == "logits" and task != Task.FEATURE_EXTRACTION:
             sections["logits"], d = M.logits_metrics(refs, cands, valids)
             dists.update(d)
-            if task in ("causal-lm", "causal-lm-with-past"):
+            if Task(task).is_decoder:
                 sections["perplexity"] = M.perplexity(refs, cands, feeds)
-        if name == "last_hidden_state" and task == "feature-extraction":
+        if name == "last_hidden_state" and task == Task.FEATURE_EXTRACTION:
             sections["embeddings"], d = M.embedding_metrics(refs, cands, feeds)
             dists.update(d)
     return sections, dists, case_stats

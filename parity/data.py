@@ -26,13 +26,23 @@ import numpy as np
 
 from trtforge.artifacts import sha256_file
 from trtforge.errors import CalibrationError, InputError, ParityError
+from trtforge.inputs import IOSpec, decoder_prefill_feeds, encoder_feeds, pad_sequences
 from trtforge.parity.models import ModelSide
 from trtforge.parity.options import ParityOptions
+from trtforge.parity.run import quiet_polygraphy
+from trtforge.sample_text import SENTENCES
+from trtforge.textdata import (
+    JSONL_SUFFIXES,
+    TEXT_SUFFIXES,
+    build_samples,
+    load_tokenizer,
+    read_documents,
+    split_sentences,
+)
 
 log = logging.getLogger(__name__)
 
 BUILTIN = "builtin:trtforge.sample_text"
-_DECODER_TASKS = ("causal-lm", "causal-lm-with-past")
 
 
 @dataclass
@@ -70,15 +80,6 @@ def describe_cases(feeds: Sequence[dict[str, np.ndarray]], padding_side: str) ->
 
 def build_eval_data(side: ModelSide, paths: Sequence[str | Path] | None, options: ParityOptions) -> EvalData:
     """Tokenize held-out text with the side's tokenizer and cut it into batches (module docstring)."""
-    from trtforge.inputs import (
-        IOSpec,
-        ModelDims,
-        decoder_prefill_feeds,
-        encoder_feeds,
-        pad_sequences,
-    )
-    from trtforge.textdata import build_samples, load_tokenizer, read_documents, split_sentences
-
     folder = side.tokenizer_dir()
     if folder is None:
         raise ParityError(
@@ -86,16 +87,14 @@ def build_eval_data(side: ModelSide, paths: Sequence[str | Path] | None, options
             "re-export it from a model folder with a tokenizer, or pass --inputs with saved Polygraphy inputs",
         )
     tokenizer = load_tokenizer(folder)
-    dims = ModelDims(**side.dims)
-    decoder = side.task in _DECODER_TASKS
+    dims = side.dims
+    decoder = side.task.is_decoder
     max_len = min(options.max_len, dims.max_positions)
     notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="trtforge-parity-data-") as tmp:
         if paths:
             files = [Path(p).expanduser() for p in paths]
         else:
-            from trtforge.sample_text import SENTENCES
-
             files = [Path(tmp) / "builtin-sentences.txt"]
             files[0].write_text("\n\n".join(SENTENCES) + "\n", encoding="utf-8")
             notes.append(f"no --data given: used the {len(SENTENCES)} built-in sample sentences; pass held-out "
@@ -123,7 +122,7 @@ def build_eval_data(side: ModelSide, paths: Sequence[str | Path] | None, options
             seqs[i] = seqs[i][: int(rng.integers(min(options.min_len, max_len), max_len + 1))]
     names = side.input_names
     io = IOSpec(names, side.output_names, past_names=[n for n in names if n.startswith("past_key_values.")])
-    past_dtype = next((np.dtype(i["dtype"]) for i in side.io["inputs"] if i["name"] in io.past_names), np.float32)
+    past_dtype = next((np.dtype(t.dtype) for t in side.io.inputs if t.name in io.past_names), np.float32)
     feeds: list[dict[str, np.ndarray]] = []
     start = 0
     for size in itertools.cycle(options.batch_sizes):
@@ -155,8 +154,6 @@ def build_eval_data(side: ModelSide, paths: Sequence[str | Path] | None, options
 
 def _expand(files: list[Path]) -> list[Path]:
     """Folders given as --data stand for the text files in them (as read_documents reads them)."""
-    from trtforge.textdata import JSONL_SUFFIXES, TEXT_SUFFIXES
-
     out: list[Path] = []
     for p in files:
         if p.is_dir():
@@ -174,8 +171,6 @@ def load_saved_inputs(path: str | Path, side: ModelSide) -> EvalData:
     if not p.is_file():
         raise InputError(f"inputs file {p} does not exist", "pass the inputs.json of an earlier parity report")
     try:
-        from trtforge.parity.run import quiet_polygraphy
-
         with quiet_polygraphy():
             loaded = load_json(str(p), description="input data")
     except Exception as exc:  # Polygraphy raises its own exception type on malformed files
@@ -212,7 +207,7 @@ def calibration_overlap(data: EvalData, candidate: ModelSide) -> dict[str, Any]:
     q = candidate.quantization
     if not q:
         return {"checked": False, "overlaps": False, "reasons": [], "note": "the candidate is not quantized"}
-    calib = q.get("calibration") or {}
+    calib = q.calibration or {}
     reasons: list[str] = []
     if calib.get("sha256") and calib.get("sha256") == data.description.get("samples_sha256"):
         reasons.append("the evaluation samples are the calibration samples (same sha256)")
@@ -220,8 +215,6 @@ def calibration_overlap(data: EvalData, candidate: ModelSide) -> dict[str, Any]:
     our_paths = {s["path"] for s in data.description["sources"]}
     ours_norm = {_norm(s) for s in data.sentences if len(s.split()) >= 5}
     unreadable = []
-    from trtforge.textdata import read_documents, split_sentences
-
     for entry in calib.get("sources") or []:
         raw = entry.get("path") if isinstance(entry, dict) else entry
         if not isinstance(raw, str):

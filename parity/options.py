@@ -22,7 +22,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from trtforge.errors import InputError
+from trtforge.errors import InputError, OptionError
 from trtforge.vocab import Precision
 
 
@@ -158,9 +158,10 @@ def load_thresholds(spec: str | os.PathLike[str] | Thresholds | None, precision:
         return Thresholds.preset(text)
     path = Path(text).expanduser()
     if not path.is_file():
-        raise InputError(
-            f"--thresholds {text!r} is neither a preset nor an existing file",
+        raise OptionError(
+            f"thresholds {text!r} is neither a preset nor an existing file",
             f"use one of {', '.join(p.value for p in Preset)} or the path of a .toml/.json file",
+            fields=("thresholds",),
         )
     return _read_file(path, precision)
 
@@ -221,15 +222,17 @@ class ParityOptions:
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
-            raise InputError(f"num_samples must be at least 1 (got {self.num_samples})", "pass --num-samples 1 or more")
+            raise OptionError(f"num_samples must be at least 1 (got {self.num_samples})", "use 1 or more",
+                              fields=("num_samples",))
         if self.max_len < 2 or self.min_len < 2 or self.min_len > self.max_len:
-            raise InputError(
-                f"text lengths {self.min_len}..{self.max_len} are not usable", "use 2 <= min_len <= max_len"
-            )
+            raise OptionError(f"text lengths {self.min_len}..{self.max_len} are not usable",
+                              "use 2 <= min_len <= max_len", fields=("min_len", "max_len"))
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
-            raise InputError(f"batch sizes {self.batch_sizes} are not usable", "give positive batch sizes, e.g. 1,4,8")
+            raise OptionError(f"batch_sizes {self.batch_sizes} are not usable", "give positive batch sizes, e.g. 1,4,8",
+                              fields=("batch_sizes",))
         if self.per_layer_samples < 1:
-            raise InputError("per_layer_samples must be at least 1", "pass a positive number")
+            raise OptionError("per_layer_samples must be at least 1", "pass a positive number",
+                              fields=("per_layer_samples",))
 
     def to_json(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

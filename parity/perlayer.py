@@ -19,88 +19,82 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from trtforge import metrics as M
-from trtforge.artifacts import sha256_file
+from trtforge.artifacts import OnnxArtifact, sha256_file
 from trtforge.errors import ParityError
+from trtforge.manifest import MANIFEST, Manifest, QuantizationInfo, Upstream
+from trtforge.onnx_io import load_model
+from trtforge.ort import session
 from trtforge.parity.data import EvalData
 from trtforge.parity.models import ModelSide
 from trtforge.parity.options import ParityOptions
+from trtforge.requantize import QuantizeOne, layer_quantizer
+from trtforge.vocab import Task
 
 log = logging.getLogger(__name__)
 
 METHOD = "quantize one layer at a time"
 SUGGEST_RULE = ("layers whose share is at least twice the average, in rank order, until they cover half of the "
                 "error; at most 10 % of the quantized layers")
+RANGES_FILE = "ranges.json"  # what the quantize stage saves when its manifest does not name the file
 
 
-def _quantization_home(cand: ModelSide) -> tuple[Path, dict]:
+def _quantization_home(cand: ModelSide) -> tuple[Path, Manifest, QuantizationInfo]:
     """The folder and manifest of the quantize stage's output: the candidate itself, or (for a
     build, which carries the quantization record but not the ranges) the artifact it came from."""
-    quantized = [(f, m) for f, m in cand.lineage if m.get("quantization")]
+    quantized = [(f, m, m.quantization) for f, m in cand.lineage if m.quantization is not None]
     if not quantized:
         raise ParityError("--per-layer needs a quantized candidate, and this one has no quantization in its manifest",
                           "pass the folder written by 'trtforge quantize' (or a build of it)")
-    for folder, manifest in quantized:
-        if (folder / manifest["quantization"].get("ranges_file", "ranges.json")).is_file():
-            return folder, manifest
+    for folder, manifest, q in quantized:
+        if _ranges_path(folder, q).is_file():
+            return folder, manifest, q
     return quantized[-1]
+
+
+def _ranges_path(folder: Path, q: QuantizationInfo) -> Path:
+    return folder / (q.get("ranges_file") or RANGES_FILE)
+
+
+def _float_upstream(manifest: Manifest) -> Upstream:
+    """The float model the quantize stage started from (its manifest's origin)."""
+    up = manifest.origin
+    if up is None or not (up.folder / MANIFEST).is_file():
+        raise ParityError(f"--per-layer re-quantizes the float model the candidate came from, and "
+                          f"{up.path if up else None} is missing", "keep the export folder the candidate was quantized from")
+    return up
 
 
 def preflight(cand: ModelSide) -> None:
     """Fail before any inference when --per-layer cannot run for this candidate."""
-    folder, manifest = _quantization_home(cand)
-    q = manifest["quantization"]
-    up = (q.get("upstream") or {}).get("path")
-    if not up or not (Path(up) / "manifest.json").is_file():
-        raise ParityError(f"--per-layer re-quantizes the float model the candidate came from, and {up} is missing",
-                          "keep the export folder the candidate was quantized from")
-    quantizer(folder, manifest)
+    folder, manifest, q = _quantization_home(cand)
+    _float_upstream(manifest)
+    quantizer(folder, manifest, q)
 
 
-def quantizer(folder: Path, manifest: dict) -> Callable[[Any, str], Any]:
-    """Adapter to the quantize stage: returns ``f(float_model, node)`` -> the float model with
-    only ``node`` quantized, as the candidate's recipe and saved ranges quantize it. Every use of
-    the quantize stage's API is in this function."""
-    try:
-        from trtforge.calibration import ActivationRanges, QuantRecipe, quantize_model
-    except ImportError as exc:
-        raise ParityError(f"--per-layer needs trtforge.calibration.quantize_model, which is not available ({exc})",
-                          "update trtforge, or run parity without --per-layer") from None
-    q = manifest["quantization"]
-    ranges_path = folder / q.get("ranges_file", "ranges.json")
+def quantizer(folder: Path, manifest: Manifest, q: QuantizationInfo) -> QuantizeOne:
+    """``f(float_model, node)`` -> the float model with only ``node`` quantized, as the
+    candidate's recipe and saved ranges quantize it: the quantize stage's implementation,
+    reached through the core hook trtforge.requantize (parity never imports calibration)."""
+    ranges_path = _ranges_path(folder, q)
     if not ranges_path.is_file():
         raise ParityError(f"--per-layer needs the candidate's saved ranges, and {ranges_path} is missing",
                           "re-run 'trtforge quantize' to write them")
-    recipe = QuantRecipe.from_dict(q["recipe"], source=f"{folder / 'manifest.json'}")
-    ranges = ActivationRanges.load(ranges_path)
-    dtype = q.get("dtype") or (manifest.get("model") or {}).get("dtype")
-
-    def only(float_model: Any, node: str) -> Any:
-        try:
-            model, _ = quantize_model(float_model, recipe, ranges, dims=manifest.get("dims"), only={node}, dtype=dtype)
-        except TypeError as exc:  # the API changed shape
-            raise ParityError(f"--per-layer could not call trtforge.calibration.quantize_model: {exc}",
-                              "per-layer analysis needs quantize_model(model, recipe, ranges, *, dims, only, dtype)") from None
-        return model
-
-    return only
+    dtype = q.get("dtype") or (manifest.model.dtype if manifest.model is not None else None)
+    return layer_quantizer(q, ranges_path, dims=manifest.dims, dtype=dtype)
 
 
 def _session(model: Any, tmp: Path):
     """An ORT session for an in-memory model (saved with external data when over 2 GB)."""
-    from trtforge.ort import session
-
     try:
         return session(model.SerializeToString())
     except ValueError:  # protobuf refuses messages over 2 GiB
-        import onnx
-
         path = tmp / "layer.onnx"
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location="layer.onnx.data")
@@ -122,29 +116,21 @@ def rank_layers(
     ref: ModelSide, cand: ModelSide, ev: EvalData, ref_outputs: list[dict[str, np.ndarray]], options: ParityOptions
 ) -> dict[str, Any]:
     """The per_layer section (see module docstring)."""
-    import onnx
-
-    folder, manifest = _quantization_home(cand)
-    q = manifest["quantization"]
-    nodes = [n for n in q.get("nodes") or [] if n.get("status") == "quantized"]
-    output = "last_hidden_state" if ref.task == "feature-extraction" else "logits"
+    folder, manifest, q = _quantization_home(cand)
+    nodes = [n for n in q.nodes if n.get("status") == "quantized"]
+    output = "last_hidden_state" if ref.task == Task.FEATURE_EXTRACTION else "logits"
     result: dict[str, Any] = {"method": METHOD, "output": output, "num_samples": 0, "baseline_snr_db": None,
                               "layers": [], "suggested_exclusions": [], "suggestion_rule": SUGGEST_RULE}
     if not nodes:
         result["note"] = "the candidate has no quantized layers"
         return result
-    up = (q.get("upstream") or {}).get("path")
-    if not up or not Path(up).is_dir():
-        raise ParityError(f"--per-layer re-quantizes the float upstream model, and {up} is missing",
-                          "keep the export folder the candidate was quantized from")
-    from trtforge.artifacts import OnnxArtifact
-
-    up_model_file = OnnxArtifact.open(up).model_path
-    want = (q.get("upstream") or {}).get("sha256")
+    up = _float_upstream(manifest)
+    up_model_file = OnnxArtifact.open(up.folder).model_path
+    want = up.model_hash
     if want and sha256_file(up_model_file) != want:
         raise ParityError(f"the float upstream {up_model_file} changed since the candidate was quantized",
                           "re-run 'trtforge quantize' so the per-layer analysis matches the candidate")
-    float_model = onnx.load(str(up_model_file), load_external_data=True)
+    float_model = load_model(up_model_file, load_external_data=True)
 
     # The first batches, up to per_layer_samples texts.
     idx, rows = [], 0
@@ -174,7 +160,7 @@ def rank_layers(
 
     with tempfile.TemporaryDirectory(prefix="trtforge-perlayer-") as tmpdir:
         tmp = Path(tmpdir)
-        quantize_one = quantizer(folder, manifest)
+        quantize_one = quantizer(folder, manifest, q)
         base = measure(float_model, tmp)
         result["baseline_snr_db"] = base["snr_db"]
         layers = []

@@ -7,6 +7,7 @@ Out: the report dict (validated by ``report.schema.json`` in this package; ``SCH
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from collections.abc import Sequence
@@ -15,8 +16,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trtforge.artifacts import library_versions, now_iso, write_json
+from trtforge.env import cpu_name, gpus, ort_providers
 from trtforge.parity.gate import Check, condensed_checks, failed, fmt_number
+from trtforge.parity.html import render_html
 from trtforge.parity.options import METRICS, ParityOptions, Thresholds
+from trtforge.vocab import Task
 
 if TYPE_CHECKING:
     from trtforge.parity.data import EvalData
@@ -30,14 +34,10 @@ FILES = {"json": "report.json", "html": "report.html", "markdown": "report.md"}
 
 def schema() -> dict[str, Any]:
     """The JSON Schema of report.json (draft 2020-12)."""
-    import json
-
     return json.loads(resources.files("trtforge.parity").joinpath(SCHEMA_FILE).read_text(encoding="utf-8"))
 
 
 def environment() -> dict[str, Any]:
-    from trtforge.env import cpu_name, gpus, ort_providers
-
     cpu = cpu_name()
     return {
         "versions": library_versions(),
@@ -51,7 +51,7 @@ def environment() -> dict[str, Any]:
 
 def headline(task: str, sections: dict[str, Any]) -> dict[str, Any]:
     """The few figures a reviewer looks at first (also what --json prints)."""
-    primary = "last_hidden_state" if task == "feature-extraction" else "logits"
+    primary = "last_hidden_state" if task == Task.FEATURE_EXTRACTION else "logits"
     if primary not in sections["outputs"]:
         primary = next(iter(sections["outputs"]))
     out = sections["outputs"][primary]
@@ -82,10 +82,10 @@ def build_report(
     cand_desc = {**cand.describe(), "runtime": cand_runtime}
     if q:
         cand_desc["quantization"] = {
-            "precision": q.get("precision"),
-            "recipe": (q.get("recipe") or {}).get("name") if isinstance(q.get("recipe"), dict) else q.get("recipe"),
-            "quantized_nodes": sum(1 for n in q.get("nodes") or [] if n.get("status") == "quantized"),
-            "excluded_nodes": sum(1 for n in q.get("nodes") or [] if n.get("status") == "excluded"),
+            "precision": q.precision.value,
+            "recipe": q.recipe.get("name") if isinstance(q.recipe, dict) else q.recipe,
+            "quantized_nodes": sum(1 for n in q.nodes if n.get("status") == "quantized"),
+            "excluded_nodes": sum(1 for n in q.nodes if n.get("status") == "excluded"),
         }
     return {
         "schema": SCHEMA_ID,
@@ -94,7 +94,7 @@ def build_report(
         "passed": passed,
         "verdict": verdict,
         "summary": summary,
-        "task": ref.task,
+        "task": ref.task.value,
         "headline": headline(ref.task, sections),
         "thresholds": thresholds.to_json(),
         "checks": [c.to_json() for c in checks],
@@ -119,8 +119,6 @@ def build_report(
 
 
 def write_report(folder: Path, content: dict[str, Any]) -> None:
-    from trtforge.parity.html import render_html
-
     write_json(folder / FILES["json"], content)
     (folder / FILES["markdown"]).write_text(render_markdown(content), encoding="utf-8")
     (folder / FILES["html"]).write_text(render_html(content), encoding="utf-8")

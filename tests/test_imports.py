@@ -10,6 +10,9 @@ SCRIPT = textwrap.dedent(
     """
     import importlib, importlib.abc, pkgutil, sys
     HIDDEN = {"torch", "transformers", "onnxruntime", "tensorrt", "modelopt"}
+    CORE = ["trtforge.vocab", "trtforge.manifest", "trtforge.stage", "trtforge.registry", "trtforge.backend",
+            "trtforge.requantize", "trtforge.onnx_io", "trtforge.architectures.base", "trtforge.commands.base",
+            "trtforge.commands.parity", "trtforge.parity.models", "trtforge.calibration.requantize"]
 
     class Block(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path, target=None):
@@ -19,23 +22,40 @@ SCRIPT = textwrap.dedent(
 
     sys.meta_path.insert(0, Block())
     import trtforge
-    failed = []
+    failed, seen = [], set()
     for pkg in ("trtforge", "trtforge.exporter", "trtforge.calibration", "trtforge.engines", "trtforge.parity"):
         mod = importlib.import_module(pkg)
         for info in pkgutil.walk_packages(mod.__path__, pkg + "."):
             leaf = info.name.rsplit(".", 1)[1]
             if leaf.startswith("_"):  # private adapters (e.g. engines/_trt.py) are allowed to need their library
                 continue
+            seen.add(info.name)
             try:
                 importlib.import_module(info.name)
             except Exception as exc:
                 failed.append(f"{info.name}: {exc!r}")
     assert not failed, failed
+    # the walk reaches the core, the registries' entry packages and the CLI's command modules
+    for name in CORE:
+        assert name in seen, f"{name} was not found by the walk"
+
+    # every registry loads all of its built-in entries, and each entry is one importable module
+    from trtforge.registry import ARCHITECTURES, BACKENDS, QUANT_METHODS
+
+    for reg in (ARCHITECTURES, QUANT_METHODS, BACKENDS):
+        names = reg.names()
+        assert names, f"the {reg.kind} registry is empty"
+        for mod in reg._builtin:
+            assert mod in sys.modules, f"{mod} ({reg.kind} entry) was not imported"
     for name in HIDDEN:
         assert name not in sys.modules, f"{name} was imported"
 
     from click.testing import CliRunner
     from trtforge.cli import main
+    from trtforge.commands import COMMANDS
+
+    for cmd in COMMANDS:  # registered explicitly, by object
+        assert main.commands.get(cmd.name) is cmd, cmd.name
 
     def walk(group, prefix):
         yield prefix

@@ -7,7 +7,6 @@ without a traceback; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -15,13 +14,21 @@ from pathlib import Path
 import click
 
 from trtforge._version import __version__
+from trtforge.commands import COMMANDS
+from trtforge.commands.base import emit, field_flags, for_command
+from trtforge.env import doctor as run_doctor
 from trtforge.errors import TrtforgeError
+from trtforge.exporter import DType, ExportOptions, Task, export_onnx
+from trtforge.logs import setup_logging
+
+__all__ = ["emit", "main"]
 
 log = logging.getLogger("trtforge")
 
 
 class TrtforgeGroup(click.Group):
-    """Turns TrtforgeError into one line on stderr and exit code 1."""
+    """Turns TrtforgeError into one line on stderr and exit code 1, option fields named by the
+    flags of the command that was run."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -29,19 +36,10 @@ class TrtforgeGroup(click.Group):
         except TrtforgeError as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo(f"error: {exc.one_line()}", err=True)
-            ctx.exit(exc.exit_code)
-
-
-def _json_default(o):
-    return o.to_json() if hasattr(o, "to_json") else str(o)
-
-
-def emit(result: dict, as_json: bool, text: str | None = None) -> None:
-    if as_json:
-        click.echo(json.dumps(result, indent=2, default=_json_default))
-    elif text is not None:
-        click.echo(text)
+            cmd = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
+            err = for_command(exc, cmd)
+            click.echo(f"error: {err.one_line()}", err=True)
+            ctx.exit(err.exit_code)
 
 
 @click.group(cls=TrtforgeGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -54,8 +52,6 @@ def emit(result: dict, as_json: bool, text: str | None = None) -> None:
 def main(ctx: click.Context, debug: bool, log_format: str, quiet: bool) -> None:
     """Export Hugging Face transformers to ONNX, quantize them (INT8 SmoothQuant, FP8, INT4 AWQ),
     build TensorRT engines and check parity against the FP16 reference."""
-    from trtforge.logs import setup_logging
-
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
     setup_logging(log_format, logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
@@ -65,8 +61,6 @@ def main(ctx: click.Context, debug: bool, log_format: str, quiet: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def doctor(as_json: bool) -> None:
     """What this machine can do: versions, ONNX Runtime providers, TensorRT, GPUs, build targets."""
-    from trtforge.env import doctor as run_doctor
-
     info = run_doctor()
     if as_json:
         emit(info, True)
@@ -89,10 +83,11 @@ def doctor(as_json: bool) -> None:
     click.echo("\n".join(lines))
 
 
+@field_flags(validate="--no-validate")
 @main.command()
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output folder.")
-@click.option("--task", type=click.Choice(["feature-extraction", "sequence-classification", "causal-lm", "causal-lm-with-past"]),
+@click.option("--task", type=click.Choice([t.value for t in Task]),
               help="Default: from config.json (decoders: causal-lm-with-past).")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--opset", type=int, default=17, show_default=True)
@@ -103,24 +98,17 @@ def doctor(as_json: bool) -> None:
 def export(model_dir: Path, out: Path, task: str | None, dtype: str, opset: int, external_data: bool,
            no_validate: bool, force: bool, as_json: bool) -> None:
     """Export a Hugging Face model folder to a validated ONNX artifact."""
-    from trtforge.exporter import DType, ExportOptions, Task, export_onnx
-
     opts = ExportOptions(task=Task(task) if task else None, dtype=DType(dtype), opset=opset,
                          external_data=external_data, validate=not no_validate)
     art = export_onnx(model_dir, out, opts, force=force)
-    v = art.manifest["validation"]
+    v = art.manifest.section("validation") or {}
     summary = "validation skipped" if v.get("skipped") else f"max normalized error {v['max_normalized_err']:.2e} (tolerance {v['tolerance']:g})"
     emit(art.manifest, as_json, f"{art.path}  {art.architecture} {art.task} {art.dtype}; {summary}")
 
 
-def _register_optional_commands() -> None:
-    """Commands of the later stages live in their own modules; each registers itself."""
-    from trtforge import commands
-
-    commands.register(main)
-
-
-_register_optional_commands()
+# The later stages' commands, one module each (trtforge/commands/), listed there by object.
+for _cmd in COMMANDS:
+    main.add_command(_cmd)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,13 +8,13 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
+from trtforge.logs import is_json_logging
+
 T = TypeVar("T")
 log = logging.getLogger("trtforge.progress")
 
 
 def progress(items: Iterable[T], total: int, desc: str) -> Iterator[T]:
-    from trtforge.logs import is_json_logging
-
     use_bar = sys.stderr.isatty() and not is_json_logging() and log.isEnabledFor(logging.INFO)
     if use_bar:
         try:

@@ -44,6 +44,10 @@ class StageOutput:
         self._t0 = time.perf_counter()
         self.dir: Path | None = None
 
+    def elapsed(self) -> float:
+        """Seconds since the stage began (since this object was created)."""
+        return time.perf_counter() - self._t0
+
     @contextlib.contextmanager
     def timed(self, key: str) -> Iterator[None]:
         """Add the block's wall time to ``manifest.timings[key]`` (seconds)."""
@@ -60,7 +64,7 @@ class StageOutput:
             self.dir = tmp
             yield tmp
             if write_manifest:
-                self.manifest.timings["total_s"] = time.perf_counter() - self._t0
+                self.manifest.timings["total_s"] = self.elapsed()
                 self.manifest.files = file_table(tmp)
                 self.manifest.write(tmp / MANIFEST)
         self.dir = None

@@ -138,3 +138,21 @@ def test_per_layer_needs_a_quantized_candidate(bert, tmp_path):
     _one_line_error(run("parity", "--reference", bert.path, "--candidate", bert.path, "--data", EVAL_TEXT,
                         "-o", tmp_path / "r", "--per-layer", *FAST), "--per-layer needs a quantized candidate")
     assert not (tmp_path / "r").exists() and not leftovers(tmp_path)
+
+
+def test_option_errors_name_the_field_in_the_library_and_the_flag_on_the_cli(bert, tmp_path):
+    """The library says which option field is wrong; the CLI says which flag set it."""
+    from trtforge.errors import OptionError
+    from trtforge.parity import check_parity, load_thresholds
+
+    with pytest.raises(OptionError) as info:
+        check_parity(bert.path, bert.path, [EVAL_TEXT], None, tmp_path / "r", inputs=tmp_path / "inputs.json")
+    assert info.value.problem == "both data and inputs given" and set(info.value.fields) == {"data", "inputs"}
+    with pytest.raises(OptionError, match="^thresholds 'int9' is neither"):
+        load_thresholds("int9", "int8")
+    _one_line_error(run("parity", "--reference", bert.path, "--candidate", bert.path, "--thresholds", "int9",
+                        "-o", tmp_path / "r"), "--thresholds 'int9' is neither a preset")
+    line = _one_line_error(run("parity", "--reference", bert.path, "--candidate", bert.path, "--data", EVAL_TEXT,
+                               "--inputs", tmp_path / "inputs.json", "-o", tmp_path / "r"), "both --data and --inputs")
+    assert "with --data" in line and "with --inputs" in line
+    assert not (tmp_path / "r").exists() and not leftovers(tmp_path)

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from trtforge.errors import InputError
 from trtforge import metrics as M
+from trtforge.errors import InputError
 from trtforge.parity.gate import evaluate
 from trtforge.parity.options import Preset, Thresholds, load_thresholds, preset_for_precision
 
@@ -162,12 +162,13 @@ def test_unknown_preset_or_missing_file():
 def test_inputs_fit_an_engine_profile():
     from types import SimpleNamespace
 
+    from trtforge.manifest import Manifest
     from trtforge.parity.check import fit_to_engines
     from trtforge.parity.options import ParityOptions
 
-    engine = SimpleNamespace(role="candidate", kind="engine",
-                             manifest={"profile": {"symbols": {"batch": [1, 4, 4], "sequence": [1, 32, 64]}}})
+    engine = SimpleNamespace(role="candidate", kind="engine", manifest=Manifest.from_json(
+        {"kind": "engine", "stage": "build", "profile": {"symbols": {"batch": [1, 4, 4], "sequence": [1, 32, 64]}}}))
     opts, notes = fit_to_engines(ParityOptions(max_len=96, batch_sizes=(1, 4, 8)), [engine])
     assert opts.batch_sizes == (1, 4) and opts.max_len == 64 and "shape profile" in notes[0]
-    onnx_side = SimpleNamespace(role="reference", kind="onnx", manifest={})
+    onnx_side = SimpleNamespace(role="reference", kind="onnx", manifest=Manifest.from_json({"kind": "onnx", "stage": "export"}))
     assert fit_to_engines(ParityOptions(), [onnx_side]) == (ParityOptions(), [])

@@ -1,16 +1,22 @@
-"""CLI commands of the stages after export, one module each."""
+"""CLI commands of the stages after export, one module each, listed here by object.
+
+A new command is a module with ``COMMANDS = [...]`` imported below and added to
+:data:`COMMANDS`; trtforge.cli adds every one to the ``trtforge`` group. Shared helpers
+(printing results, naming the flag an option error is about) are in :mod:`trtforge.commands.base`.
+"""
 
 from __future__ import annotations
 
-import importlib
-
 import click
 
-_MODULES: tuple[str, ...] = ("quantize", "parity", "build", "run", "checkpoint")
+from trtforge.commands import build, checkpoint, parity, quantize, run
 
+COMMANDS: tuple[click.Command, ...] = (
+    *quantize.COMMANDS,
+    *parity.COMMANDS,
+    *build.COMMANDS,
+    *run.COMMANDS,
+    *checkpoint.COMMANDS,
+)
 
-def register(group: click.Group) -> None:
-    for name in _MODULES:
-        mod = importlib.import_module(f"trtforge.commands.{name}")
-        for cmd in mod.COMMANDS:
-            group.add_command(cmd)
+__all__ = ["COMMANDS"]

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import click
 
+from trtforge.commands.base import emit, field_flags
+from trtforge.parity import ParityOptions, ParityReport, check_parity
+
 
 def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
     try:
@@ -22,6 +25,7 @@ def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
     return sizes
 
 
+@field_flags(save_outputs="--no-save-outputs")
 @click.command("parity")
 @click.option("--reference", required=True, type=click.Path(path_type=Path),
               help="The FP16 reference artifact (export folder, or a build of it).")
@@ -30,7 +34,7 @@ def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
 @click.option("--data", multiple=True, type=click.Path(path_type=Path),
               help="Held-out text (.txt, .jsonl or a folder), not the calibration text; repeatable. "
                    "Default: a few built-in sentences.")
-@click.option("--inputs", "inputs_file", type=click.Path(path_type=Path),
+@click.option("--inputs", "inputs", type=click.Path(path_type=Path),
               help="Repeat a run on the same data: the inputs.json an earlier report saved.")
 @click.option("--thresholds", help="A preset (fp16, int8, fp8, int4) or a .toml/.json file. "
                                    "Default: the preset of the candidate's precision.")
@@ -46,37 +50,36 @@ def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
 @click.option("--force", is_flag=True, help="Replace the report folder if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.pass_context
-def parity(ctx: click.Context, reference: Path, candidate: Path, data: tuple[Path, ...], inputs_file: Path | None,
+def parity(ctx: click.Context, reference: Path, candidate: Path, data: tuple[Path, ...], inputs: Path | None,
            thresholds: str | None, out: Path, per_layer: bool, num_samples: int, max_len: int,
            batch_sizes: tuple[int, ...], seed: int, no_save_outputs: bool, force: bool, as_json: bool) -> None:
     """Compare a candidate with the FP16 reference on held-out text; exit 1 if the thresholds are missed."""
-    from trtforge.cli import emit
-    from trtforge.parity import ParityOptions, check_parity
-
     options = ParityOptions(num_samples=num_samples, max_len=max_len, min_len=min(8, max_len),
                             batch_sizes=batch_sizes, seed=seed, save_outputs=not no_save_outputs)
     report = check_parity(reference, candidate, list(data) or None, thresholds, out, per_layer=per_layer,
-                          force=force, options=options, inputs=inputs_file)
-    if as_json:
-        emit(report.summary(), True)
-    else:
-        c = report.content
-        lines = [("PASS  " if report.passed else "FAIL  ") + c["summary"].split(": ", 1)[1]]
-        lines += [f"  - {f.message}" for f in report.failures[:10]]
-        if len(report.failures) > 10:
-            lines.append(f"  ... and {len(report.failures) - 10} more (see report.md)")
-        h = c["headline"]
-        figures = [f"{h['output']} cosine {h['cosine_mean']:.6f}", f"SNR {h['snr_db']:.1f} dB"]
-        if "top1_agreement" in h:
-            figures.append(f"top-1 {h['top1_agreement']:.3f}")
-        if h.get("ppl_change_pct") is not None:
-            figures.append(f"perplexity {h['ppl_reference']:.4g} -> {h['ppl_candidate']:.4g} ({h['ppl_change_pct']:+.2f} %)")
-        if "embedding_cosine_mean" in h:
-            figures.append(f"embedding cosine {h['embedding_cosine_mean']:.6f}")
-        lines.append("  " + ", ".join(figures))
-        lines.append(f"report: {report.path / 'report.html'}")
-        emit({}, False, "\n".join(lines))
+                          force=force, options=options, inputs=inputs)
+    emit(report.summary(), as_json, None if as_json else summary_text(report))
     ctx.exit(report.exit_code)
+
+
+def summary_text(report: ParityReport) -> str:
+    """The verdict, up to ten failed checks, the headline figures and where the report is."""
+    c = report.content
+    lines = [("PASS  " if report.passed else "FAIL  ") + c["summary"].split(": ", 1)[1]]
+    lines += [f"  - {f.message}" for f in report.failures[:10]]
+    if len(report.failures) > 10:
+        lines.append(f"  ... and {len(report.failures) - 10} more (see report.md)")
+    h = c["headline"]
+    figures = [f"{h['output']} cosine {h['cosine_mean']:.6f}", f"SNR {h['snr_db']:.1f} dB"]
+    if "top1_agreement" in h:
+        figures.append(f"top-1 {h['top1_agreement']:.3f}")
+    if h.get("ppl_change_pct") is not None:
+        figures.append(f"perplexity {h['ppl_reference']:.4g} -> {h['ppl_candidate']:.4g} ({h['ppl_change_pct']:+.2f} %)")
+    if "embedding_cosine_mean" in h:
+        figures.append(f"embedding cosine {h['embedding_cosine_mean']:.6f}")
+    lines.append("  " + ", ".join(figures))
+    lines.append(f"report: {report.path / 'report.html'}")
+    return "\n".join(lines)
 
 
 COMMANDS = [parity]
