@@ -21,7 +21,7 @@ from trtforge.errors import TrtforgeError
 from trtforge.exporter import DType, ExportOptions, Task, export_onnx
 from trtforge.logs import setup_logging
 
-__all__ = ["emit", "main"]
+__all__ = ["main"]
 
 log = logging.getLogger("trtforge")
 
