@@ -13,6 +13,7 @@ unmerged per-batch histograms of every tensor.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -88,7 +89,9 @@ class TensorStats:
         if self.keep <= 0:
             return
         if self._rng is None:
-            self._rng = np.random.default_rng(self.seed + (hash(self.name) & 0xFFFF))
+            # crc32, not hash(): str hashes are salted per process, and the kept rows must be the
+            # same in every run (they choose SmoothQuant's alpha and AWQ's scales)
+            self._rng = np.random.default_rng(self.seed + (zlib.crc32(self.name.encode()) & 0xFFFF))
         rows16 = rows.astype(np.float16)
         if self.sample is None:
             self.sample = rows16[: self.keep].copy()
