@@ -22,6 +22,10 @@ from trtforge.calibration.stats import TensorStats
 from trtforge.errors import CalibrationError, InputError
 from trtforge.graph import tensor_types
 from trtforge.inputs import make_feeds
+from trtforge.manifest import ModelDims
+from trtforge.onnx_io import EXTERNAL_DATA_THRESHOLD
+from trtforge.ort import session
+from trtforge.progress import progress
 from trtforge.textdata import Samples
 
 log = logging.getLogger(__name__)
@@ -101,7 +105,7 @@ def collect_ranges(
     model: onnx.ModelProto,
     watched: list[str],
     samples: Samples,
-    dims: dict,
+    dims: ModelDims | dict,
     *,
     batch_size: int = 8,
     bins: int = 2048,
@@ -112,9 +116,6 @@ def collect_ranges(
 ) -> ActivationRanges:
     """``per_tensor`` tensors (attention BMM inputs, whose last axis may be the sequence) get
     per-tensor statistics only and no kept rows."""
-    from trtforge.ort import session
-    from trtforge.progress import progress
-
     if not samples.ids:
         raise CalibrationError("no calibration samples", "pass calibration text")
     types = tensor_types(model)
@@ -128,7 +129,7 @@ def collect_ranges(
     float_dtype = np.float16 if any(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for i in model.graph.input) else np.float32
     with tempfile.TemporaryDirectory(prefix="trtforge-calib-") as tmp:
         path = Path(tmp) / "probe.onnx"
-        large = probe.ByteSize() > 1_800_000_000 if probe.ByteSize() < 2**31 else True
+        large = probe.ByteSize() > EXTERNAL_DATA_THRESHOLD if probe.ByteSize() < 2**31 else True
         onnx.save_model(probe, str(path), save_as_external_data=large, all_tensors_to_one_file=True, location="probe.data")
         del probe
         sess = session(path, providers=providers)

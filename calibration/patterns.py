@@ -98,6 +98,24 @@ def find_gemms(model: onnx.ModelProto, idx: GraphIndex | None = None) -> list[Ge
     return out
 
 
+def attention_bmm_inputs(model: onnx.ModelProto, idx: GraphIndex | None = None) -> dict[str, list[str]]:
+    """Inputs of MatMuls whose operands are both activations (Q.K^T and P.V): {tensor: [nodes]}."""
+    idx = idx or GraphIndex(model)
+    out: dict[str, list[str]] = {}
+    for n in model.graph.node:
+        if n.op_type == "MatMul" and not any(idx.is_const(i) for i in n.input):
+            for i in n.input:
+                out.setdefault(i, []).append(n.name)
+    return out
+
+
+def watched_tensors(model: onnx.ModelProto, idx: GraphIndex | None = None) -> list[str]:
+    """Every GEMM activation input and attention BMM input: ranges serve any later recipe."""
+    idx = idx or GraphIndex(model)
+    names = {g.act for g in find_gemms(model, idx)} | set(attention_bmm_inputs(model, idx))
+    return sorted(names)
+
+
 def _upstream(idx: GraphIndex, name: str) -> tuple[str, list[onnx.NodeProto]]:
     """Walk up through channel-preserving ops; returns (source tensor, ops passed)."""
     passed = []

@@ -25,7 +25,6 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from trtforge.calibration.patterns import Gemm
-from trtforge.calibration.recipe import Precision
 from trtforge.graph import GraphIndex
 from trtforge.numerics import (
     QMAX,
@@ -35,6 +34,7 @@ from trtforge.numerics import (
     quantize,
     weight_scales,
 )
+from trtforge.vocab import Granularity, Precision
 
 ZP_TYPE = {Precision.INT8: TensorProto.INT8, Precision.FP8: TensorProto.FLOAT8E4M3FN}
 MIN_OPSET = {Precision.INT8: 13, Precision.FP8: 19, Precision.INT4: 21}
@@ -42,12 +42,19 @@ MIN_OPSET = {Precision.INT8: 13, Precision.FP8: 19, Precision.INT4: 21}
 
 @dataclass
 class WeightPlan:
+    """How one GEMM's weight is stored (a QuantMethod's plan; calibration/methods/)."""
+
     gemm: Gemm
+    granularity: Granularity = Granularity.CHANNEL  # BLOCK for INT4
     block: int | None = None  # INT4 only
-    clip: np.ndarray | None = None  # INT4 AWQ clip ratios [K/B, N]
+    clip: np.ndarray | None = None  # INT4 clip ratios [K/B, N] (AWQ)
     # per-tensor INT8/FP8: the amax shared by the GEMMs reading one input (q/k/v, gate/up), as
     # TensorRT-LLM's loader rescales their fused weights to one scale anyway
     shared_amax: float | None = None
+    # a method that changes the weight itself (GPTQ's error feedback): the [K, N] weight to
+    # quantize instead of the graph's, and optionally its scales (INT4 [K/B, N], channel [N])
+    weight: np.ndarray | None = None
+    scales: np.ndarray | None = None
 
 
 def float_type(model: onnx.ModelProto) -> tuple[int, type]:
@@ -58,13 +65,15 @@ def float_type(model: onnx.ModelProto) -> tuple[int, type]:
 
 
 def insert_activation_qdq(
-    model: onnx.ModelProto, acts: dict[str, tuple[float, list[str]]], precision: Precision
+    model: onnx.ModelProto, acts: dict[str, tuple[float, list[str]]], precision: Precision,
+    idx: GraphIndex | None = None,
 ) -> dict[str, float]:
     """Insert a shared Q/DQ pair on each activation ``{tensor: (amax, [reader nodes])}``.
 
-    Edits ``model`` in place; returns the stored scale of each tensor.
+    Edits ``model`` in place; returns the stored scale of each tensor. ``idx`` (of ``model``)
+    is used for new names only, so it may be shared with :func:`quantize_weights`.
     """
-    idx = GraphIndex(model)
+    idx = idx or GraphIndex(model)
     _, np_dtype = float_type(model)
     zp_name = idx.unique(f"zero_point_{precision.value.replace('-', '_')}")
     if precision == Precision.INT8:
@@ -97,14 +106,15 @@ def insert_activation_qdq(
 
 
 def quantize_weights(
-    model: onnx.ModelProto, plans: list[WeightPlan], precision: Precision, *, per_tensor: bool = False
+    model: onnx.ModelProto, plans: list[WeightPlan], precision: Precision, idx: GraphIndex | None = None,
 ) -> dict[str, dict]:
     """Replace each GEMM's float weight by a quantized initializer behind a DequantizeLinear.
 
-    INT8/FP8 weights get one scale per output channel, or one per tensor with ``per_tensor``
-    (what TensorRT-LLM's FP8 checkpoints store).
+    By each plan's granularity: INT4 blocks along K, or INT8/FP8 one scale per output channel
+    or one per tensor (what TensorRT-LLM's FP8 checkpoints store). ``idx``: of ``model`` (names,
+    and who reads each weight: unchanged by activation Q/DQ).
     """
-    idx = GraphIndex(model)
+    idx = idx or GraphIndex(model)
     _, np_dtype = float_type(model)
     inits = {t.name: t for t in model.graph.initializer}
     nodes = {n.name: n for n in model.graph.node}
@@ -115,10 +125,12 @@ def quantize_weights(
         g = plan.gemm
         w = numpy_helper.to_array(inits[g.weight]).astype(np.float32)
         w_kn = w.T if g.trans_b else w
+        if plan.weight is not None:
+            w_kn = plan.weight.astype(np.float32)
         base = g.weight
         qname, sname = idx.unique(f"{base}_quantized"), idx.unique(f"{base}_scale")
-        if precision == Precision.INT4:
-            scales = int4_block_scales(w_kn, plan.block, np_dtype, plan.clip)
+        if plan.granularity == Granularity.BLOCK:
+            scales = plan.scales if plan.scales is not None else int4_block_scales(w_kn, plan.block, np_dtype, plan.clip)
             q = int4_quantize(w_kn, scales, plan.block)
             if g.trans_b:  # stored [N, K]: blocks along the last axis
                 q, scales, axis = q.T.copy(), scales.T.copy(), 1
@@ -127,15 +139,15 @@ def quantize_weights(
             attrs = {"axis": axis, "block_size": plan.block}
             deq = q.astype(np.float32) * np.repeat(scales.astype(np.float32), plan.block, axis=axis)
         else:
-            if per_tensor:
+            if plan.granularity == Granularity.TENSOR:
                 amax = plan.shared_amax if plan.shared_amax is not None else np.abs(w_kn).max()
-                scales = as_scale(amax, QMAX[precision], np_dtype)
+                scales = plan.scales if plan.scales is not None else as_scale(amax, QMAX[precision], np_dtype)
                 q = quantize(w_kn, scales, precision)
                 q = q.T.copy() if g.trans_b else q
                 attrs = {}
                 deq = q.astype(np.float32) * scales.astype(np.float32)
             else:
-                scales = weight_scales(w_kn, precision, np_dtype)
+                scales = plan.scales if plan.scales is not None else weight_scales(w_kn, precision, np_dtype)
                 q = quantize(w_kn, scales[None, :], precision)
                 if g.trans_b:
                     q = q.T.copy()
@@ -161,7 +173,7 @@ def quantize_weights(
             "scale_min": float(np.min(scales)),
             "scale_max": float(np.max(scales)),
             "weight_rel_err": err,
-            **({"block_size": plan.block} if precision == Precision.INT4 else {}),
+            **({"block_size": plan.block} if plan.granularity == Granularity.BLOCK else {}),
         }
     keep = [t for t in model.graph.initializer if t.name not in dropped]
     del model.graph.initializer[:]

@@ -112,7 +112,7 @@ class QuantRecipe:
             raise RecipeError(f"{source}: percentile {self.percentile} is outside (0, 100]", "use e.g. 99.99")
         if self.block_size not in (16, 32, 64, 128, 256):
             raise RecipeError(f"{source}: block_size {self.block_size} is not supported", "use 32, 64 or 128")
-        if self.dtype not in ("auto", "fp16", "fp32"):
+        if self.dtype not in ("auto", Precision.FP16, Precision.FP32):
             raise RecipeError(f"{source}: dtype {self.dtype!r} is not one of auto, fp16, fp32", "use auto")
         if self.weight_granularity not in (Granularity.CHANNEL, Granularity.TENSOR):
             raise RecipeError(f"{source}: weight_granularity {self.weight_granularity!r} is invalid", "use channel or tensor")

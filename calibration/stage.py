@@ -2,45 +2,48 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from trtforge.artifacts import (
-    OnnxArtifact,
-    atomic_output_dir,
-    base_manifest,
-    check_output_dir,
-    copy_side_files,
-    file_table,
-    write_json,
-)
+from trtforge.artifacts import OnnxArtifact, copy_side_files, sha256_file
 from trtforge.calibration.collect import ActivationRanges, collect_ranges, model_key
 from trtforge.calibration.quantize import (
     RANGES_FILE,
     attention_bmm_inputs,
     finish,
+    needs_rows,
     prepare,
     watched_tensors,
 )
-from trtforge.calibration.recipe import CalibMethod, Int4Method, Precision, QuantRecipe
-from trtforge.errors import InputError, QuantizationError, ValidationError
-from trtforge.graph import inline_identity_initializers
+from trtforge.calibration.recipe import QuantRecipe
+from trtforge.errors import InputError, OptionError, QuantizationError, ValidationError
+from trtforge.graph import GraphIndex, describe_io, inline_identity_initializers
 from trtforge.inputs import make_feeds
-from trtforge.onnx_io import MODEL_FILE
+from trtforge.manifest import MANIFEST, ModelDims, ModelFile, QuantizationInfo, TensorInfo, Upstream
+from trtforge.onnx_io import (
+    DATA_FILE,
+    EXTERNAL_DATA_THRESHOLD,
+    MODEL_FILE,
+    check_onnx,
+    load_model,
+    save_model,
+)
+from trtforge.ort import session
+from trtforge.sample_text import SENTENCES
+from trtforge.stage import StageOutput
 from trtforge.textdata import build_samples, load_tokenizer
+from trtforge.vocab import Family, Precision
 
 log = logging.getLogger(__name__)
+STAGE = "quantize"
 
-
-def needs_rows(recipe: QuantRecipe) -> bool:
-    """Whether the recipe needs the saved calibration rows, not only the statistics."""
-    if recipe.precision == Precision.INT4:
-        return recipe.int4_method == Int4Method.AWQ
-    return recipe.smoothquant and (recipe.alpha is None or recipe.calib_method != CalibMethod.MAX)
+__all__ = ["needs_rows", "quantize"]
 
 
 def quantize(
@@ -53,110 +56,111 @@ def quantize(
     force: bool = False,
     providers: list[str] | None = None,
 ) -> OnnxArtifact:
-    t_start = time.perf_counter()
     art = export if isinstance(export, OnnxArtifact) else OnnxArtifact.open(export)
-    if art.manifest.get("quantization"):
+    src = art.manifest
+    if src.quantization is not None:
         raise InputError(f"{art.path} is already quantized ({art.precision})", "quantize the export artifact instead")
-    if art.manifest.get("stage") != "export":
-        raise InputError(f"{art.path} is a {art.manifest.get('stage')} artifact", "quantize the folder written by 'trtforge export'")
-    out = check_output_dir(Path(out), force=force)
+    if src.stage != "export":
+        raise InputError(f"{art.path} is a {src.stage} artifact", "quantize the folder written by 'trtforge export'")
+    output = StageOutput(out, stage=STAGE, kind="onnx", force=force, inputs=[art.path])
     dtype = art.dtype if recipe.dtype == "auto" else recipe.dtype
-    if art.dtype == "fp16" and dtype == "fp32":
-        raise InputError("an FP16 export cannot be quantized into an FP32 graph", "export with --dtype fp32")
+    if art.dtype == Precision.FP16 and dtype == Precision.FP32:
+        raise InputError("an FP16 export cannot be quantized into an FP32 graph",
+                         "export in fp32, or set the recipe's dtype to auto or fp16")
     if not calib and not ranges:
-        raise InputError("no calibration data", "pass --calib FILE (text, JSONL or .npz) or --ranges FILE")
-    dims = art.manifest["dims"]
-    timings: dict[str, float] = {}
+        raise OptionError("no calibration data", "pass calib (text, JSONL or .npz files) or ranges (saved by an earlier quantize)",
+                          fields=("calib", "ranges"))
+    dims = art.dims
+    timings = output.manifest.timings
 
     t = time.perf_counter()
     model = inline_identity_initializers(art.load())
-    watched = watched_tensors(model)
+    idx = GraphIndex(model)
+    watched = watched_tensors(model, idx)
     key = model_key(model, watched)
     if ranges:
         r = ActivationRanges.load(ranges)
         if r.model_key != key:
-            raise InputError(f"the ranges in {ranges} were collected on another model", "calibrate this export again (drop --ranges)")
+            raise InputError(f"the ranges in {ranges} were collected on another model",
+                             "calibrate this export again instead of reusing these ranges")
         if needs_rows(recipe) and not r.has_samples:
-            raise InputError(f"recipe {recipe.name} needs the calibration rows saved beside {ranges}", "keep ranges.samples.npz next to it, or recalibrate")
+            raise InputError(f"recipe {recipe.name} needs the calibration rows saved beside {ranges}",
+                             "keep ranges.samples.npz next to it, or recalibrate")
         samples_info = {**r.calibration, "reused_from": str(Path(ranges).resolve())}
     else:
         tok = load_tokenizer(art.path)
-        mode = recipe.calib_mode if recipe.calib_mode != "auto" else ("windows" if art.manifest["source"]["family"] == "decoder" else "sentences")
+        mode = recipe.calib_mode if recipe.calib_mode != "auto" else (
+            "windows" if src.source.family == Family.DECODER else "sentences")
         samples = build_samples(
             calib, tok, mode=mode, num_samples=recipe.num_samples, seq_len=recipe.seq_len, seed=recipe.seed,
-            max_positions=dims["max_positions"], vocab_size=dims["vocab_size"], text_field=recipe.text_field,
+            max_positions=dims.max_positions, vocab_size=dims.vocab_size, text_field=recipe.text_field,
         )
         timings["tokenize_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        r = collect_ranges(model, watched, samples, dims, batch_size=recipe.batch_size, bins=recipe.histogram_bins,
-                           keep=recipe.keep_tokens, seed=recipe.seed, providers=providers,
-                           per_tensor=set(attention_bmm_inputs(model)))
+        with output.timed("calibrate_s"):
+            r = collect_ranges(model, watched, samples, dims, batch_size=recipe.batch_size,
+                               bins=recipe.histogram_bins, keep=recipe.keep_tokens, seed=recipe.seed,
+                               providers=providers, per_tensor=set(attention_bmm_inputs(model, idx)))
         samples_info = r.calibration
-        timings["calibrate_s"] = time.perf_counter() - t
 
-    with atomic_output_dir(out, force=force) as tmp:
-        t = time.perf_counter()
-        prep = prepare(model, recipe, r, dims)
-        timings["prepare_s"] = time.perf_counter() - t
+    with output.open() as tmp:
+        with output.timed("prepare_s"):
+            prep = prepare(model, recipe, r, dims)
         smooth_check = _check_same_function(model, prep.model, art, dims) if prep.smoothings else None
-        t = time.perf_counter()
-        qmodel, report = finish(prep, dtype=dtype)
-        timings["quantize_s"] = time.perf_counter() - t
-        from trtforge.onnx_io import check_onnx, save_model
-
-        external = save_model(qmodel, tmp / MODEL_FILE)
+        with output.timed("quantize_s"):
+            qmodel, report = finish(prep, dtype=dtype)
+        external = save_model(qmodel, tmp / MODEL_FILE, stage=STAGE)
         del qmodel, prep
-        check_onnx(tmp / MODEL_FILE)
+        check_onnx(tmp / MODEL_FILE, stage=STAGE)
         quick = _quick_check(model, tmp / MODEL_FILE, art, dims)
         r.save(tmp / RANGES_FILE)
         copy_side_files(art.path, tmp)
-
-        manifest = base_manifest("quantize", "onnx")
-        manifest["source"] = art.manifest["source"]
-        manifest["dims"] = dims
-        manifest["io"] = {**art.manifest["io"], **_io(tmp / MODEL_FILE)}
-        manifest["tokenizer"] = art.manifest.get("tokenizer")
-        manifest["model"] = {
-            "file": MODEL_FILE,
-            "external_data": "model.onnx.data" if external else None,
-            "opset": next(o.version for o in onnx.load(str(tmp / MODEL_FILE), load_external_data=False).opset_import if o.domain in ("", "ai.onnx")),
-            "dtype": dtype,
-            "size_bytes": sum(p.stat().st_size for p in tmp.glob("model.onnx*")),
-            "upstream_size_bytes": sum(p.stat().st_size for p in art.path.glob("model.onnx*")),
-        }
-        manifest["quantization"] = {
-            "precision": recipe.precision.value,
-            "recipe": recipe.to_dict(),
-            "upstream": {"path": str(art.path), "sha256": art.sha256, "dtype": art.dtype},
-            "calibration": samples_info,
-            "ranges_file": RANGES_FILE,
-            "smoothing_check": smooth_check,
-            "quick_check": quick,
-            **report,
-        }
-        timings["total_s"] = time.perf_counter() - t_start
-        manifest["timings"] = {k: round(v, 3) for k, v in timings.items()}
-        manifest["files"] = file_table(tmp)
-        write_json(tmp / "manifest.json", manifest)
+        _write_manifest(output, art, tmp, recipe, dtype, external, samples_info, smooth_check, quick, report)
     log.info("quantized %s with %s: %d GEMMs quantized, %d excluded, in %.1fs", art.path.name, recipe.name,
              report["counts"]["quantized"], report["counts"]["excluded"], timings["total_s"])
-    return OnnxArtifact.open(out)
+    return OnnxArtifact.open(output.path)
 
 
-def _io(path: Path) -> dict:
-    from trtforge.graph import describe_io
+def _write_manifest(output: StageOutput, art: OnnxArtifact, tmp: Path, recipe: QuantRecipe, dtype: str,
+                    external: bool, samples_info: dict, smooth_check: dict | None, quick: dict, report: dict) -> None:
+    """Typed sections: source, dims and io (with the quantized graph's inputs/outputs) from the
+    export, the model file, the quantization record and the upstream link (twice: top level and,
+    as schema 1 has it, under quantization)."""
+    src = art.manifest
+    m = output.manifest
+    m.source, m.dims = src.source, src.dims
+    qgraph = load_model(tmp / MODEL_FILE, load_external_data=False)
+    m.io = dataclasses.replace(src.io, inputs=_tensors(qgraph.graph.input), outputs=_tensors(qgraph.graph.output))
+    m.set("tokenizer", src.section("tokenizer"))
+    m.model = ModelFile(
+        file=MODEL_FILE,
+        external_data=DATA_FILE if external else None,
+        opset=next(o.version for o in qgraph.opset_import if o.domain in ("", "ai.onnx")),
+        dtype=dtype,
+        size_bytes=sum(p.stat().st_size for p in tmp.glob("model.onnx*")),
+        extra={"upstream_size_bytes": sum(p.stat().st_size for p in art.path.glob("model.onnx*"))},
+    )
+    record = dict(report)
+    record.pop("precision")  # the typed field
+    m.quantization = QuantizationInfo(
+        precision=recipe.precision,
+        recipe=recipe.to_dict(),
+        calibration=samples_info,
+        upstream=Upstream(path=str(art.path), sha256=art.sha256, dtype=art.dtype),
+        extra={"ranges_file": RANGES_FILE, "smoothing_check": smooth_check, "quick_check": quick, **record},
+    )
+    m.upstream = Upstream(path=str(art.path), stage=src.stage, model_sha256=art.sha256, dtype=art.dtype,
+                          manifest_sha256=sha256_file(art.path / MANIFEST))
 
-    m = onnx.load(str(path), load_external_data=False)
-    return {"inputs": describe_io(m.graph.input), "outputs": describe_io(m.graph.output)}
+
+def _tensors(values) -> list[TensorInfo]:
+    return [TensorInfo(t["name"], t["dtype"], t["shape"]) for t in describe_io(values)]
 
 
-def _check_cases(art: OnnxArtifact, dims: dict) -> list[dict]:
+def _check_cases(art: OnnxArtifact, dims: ModelDims) -> list[dict]:
     """A few held-out real sentences (never calibration text), one per row, unpadded."""
-    from trtforge.sample_text import SENTENCES
-
     tok = load_tokenizer(art.path)
-    names = [i["name"] for i in art.inputs]
-    float16 = any(i["dtype"] == "float16" for i in art.inputs)
+    names = [i.name for i in art.inputs]
+    float16 = any(i.dtype == "float16" for i in art.inputs)
     cases = []
     for text in SENTENCES[5:9]:
         if tok is not None:
@@ -164,20 +168,16 @@ def _check_cases(art: OnnxArtifact, dims: dict) -> list[dict]:
             ids = np.asarray([enc["input_ids"]], np.int64)
             tt = np.asarray([enc["token_type_ids"]], np.int64) if "token_type_ids" in enc else None
         else:
-            ids, tt = np.random.default_rng(len(text)).integers(0, dims["vocab_size"], (1, 12)), None
+            ids, tt = np.random.default_rng(len(text)).integers(0, dims.vocab_size, (1, 12)), None
         cases.append(make_feeds(ids, names, dims, np.float16 if float16 else np.float32, tt))
     return cases
 
 
 def _run(model_or_path, cases: list[dict]) -> list[dict[str, np.ndarray]]:
-    from trtforge.ort import session
-
     if isinstance(model_or_path, onnx.ModelProto):
-        import tempfile
-
         with tempfile.TemporaryDirectory(prefix="trtforge-check-") as d:
             p = Path(d) / "m.onnx"
-            big = model_or_path.ByteSize() > 1_800_000_000
+            big = model_or_path.ByteSize() > EXTERNAL_DATA_THRESHOLD
             onnx.save_model(model_or_path, str(p), save_as_external_data=big, all_tensors_to_one_file=True, location="m.data")
             sess = session(p)
     else:
@@ -196,7 +196,7 @@ def _run(model_or_path, cases: list[dict]) -> list[dict[str, np.ndarray]]:
     return [dict(zip(names, sess.run(None, adapt(c)))) for c in cases]
 
 
-def _check_same_function(before: onnx.ModelProto, after: onnx.ModelProto, art: OnnxArtifact, dims: dict) -> dict:
+def _check_same_function(before: onnx.ModelProto, after: onnx.ModelProto, art: OnnxArtifact, dims: ModelDims) -> dict:
     """Smoothing must not change the float function; a difference here is a trtforge bug."""
     cases = _check_cases(art, dims)[:2]
     a, b = _run(before, cases), _run(after, cases)
@@ -205,7 +205,7 @@ def _check_same_function(before: onnx.ModelProto, after: onnx.ModelProto, art: O
         for k in ra:
             ref = ra[k].astype(np.float64)
             worst = max(worst, float(np.abs(rb[k] - ref).max() / max(np.abs(ref).max(), 1e-6)))
-    tol = 1e-3 if art.dtype == "fp32" else 2e-2
+    tol = 1e-3 if art.dtype == Precision.FP32 else 2e-2
     if worst > tol:
         raise ValidationError(
             f"smoothing changed the float model's outputs by {worst:.2e} (relative, tolerance {tol:g})",
@@ -214,7 +214,7 @@ def _check_same_function(before: onnx.ModelProto, after: onnx.ModelProto, art: O
     return {"max_rel_err": worst, "tolerance": tol, "cases": len(cases)}
 
 
-def _quick_check(model: onnx.ModelProto, qpath: Path, art: OnnxArtifact, dims: dict) -> dict:
+def _quick_check(model: onnx.ModelProto, qpath: Path, art: OnnxArtifact, dims: ModelDims) -> dict:
     """The quantized file loads and runs in ONNX Runtime; rough agreement with the float model."""
     cases = _check_cases(art, dims)
     try:
@@ -223,7 +223,7 @@ def _quick_check(model: onnx.ModelProto, qpath: Path, art: OnnxArtifact, dims: d
         raise QuantizationError(f"the quantized model does not run in ONNX Runtime: {str(exc).splitlines()[0]}",
                                 "report this with the recipe and the export's manifest") from exc
     ref = _run(model, cases)
-    out_name = art.outputs[0]["name"]
+    out_name = art.outputs[0].name
     cos = []
     for rr, gg in zip(ref, got):
         a = rr[out_name].astype(np.float64).reshape(-1, rr[out_name].shape[-1])

@@ -1,4 +1,4 @@
-"""INT4 weight-only (W4A16): block sizes, and AWQ's activation-aware scale and clip search.
+"""AWQ for INT4 weight-only (W4A16): the activation-aware scale and the clip search.
 
 AWQ (Lin et al., 2023): weights that meet large activations matter more, so scale input
 channel j by s_j = mean|X_j|^a (normalised), quantize diag(s) W, and divide X by s (folded into
@@ -6,13 +6,25 @@ the previous op like SmoothQuant's factor, or an explicit Mul where it cannot fo
 searched on a grid per group of GEMMs sharing an input, by the error of the group's outputs on
 the calibration rows. Then each (block, output channel) gets the clip ratio of its amax that
 minimises that block's output error (AutoAWQ's ``auto_clip``; Model Optimizer's "awq_clip").
+
+Selected by ``int4_method = "awq"`` on an INT4 recipe (options ``awq_grid``, ``awq_clip``,
+``awq_clip_grid``); block sizes and the rest of the weight plan are RTN's (rtn.py).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from trtforge.calibration.methods.base import Decision, PlanContext, Role, Stat
+from trtforge.calibration.methods.rtn import RoundToNearest
+from trtforge.calibration.patterns import Group
+from trtforge.calibration.qdq import WeightPlan
+from trtforge.calibration.recipe import Int4Method, QuantRecipe
+from trtforge.calibration.smoothing import Smoothing
+from trtforge.errors import QuantizationError
 from trtforge.numerics import int4_fake
+from trtforge.registry import QUANT_METHODS
+from trtforge.vocab import Granularity, Precision
 
 
 def awq_scale(
@@ -72,3 +84,39 @@ def _block_err(x: np.ndarray, diff: np.ndarray) -> np.ndarray:
         y = x[:, b, :] @ diff[b]  # [T, N]
         out[b] = np.einsum("tn,tn->n", y, y)
     return out
+
+
+class AWQ(RoundToNearest):
+    name = "awq"
+    roles = frozenset({Role.SMOOTHING, Role.WEIGHTS})
+    fallback = False
+
+    def selected(self, recipe: QuantRecipe) -> bool:
+        return recipe.precision == Precision.INT4 and recipe.int4_method == Int4Method.AWQ
+
+    def statistics(self, recipe: QuantRecipe) -> frozenset[Stat]:
+        return frozenset({Stat.CHANNEL_ABSMEAN, Stat.ROWS})
+
+    def smooth(self, ctx: PlanContext, group: Group) -> Smoothing | None:
+        st = ctx.stats(group.act)
+        if st.sample is None:
+            raise QuantizationError("AWQ needs the calibration rows (ranges.samples.npz)",
+                                    "calibrate again instead of reusing ranges saved without their rows")
+        q = [d for d in (ctx.decisions[n] for n in group.gemms) if d.quantize]
+        if len({d.block for d in q}) != 1:
+            return None
+        ws = [ctx.weight(d.gemm.node) for d in q]
+        s, ratio, err = awq_scale(st.sample, st.channel_absmean, ws, q[0].block, ctx.recipe.awq_grid)
+        return Smoothing(group, s, ratio, err) if ratio > 0 else None
+
+    def plan_weight(self, ctx: PlanContext, d: Decision, granularity: Granularity,
+                    shared_amax: float | None) -> WeightPlan:
+        plan = super().plan_weight(ctx, d, granularity, shared_amax)
+        if ctx.recipe.awq_clip:
+            sm = ctx.smoothing_of(d.gemm.node)
+            x = ctx.stats(d.gemm.act).sample.astype(np.float32) / (sm.s[None, :] if sm else 1.0)
+            plan.clip = awq_clip(x, ctx.weight(d.gemm.node), d.block, ctx.recipe.awq_clip_grid)
+        return plan
+
+
+QUANT_METHODS.register(AWQ())

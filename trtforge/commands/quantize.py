@@ -6,6 +6,10 @@ from pathlib import Path
 
 import click
 
+from trtforge.calibration import quantize as run
+from trtforge.commands.base import emit
+from trtforge.recipes import load_quant_recipe
+
 
 @click.command()
 @click.argument("export_dir", type=click.Path(path_type=Path))
@@ -21,17 +25,13 @@ import click
 def quantize(export_dir: Path, recipe_spec: str, calib: tuple[Path, ...], ranges: Path | None, out: Path,
              sets: tuple[str, ...], force: bool, as_json: bool) -> None:
     """Quantize an exported model: SmoothQuant + INT8, FP8, or INT4 weight-only (AWQ/RTN)."""
-    from trtforge.calibration import quantize as run
-    from trtforge.cli import emit
-    from trtforge.recipes import load_quant_recipe
-
     recipe = load_quant_recipe(recipe_spec, sets)
     art = run(export_dir, recipe, out, calib=list(calib) or None, ranges=ranges, force=force)
-    q = art.manifest["quantization"]
-    qc = q["quick_check"]
-    text = (f"{art.path}  {q['precision']} ({recipe.name}): {q['counts']['quantized']} GEMMs quantized, "
-            f"{q['counts']['excluded']} excluded; {qc['output']} cosine vs float {qc['mean_cosine_vs_float']:.4f} "
-            f"on {qc['rows']} held-out rows; {art.manifest['model']['size_bytes'] / 2**20:.1f} MiB")
+    q = art.manifest.quantization
+    qc, counts = q.extra["quick_check"], q.extra["counts"]
+    text = (f"{art.path}  {q.precision} ({recipe.name}): {counts['quantized']} GEMMs quantized, "
+            f"{counts['excluded']} excluded; {qc['output']} cosine vs float {qc['mean_cosine_vs_float']:.4f} "
+            f"on {qc['rows']} held-out rows; {art.manifest.model.size_bytes / 2**20:.1f} MiB")
     emit(art.manifest, as_json, text)
 
 

@@ -1,0 +1,111 @@
+"""SmoothQuant (Xiao et al., 2022) for INT8/FP8 W8A8: migrate activation range into the weights.
+
+For a group of GEMMs reading one activation X: s_j = max|X_j|^alpha / max|W_j|^(1-alpha), folded
+into the graph by calibration/smoothing.py. Alpha is the recipe's, or (``alpha = None``) chosen
+per group from ``alpha_grid`` by the relative error of the group's quantized GEMMs on the kept
+calibration rows. Selected by ``smoothquant = true`` on an INT8/FP8 recipe; which groups are
+smoothed follows ``smooth_attention_output``, ``smooth_mlp_down`` and ``smooth_with_mul``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from trtforge.calibration.methods.base import PlanContext, QuantMethod, Role, Stat
+from trtforge.calibration.patterns import Group
+from trtforge.calibration.recipe import CalibMethod, QuantRecipe
+from trtforge.calibration.smoothing import Smoothing
+from trtforge.numerics import QMAX, as_scale, fake_quant, weight_scales
+from trtforge.registry import QUANT_METHODS
+from trtforge.vocab import Precision
+
+PRECISIONS = (Precision.INT8, Precision.FP8)
+
+
+def _shared_columns_max(grp: Group, vec: np.ndarray) -> np.ndarray:
+    """With GQA several act channels read one value column: give them one (the largest) value,
+    so their factors are equal and the fold into that column stays exact."""
+    if grp.fold != "gemm" or grp.prev_cols is None:
+        return vec
+    cols = grp.prev_cols
+    out = np.full(int(cols.max()) + 1, -np.inf)
+    np.maximum.at(out, cols, vec)
+    return out[cols]
+
+
+def smooth_factor(x_max: np.ndarray, w_max: np.ndarray, alpha: float) -> np.ndarray:
+    x = np.maximum(x_max.astype(np.float64), 1e-5)
+    w = np.maximum(w_max.astype(np.float64), 1e-5)
+    s = x**alpha / w ** (1.0 - alpha)
+    s = np.clip(s, 1e-4, 1e4)
+    s[(x_max <= 0) | (w_max <= 0)] = 1.0
+    return s
+
+
+def relative_gemm_error(x: np.ndarray, ws: list[np.ndarray], s: np.ndarray, precision: Precision, x_amax: float) -> float:
+    """||Q(X/s) Q(diag(s) W) - X W||^2 / ||X W||^2 summed over the group's GEMMs."""
+    xs = x / s[None, :]
+    act_scale = as_scale(x_amax, QMAX[precision], np.float32)
+    xq = fake_quant(xs, act_scale, precision)
+    num = den = 0.0
+    for w in ws:
+        ref = x @ w
+        w2 = w * s[:, None]
+        wq = fake_quant(w2, weight_scales(w2, precision, np.float32)[None, :], precision)
+        num += float(np.square(xq @ wq - ref).sum())
+        den += float(np.square(ref).sum())
+    return num / max(den, 1e-30)
+
+
+def choose_smoothing(
+    grp: Group,
+    ws: list[np.ndarray],
+    x_max: np.ndarray,
+    sample: np.ndarray | None,
+    precision: Precision,
+    alpha: float | None,
+    grid: tuple[float, ...],
+) -> Smoothing:
+    """The group's factor; ``ws``: its GEMMs' weights as [K, N]."""
+    w_max = np.max([np.abs(w).max(axis=1) for w in ws], axis=0)
+    x_max = _shared_columns_max(grp, x_max)
+    w_max = _shared_columns_max(grp, w_max)
+    if alpha is not None or sample is None:
+        a = 0.5 if alpha is None else alpha
+        return Smoothing(grp, smooth_factor(x_max, w_max, a), a)
+    x = sample.astype(np.float32)
+    best = None
+    for a in grid:
+        s = smooth_factor(x_max, w_max, a)
+        err = relative_gemm_error(x, ws, s, precision, float(np.max(x_max / s)))
+        if best is None or err < best.error:
+            best = Smoothing(grp, s, a, err)
+    return best
+
+
+class SmoothQuant(QuantMethod):
+    name = "smoothquant"
+    roles = frozenset({Role.SMOOTHING})
+
+    def selected(self, recipe: QuantRecipe) -> bool:
+        return recipe.precision in PRECISIONS and recipe.smoothquant
+
+    def statistics(self, recipe: QuantRecipe) -> frozenset[Stat]:
+        # rows: automatic alpha searches on them; a non-max range of a smoothed tensor is taken on them
+        rows = recipe.alpha is None or recipe.calib_method != CalibMethod.MAX
+        return frozenset({Stat.CHANNEL_ABSMAX, *((Stat.ROWS,) if rows else ())})
+
+    def smooth(self, ctx: PlanContext, group: Group) -> Smoothing | None:
+        r = ctx.recipe
+        if group.fold == "gemm" and group.role == "attn-out" and not r.smooth_attention_output:
+            return None
+        if group.fold == "gemm" and group.role == "mlp-out" and not r.smooth_mlp_down:
+            return None
+        if group.fold == "mul" and not r.smooth_with_mul:
+            return None
+        st = ctx.stats(group.act)
+        ws = [ctx.weight(n) for n in group.gemms]
+        return choose_smoothing(group, ws, st.channel_absmax, st.sample, r.precision, r.alpha, r.alpha_grid)
+
+
+QUANT_METHODS.register(SmoothQuant())
