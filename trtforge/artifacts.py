@@ -30,6 +30,7 @@ from trtforge.manifest import (  # noqa: F401  (re-exported)
     library_versions,
     now_iso,
 )
+from trtforge.onnx_io import load_model
 from trtforge.vocab import Task
 
 # Files copied from a Hugging Face folder into every ONNX artifact, so later stages can
@@ -351,8 +352,6 @@ class OnnxArtifact:
         return self.manifest.files[self.manifest.model.file]
 
     def load(self, load_external_data: bool = True):  # -> onnx.ModelProto
-        from trtforge.onnx_io import load_model
-
         return load_model(self.model_path, load_external_data=load_external_data)
 
     @classmethod

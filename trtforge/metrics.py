@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from trtforge.errors import ParityError
+from trtforge.inputs import valid_mask_for
 
 FLOOR_FRACTION = 1e-2
 SNR_CAP_DB = 200.0
@@ -35,8 +36,6 @@ ROW_CHUNK = 256  # rows of logits per softmax block (bounds memory for large voc
 
 def valid_for(output: str, shape: tuple[int, ...], feeds: dict[str, np.ndarray], task: str) -> np.ndarray | None:
     """Boolean mask broadcastable to ``shape`` marking unpadded positions (None: all valid)."""
-    from trtforge.inputs import valid_mask_for
-
     if task == "sequence-classification" and output == "logits":
         return None  # one row per sequence: every row is valid
     return valid_mask_for(output, shape, feeds)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import onnx
 
-from trtforge.errors import InputError, TrtforgeError
+from trtforge.errors import ExportError, InputError, TrtforgeError
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -108,8 +108,6 @@ def check_onnx(path: Path, *, stage: str = "export") -> None:
     """Full onnx.checker pass, by path so models with external data (>2 GB) work.
 
     A failure is a trtforge bug in the stage that wrote the graph, and says which one."""
-    from trtforge.errors import ExportError
-
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as exc:
