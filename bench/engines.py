@@ -6,10 +6,11 @@
 In one run: export FP32 and FP16, quantize INT8 (SmoothQuant), FP8 and INT4 weight-only with
 ``trtforge.calibration.quantize`` (or, where that stage is missing, the test suite's max-calibrated
 Q/DQ emulation), build every one with ``--target cpu`` and time them with the session options
-each build recorded. Two extra rows run quantize-stage graphs directly: "int8, signed
-activations" shows what the UINT8 rewrite buys, "int4, accuracy level 4" what the CPU target
-leaves on the table by keeping INT4 activations in float. Variants are timed round-robin (one run of
-each in turn) so a busy machine slows them alike; the median of N runs is reported.
+each build recorded. Three extra rows run quantize-stage graphs directly: "int8, signed
+activations" shows what the UINT8 rewrite buys, "int8, U8S8" what the CPU target's UINT8 weights
+(the U8U8 kernel, exact on CPUs without VNNI, where U8S8 saturates) cost in speed, and "int4,
+accuracy level 4" what it leaves on the table by keeping INT4 activations in float. Variants are
+timed round-robin (one run of each in turn) so a busy machine slows them alike; the median of N runs is reported.
 Results are appended to docs/benchmarks.md under "Build stage: CPU target latency". Exit code 1
 if the INT8 CPU artifact is not faster than FP32.
 """
@@ -44,7 +45,11 @@ def machine(threads: int) -> dict:
         load = round(os.getloadavg()[0], 1)
     except OSError:
         load = None
+    from trtforge.engines.cpu import cpu_flags
+
+    flags = cpu_flags()
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "onnxruntime": onnxruntime.__version__,
+            "int8_flags": ", ".join(flags) if flags else "unknown",
             "python": platform.python_version(), "platform": platform.platform(), "date": time.strftime("%Y-%m-%d"),
             "load_avg_1min_at_start": load}
 
@@ -102,6 +107,13 @@ def sessions(arts: dict[str, Path], work: Path, threads: int) -> dict[str, tuple
     raw = OnnxArtifact.open(arts["int8"])
     out["int8, signed activations as quantized (no UINT8 rewrite)"] = (
         session(raw.model_path, optimization="ORT_ENABLE_ALL", threads=threads), "ORT online optimization")
+    # what the UINT8 weights cost: UINT8 activations only, signed weights (U8S8; saturates without VNNI)
+    from trtforge.engines.qdq_u8 import symmetric_int8_to_uint8
+
+    u8s8, _ = symmetric_int8_to_uint8(raw.load())
+    out["int8, U8S8 (signed weights; inexact without VNNI, not used)"] = (
+        session(u8s8.SerializeToString(), optimization="ORT_ENABLE_ALL", threads=threads), "ORT online optimization")
+    del u8s8
     # what the CPU target does not do: MatMulNBits accuracy level 4 (activations quantized to int8)
     raw4 = OnnxArtifact.open(arts["int4"])
     out["int4, accuracy level 4 (W4A8, not used)"] = (
@@ -173,7 +185,8 @@ def main() -> int:
     arts, quantizer = make_artifacts(args.preset, args.work, args.seq)
     sess = sessions(arts, args.work, args.threads)
     vocab = json.loads((arts["fp32"] / "manifest.json").read_text())["dims"]["vocab_size"]
-    lines = [f"### {mach['date']}: {args.preset}, {mach['cpu']}, {mach['cores']} cores, {args.threads} threads",
+    lines = [f"### {mach['date']}: {args.preset}, {mach['cpu']} ({mach['int8_flags']}), {mach['cores']} cores, "
+             f"{args.threads} threads",
              "", f"ONNX Runtime {mach['onnxruntime']}, Python {mach['python']}, {mach['platform']}; "
              f"1-min load average at start {mach['load_avg_1min_at_start']}. Quantized with {quantizer}. "
              f"Median of {args.runs} runs per variant, timed round-robin after 2 warm-ups.", ""]

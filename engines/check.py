@@ -12,6 +12,11 @@ later runtime; TensorRT 10 version-compatible plans also in TensorRT 11); withou
 compatibility only on the compute capability it was built for (another GPU model of the same
 compute capability loads, with a TensorRT warning that it may be slower); AMPERE_PLUS on any
 SM 8.0+ GPU.
+
+CPU artifacts: the ONNX Runtime version, and the integer GEMM kernel: an artifact whose fused
+INT8 GEMMs read signed weights (built before trtforge stored them as UINT8 + 128) runs ONNX
+Runtime's U8S8 kernel, which saturates int16 pair sums on x86 CPUs without VNNI; it loads, but
+``inspect`` warns that its outputs can be wrong on such a CPU.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ class Machine:
     tensorrt_version: str | None
     gpus: tuple[Gpu, ...]
     onnxruntime_version: str | None
+    cpu_flags: tuple[str, ...] | None = None  # the INT8-relevant x86 flags (engines.cpu.INT8_CPU_FLAGS); None: unknown
 
     @classmethod
     def here(cls) -> Machine:
@@ -41,11 +47,14 @@ class Machine:
                 ort_version = metadata.version("onnxruntime-gpu")
             except metadata.PackageNotFoundError:
                 ort_version = None
-        return cls(trt.get("version") if trt["available"] else None, tuple(gpus()), ort_version)
+        from trtforge.engines.cpu import cpu_flags
+
+        return cls(trt.get("version") if trt["available"] else None, tuple(gpus()), ort_version, cpu_flags())
 
     def to_json(self) -> dict:
         return {"tensorrt_version": self.tensorrt_version, "gpus": [asdict(g) for g in self.gpus],
-                "onnxruntime_version": self.onnxruntime_version}
+                "onnxruntime_version": self.onnxruntime_version,
+                "cpu_flags": list(self.cpu_flags) if self.cpu_flags is not None else None}
 
 
 @dataclass(frozen=True)
@@ -162,7 +171,34 @@ def check_cpu(art: OnnxArtifact, machine: Machine) -> LoadReport:
     else:
         checks.append(Check("ONNX Runtime", True, f"{here} (artifact optimized by {built})",
                             warning=_version_tuple(here)[:2] != _version_tuple(built)[:2]))
+    kernel = int8_kernel_check(m.get("build") or {}, machine.cpu_flags)
+    if kernel is not None:
+        checks.append(kernel)
     return LoadReport(str(art.path), "onnx runtime (cpu target)", tuple(checks), machine)
+
+
+def int8_kernel_check(build: dict, flags: tuple[str, ...] | None) -> Check | None:
+    """Which MLAS integer GEMM the artifact's fused INT8 GEMMs take, and whether it is exact on this CPU."""
+    from trtforge.engines.cpu import VNNI_FLAGS
+
+    types = (build.get("int8_gemm") or {}).get("weight_types_after")
+    if types is None:  # built before the record existed: fused GEMMs then read int8 weights
+        types = {"int8": build["ops_after"]["MatMulIntegerToFloat"]} if (build.get("ops_after") or {}).get(
+            "MatMulIntegerToFloat") else {}
+    if not types:
+        return None
+    signed = types.get("int8", 0)
+    if not signed:
+        return Check("INT8 GEMM kernel", True, f"U8U8 ({sum(types.values())} GEMMs, uint8 weights): exact on every CPU")
+    if flags is None or "avx2" not in flags:
+        return Check("INT8 GEMM kernel", True, f"{signed} GEMMs read signed INT8 weights (U8S8); this CPU's flags "
+                     "are unknown: on x86 without VNNI U8S8 saturates (rebuild with this trtforge for U8U8)",
+                     warning=True)
+    if set(flags) & set(VNNI_FLAGS):
+        return Check("INT8 GEMM kernel", True, f"{signed} GEMMs read signed INT8 weights (U8S8): exact here (VNNI)")
+    return Check("INT8 GEMM kernel", True, f"{signed} GEMMs read signed INT8 weights (U8S8), which saturates int16 "
+                 "pair sums on this CPU (no VNNI): outputs can be wrong; rebuild with this trtforge (U8U8 weights)",
+                 warning=True)
 
 
 def try_load(art: EngineArtifact | OnnxArtifact, report: LoadReport) -> LoadReport:

@@ -6,21 +6,37 @@ Out: ``model.onnx`` (+ ``model.onnx.data`` for large models) written by ONNX Run
      session options to load it with, which the parity stage reproduces), ``target`` and
      ``build`` (rewrites, fused operator counts, a self-check against the input model).
 
-Steps: (1) symmetric INT8 activation Q/DQ pairs become UINT8 with zero point 128 (same values,
-see qdq_u8.py) so ONNX Runtime takes its U8S8 kernels; (2) the graph is optimized at
+Steps: (1) symmetric INT8 activation Q/DQ pairs become UINT8 with zero point 128, and INT8 GEMM
+weights UINT8 ``w + 128`` with zero point 128 (same values, see qdq_u8.py), so ONNX Runtime fuses
+its U8U8 integer GEMMs; (2) the graph is optimized at
 ORT_ENABLE_EXTENDED, which fuses DequantizeLinear + MatMul into MatMulIntegerToFloat (INT8)
 or MatMulNBits (INT4), and is saved; the hardware-specific layout pass (NCHWc, ORT_ENABLE_ALL)
 is left to load time, so the file stays portable between CPUs; (3) the saved model is loaded
 with the recorded options and compared with the input model on synthetic inputs.
 
+Why U8U8 and not the faster U8S8 (unsigned activations x signed weights): MLAS's U8S8 kernel on
+x86 CPUs without VNNI adds pairs of u8*s8 products in a saturating int16 (``vpmaddubsw``); on an
+AVX2-only AMD EPYC that made the optimized all-MiniLM-L6-v2 differ from its Q/DQ input by 12%
+(relative RMS) and a 16x256x64 GEMM of uniform random int8 values by up to 18%. U8U8 is exact on
+every x86-64 CPU (int16 operands and ``vpmaddwd`` without VNNI, ``vpdpbusd`` with it), so the
+artifact stays correct wherever it is moved; the price on AVX2 is speed (docs/engines.md).
+``build.int8_gemm`` records the choice, the weight types the optimized graph's integer GEMMs read,
+and a probe of both kernels on the build machine.
+
 Per-precision session options (measured, see docs/engines.md and docs/benchmarks.md):
-* INT8 in an FP32 graph: QDQ fusions on -> MatMulIntegerToFloat, 2-3x faster than FP32 here.
+* INT8 in an FP32 graph: QDQ fusions on -> MatMulIntegerToFloat (U8U8).
 * INT4 weight-only: MatMulNBits with ``session.qdq_matmulnbits_accuracy_level=0`` (activations
   stay float, as TensorRT's W4A16 GEMMs compute); level 4 quantizes activations to int8 on the
   fly (W4A8) and was only ~10% faster on the FP32 100M LLaMA-like graph, so it is not used.
 * FP8, and INT8 in an FP16 graph: ONNX Runtime has no fused CPU kernels for these and would
   dequantize every weight on every call; trtforge folds the weight DequantizeLinear nodes into
   float initializers first (bit-exact, see qdq_fold.py), activation Q/DQ stay in the graph.
+  These get ``session.disable_prepacking=1``: a prepacked constant weight makes MLAS's float GEMM
+  sum in another order than the input model's run-time dequantized weight (for K > 256), and the
+  1e-7 differences cross rounding boundaries of later QuantizeLinear nodes (FP8 steps are 6-12%
+  wide) and grow through the layers: 4.3% relative RMS on the 24-layer llama-100m FP8 graph
+  (33% was reported on a real 135M LLaMA). Unpacked, the folded graph computes what the input
+  graph computes (0 to 3e-7); the latency cost was within the noise of a shared 2-core machine.
 """
 
 from __future__ import annotations
@@ -38,7 +54,7 @@ from trtforge.engines.feeds import synthetic_feeds
 from trtforge.engines.precision import PrecisionInfo
 from trtforge.engines.profiles import BATCH, PAST, SEQ, TOTAL, ShapeProfile
 from trtforge.engines.qdq_fold import fold_weight_dequantize
-from trtforge.engines.qdq_u8 import symmetric_int8_to_uint8
+from trtforge.engines.qdq_u8 import int8_weights_to_uint8, symmetric_int8_to_uint8
 from trtforge.engines.targets import FP8, FP32, INT8
 from trtforge.errors import BuildError
 
@@ -49,6 +65,13 @@ OFFLINE_LEVEL = "ORT_ENABLE_EXTENDED"
 LOAD_LEVEL = "ORT_ENABLE_ALL"
 FUSED_OPS = ("MatMulIntegerToFloat", "MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulNBits",
              "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear", "MatMul", "Gemm")
+# integer GEMMs of the optimized graph and the input that holds their (constant) weight
+INTEGER_GEMM_WEIGHT = {"MatMulIntegerToFloat": 1, "MatMulInteger": 1, "DynamicQuantizeMatMul": 1,
+                       "QLinearMatMul": 3, "QGemm": 3}
+DISABLE_PREPACKING = "session.disable_prepacking"
+# CPU features that decide which MLAS integer GEMM kernel runs (recorded with the build)
+INT8_CPU_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx_vnni_int8", "amx_int8")
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
 @dataclass(frozen=True)
@@ -72,8 +95,11 @@ def runtime_for(info: PrecisionInfo) -> CpuRuntime:
     config = {"session.qdq_matmulnbits_accuracy_level": "0"}
     notes = ["session.qdq_matmulnbits_accuracy_level=0: INT4 weight-only GEMMs keep float activations (W4A16)"]
     if fold_types(info):
+        config[DISABLE_PREPACKING] = "1"
         notes.append("constant weight DequantizeLinear folded into float initializers (bit-exact): no fused CPU "
                      "kernel for this Q/DQ flavour; activation Q/DQ stay")
+        notes.append(f"{DISABLE_PREPACKING}=1: prepacked float weights sum in another order than the input model and "
+                     "the differences flip later quantizers; unpacked, the artifact computes what its input computes")
     if INT8 in info.needs and info.float_dtype != FP32:
         notes.append(f"INT8 Q/DQ in a {info.float_dtype} graph has no fused ONNX Runtime CPU kernel; quantize the "
                      "fp32 export for a fast CPU artifact")
@@ -127,6 +153,86 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     return {k: c[k] for k in FUSED_OPS if c.get(k)}
 
 
+def gemm_weight_types(model: onnx.ModelProto) -> dict[str, int]:
+    """How many integer GEMMs of an (optimized) graph read uint8 / int8 weights: the MLAS kernel chosen."""
+    inits = {t.name: t.data_type for t in model.graph.initializer}
+    names = {onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.INT8: "int8"}
+    c: Counter = Counter()
+    for n in model.graph.node:
+        k = INTEGER_GEMM_WEIGHT.get(n.op_type)
+        if k is not None and len(n.input) > k:
+            c[names.get(inits.get(n.input[k]), "not constant")] += 1
+    return dict(sorted(c.items()))
+
+
+def cpu_flags() -> tuple[str, ...] | None:
+    """This CPU's flags among INT8_CPU_FLAGS (Linux /proc/cpuinfo), None where they cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            have = set(line.split(":", 1)[1].split())
+            return tuple(f for f in INT8_CPU_FLAGS if f in have)
+    return None
+
+
+def probe_int8_gemm() -> dict[str, float]:
+    """Run ONNX Runtime's U8S8 and U8U8 MatMulIntegerToFloat on this CPU against exact int64 math.
+
+    Operands near the int8 extremes, where U8S8's saturating int16 pair sums (x86 without VNNI)
+    go wrong. Returns the max error of each kernel relative to the largest exact output.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    from trtforge._deps import require
+
+    ort = require("onnxruntime")
+    rng = np.random.default_rng(0)
+    m, k, n = 4, 64, 16
+    a = rng.integers(-128, 128, (m, k))
+    a[0] = 127  # a row of the largest activations against same-sign large weights
+    w = rng.integers(-127, 128, (k, n))
+    w[:, 0] = 127
+    ref = (a @ w).astype(np.float64)
+    out = {}
+    for name, wq, zp in (("u8s8", w.astype(np.int8), np.zeros(n, np.int8)),
+                         ("u8u8", (w + 128).astype(np.uint8), np.full(n, 128, np.uint8))):
+        graph = helper.make_graph(
+            [helper.make_node("MatMulIntegerToFloat", ["a", "w", "sa", "sw", "za", "zw"], ["y"], domain="com.microsoft")],
+            "probe", [helper.make_tensor_value_info("a", TensorProto.UINT8, [m, k])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
+            [numpy_helper.from_array(wq, "w"), numpy_helper.from_array(np.array(1.0, np.float32), "sa"),
+             numpy_helper.from_array(np.ones(n, np.float32), "sw"),
+             numpy_helper.from_array(np.array(128, np.uint8), "za"), numpy_helper.from_array(zp, "zw")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.microsoft", 1)])
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        y = ort.InferenceSession(model.SerializeToString(), so, providers=[PROVIDER]).run(
+            None, {"a": (a + 128).astype(np.uint8)})[0]
+        out[f"{name}_max_rel_err"] = float(np.abs(y - ref).max() / np.abs(ref).max())
+    return out
+
+
+def _int8_gemm_record(weights_u8: int, types: dict[str, int]) -> dict:
+    from trtforge.env import cpu_name
+
+    probe = probe_int8_gemm()
+    if probe["u8u8_max_rel_err"] != 0.0:
+        raise BuildError(f"ONNX Runtime's U8U8 integer GEMM is not exact on this CPU ({cpu_name()}): max error "
+                         f"{probe['u8u8_max_rel_err']:.3g} of the output range", "report this ONNX Runtime problem")
+    return {
+        "kernel": "U8U8",
+        "activations": "uint8, zero point 128",
+        "weights": "uint8 w + 128, zero point 128",
+        "uint8_weight_dequantize": weights_u8,
+        "weight_types_after": types,
+        "why": "exact on every x86-64 CPU; U8S8 saturates int16 pair sums (vpmaddubsw) on CPUs without VNNI",
+        "build_machine": {"cpu": cpu_name(), "flags": list(cpu_flags() or ()), **probe},
+    }
+
+
 def _self_check_sizes(profile: ShapeProfile) -> dict[str, int]:
     sizes = {}
     for name, r in profile.symbols:
@@ -168,11 +274,13 @@ def self_check(source: Path, built: Path, runtime: CpuRuntime, manifest: dict, p
         d = a64 - b64
         worst = max(worst, float(np.abs(d).max()) / max(float(np.abs(b64).max()), 1e-6))
         rms = max(rms, float(np.sqrt((d ** 2).mean() / max(float((b64 ** 2).mean()), 1e-12))))
-    # Fused integer GEMMs and prepacked float GEMMs accumulate in another order than the plain
-    # graph, which can move an activation across a rounding boundary of a later QuantizeLinear
-    # and grows through the layers (random 12-layer model: INT8 ~0.5%, FP8 ~3% relative RMS).
-    # So the relative RMS is gated loosely for quantized graphs: it catches a broken rewrite
-    # (a wrong zero point is ~100%), not rounding flips. The max error is recorded too.
+    # Fused integer GEMMs sum exactly, the plain graph's float GEMMs on dequantized values round:
+    # a 1e-7 difference can move an activation across a rounding boundary of a later
+    # QuantizeLinear, and such flips grow through the layers (U8U8: 2.3% on all-MiniLM-L6-v2,
+    # 1.2% on the random 24-layer llama-100m; FP8 and FP16-INT8 run unpacked, 3e-7). So the
+    # relative RMS is gated loosely for quantized graphs: it catches a broken rewrite or a
+    # saturating kernel (a wrong zero point is ~100%, U8S8 on AVX2 was 12% on MiniLM), not
+    # rounding flips. The max error is recorded too.
     tol = 6e-2 if info.quantized else 1e-2 if info.float_dtype != FP32 else 1e-4
     if not np.isfinite(rms) or rms > tol:
         raise BuildError(f"the optimized CPU model differs from the input model by {rms:.3g} (relative RMS error, "
@@ -187,16 +295,19 @@ def build_cpu(source_model: Path, source_manifest: dict, work: Path, dest: Path,
 
     ``work`` is a scratch folder inside the temporary output folder (removed by the caller).
     """
-    from trtforge.exporter.export import DATA_FILE, save_model
+    from trtforge.onnx_io import DATA_FILE, save_model
 
     t0 = time.perf_counter()
     model = onnx.load(str(source_model), load_external_data=True)
     before = op_counts(model)
     rewritten, pairs = symmetric_int8_to_uint8(model) if INT8 in info.needs else (model, 0)
     del model
+    weights_u8 = 0  # INT8 GEMM weights -> UINT8 + 128 (U8U8 kernel), unless they are folded to float
+    if INT8 in info.needs and onnx.TensorProto.INT8 not in fold_types(info):
+        rewritten, weights_u8 = int8_weights_to_uint8(rewritten)
     work.mkdir(parents=True, exist_ok=True)
     rewrite_check = None
-    if pairs:
+    if pairs or weights_u8:
         # The UINT8 rewrite must not change a single value: run both graphs unoptimized (same
         # kernels apart from the Q/DQ types) and demand identical outputs.
         (work / "u8").mkdir()
@@ -216,13 +327,19 @@ def build_cpu(source_model: Path, source_manifest: dict, work: Path, dest: Path,
     if not dest.exists():
         raise BuildError("ONNX Runtime did not write the optimized model", "check free disk space")
     t2 = time.perf_counter()
-    after = op_counts(onnx.load(str(dest), load_external_data=False))
+    optimized = onnx.load(str(dest), load_external_data=False)
+    after, types = op_counts(optimized), gemm_weight_types(optimized)
+    del optimized
+    int8_gemm = _int8_gemm_record(weights_u8, types) if types else None
     check = self_check(source_model, dest, runtime, source_manifest, profile, info)
-    log.info("cpu target: %d INT8 activation Q/DQ groups -> UINT8; ops %s", pairs, after)
+    log.info("cpu target: %d INT8 activation Q/DQ groups -> UINT8, %d INT8 weights -> UINT8; ops %s; "
+             "integer GEMM weights %s", pairs, weights_u8, after, types)
     return {
         "runtime": runtime.to_json(),
         "build": {
             "uint8_activation_groups": pairs,
+            "uint8_weight_dequantize": weights_u8,
+            "int8_gemm": int8_gemm,
             "folded_weight_dequantize": folded,
             "ops_before": before,
             "ops_after": after,

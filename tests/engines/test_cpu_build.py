@@ -56,7 +56,19 @@ def test_int8_graph_is_fused_on_unsigned_activations(cpu_built):
     for n in model.graph.node:
         if n.op_type == "QuantizeLinear":
             assert inits[n.input[2]].data_type == onnx.TensorProto.UINT8
+        if n.op_type == "MatMulIntegerToFloat":  # weights unsigned too: the U8U8 kernel, exact without VNNI
+            assert inits[n.input[1]].data_type == onnx.TensorProto.UINT8
+            assert np.all(onnx.numpy_helper.to_array(inits[n.input[5]]) == 128)
+    gemm = b["int8_gemm"]
+    assert gemm["kernel"] == "U8U8" and b["uint8_weight_dequantize"] == 14 == gemm["uint8_weight_dequantize"]
+    assert gemm["weight_types_after"] == {"uint8": b["ops_after"]["MatMulIntegerToFloat"]}
+    assert gemm["build_machine"]["u8u8_max_rel_err"] == 0.0 and "u8s8_max_rel_err" in gemm["build_machine"]
+    assert isinstance(gemm["build_machine"]["flags"], list)
+    # exact integer GEMMs: only float rounding (was 0.04 with U8S8 on an AVX2 CPU without VNNI)
     assert b["self_check"]["max_normalized_err"] < 1e-4
+    assert b["self_check"]["relative_rms_err"] < 1e-5
+    assert b["self_check"]["uint8_rewrite_identical"] is True
+    assert "session.disable_prepacking" not in art.manifest["runtime"]["session_config"]  # INT8 keeps prepacked GEMMs
 
 
 @pytest.mark.parametrize("precision,fused,folded", [
@@ -85,8 +97,70 @@ def test_fp16_int8_graph_gets_folded_weights_and_a_note(cpu_built):
     rt = art.manifest["runtime"]
     assert art.manifest["build"]["folded_weight_dequantize"] == 14
     assert art.manifest["build"]["uint8_activation_groups"] > 0
+    assert art.manifest["build"]["uint8_weight_dequantize"] == 0 and art.manifest["build"]["int8_gemm"] is None
     assert any("fp16 graph has no fused" in n for n in rt["notes"])
+    assert rt["session_config"]["session.disable_prepacking"] == "1"
     assert art.manifest["build"]["self_check"]["relative_rms_err"] < 1e-2
+
+
+def _deep_fp8_graph(layers: int = 8, width: int = 320, seed: int = 0) -> onnx.ModelProto:
+    """x -> layers x (FP8 Q/DQ -> MatMul(FP8 weight, K=320) -> Tanh -> *2): a deep chain of FP8 quantizers."""
+    import ml_dtypes
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes = []
+    inits = [helper.make_tensor("zp", TensorProto.FLOAT8E4M3FN, [], [0.0]),
+             numpy_helper.from_array(np.array(2.0, np.float32), "two")]
+    x = "x"
+    for i in range(layers):
+        w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+        s = (np.abs(w).max(axis=0) / 448.0).astype(np.float32)
+        q = (w / s).astype(ml_dtypes.float8_e4m3fn)
+        inits += [helper.make_tensor(f"w{i}_q", TensorProto.FLOAT8E4M3FN, [width, width], q.view(np.uint8).tobytes(),
+                                     raw=True),
+                  numpy_helper.from_array(s, f"w{i}_s"), numpy_helper.from_array(np.array(4.0 / 448, np.float32), f"a{i}_s")]
+        nodes += [helper.make_node("QuantizeLinear", [x, f"a{i}_s", "zp"], [f"a{i}_q"]),
+                  helper.make_node("DequantizeLinear", [f"a{i}_q", f"a{i}_s", "zp"], [f"a{i}_dq"]),
+                  helper.make_node("DequantizeLinear", [f"w{i}_q", f"w{i}_s"], [f"w{i}"], axis=1),
+                  helper.make_node("MatMul", [f"a{i}_dq", f"w{i}"], [f"m{i}"]),
+                  helper.make_node("Tanh", [f"m{i}"], [f"t{i}"]),
+                  helper.make_node("Mul", [f"t{i}", "two"], ["y" if i == layers - 1 else f"h{i}"])]
+        x = f"h{i}"
+    graph = helper.make_graph(nodes, "deep_fp8", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_deep_fp8_graph_computes_what_its_input_computes(tiny_art, tmp_path):
+    """Folded FP8 weights run unpacked: prepacked float GEMMs (K > 256) sum in another order than the
+    input's run-time dequantized weights, and the differences flip the FP8 quantizers downstream."""
+    from .qdq import tiny_manifest
+
+    man = tiny_manifest("fp8")
+    man["io"] = {"inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", 320]}],
+                 "outputs": [{"name": "y", "dtype": "float32", "shape": ["batch", 320]}]}
+    src = tiny_art("fp8", model=_deep_fp8_graph(), manifest=man, name="deep-fp8")
+    art = build(src, "cpu", tmp_path / "cpu")
+    b, rt = art.manifest["build"], art.manifest["runtime"]
+    assert b["folded_weight_dequantize"] == 8 and b["int8_gemm"] is None
+    assert rt["session_config"]["session.disable_prepacking"] == "1"
+    assert any("disable_prepacking" in n for n in rt["notes"])
+    assert b["self_check"]["relative_rms_err"] < 1e-6, b["self_check"]
+    # the same artifact with prepacking: what the option avoids (recorded, machine-dependent)
+    x = (np.random.default_rng(1).standard_normal((16, 320)) * 2).astype(np.float32)
+    ref = session(src.model_path, optimization="ORT_DISABLE_ALL").run(None, {"x": x})[0].astype(np.float64)
+    unpacked = session(art.model_path, config=rt["session_config"]).run(None, {"x": x})[0]
+    packed = session(art.model_path, config={k: v for k, v in rt["session_config"].items()
+                                             if k != "session.disable_prepacking"}).run(None, {"x": x})[0]
+
+    def rms(a):
+        return float(np.sqrt(((a - ref) ** 2).mean() / (ref ** 2).mean()))
+
+    assert rms(unpacked) < 1e-6 and rms(unpacked) <= rms(packed)
 
 
 def test_failure_leaves_nothing_behind(quantized, tmp_path, monkeypatch):
@@ -158,3 +232,22 @@ def test_decoder_with_kv_cache(exported, tmp_path):
     check = art.manifest["build"]["self_check"]
     assert check["shapes"] == {"batch": 2, "past_sequence": 4, "sequence": 8} and check["relative_rms_err"] < 1e-4
     assert art.manifest["profile"]["symbols"]["total_sequence"] == [1, 129, 256]
+
+
+def test_inspect_says_which_integer_kernel_runs(cpu_built):
+    from trtforge.engines.check import Machine, check_cpu, int8_kernel_check
+
+    art = cpu_built("int8")
+    avx2 = ("avx2",)
+    report = check_cpu(art, Machine(None, (), "1.32.0", avx2))
+    kernel = next(c for c in report.checks if c.what == "INT8 GEMM kernel")
+    assert kernel.ok and not kernel.warning and kernel.detail.startswith("U8U8 (14 GEMMs")
+    # an artifact built before the UINT8 weights: its fused GEMMs read int8 weights (U8S8)
+    legacy = {"ops_after": {"MatMulIntegerToFloat": 14, "QuantizeLinear": 8}}
+    no_vnni = int8_kernel_check(legacy, avx2)
+    assert no_vnni.ok and no_vnni.warning and "saturates" in no_vnni.detail and no_vnni.detail.startswith("14 GEMMs")
+    vnni = int8_kernel_check(legacy, ("avx2", "avx512f", "avx512_vnni"))
+    assert vnni.ok and not vnni.warning
+    assert int8_kernel_check(legacy, None).warning
+    assert int8_kernel_check({"ops_after": {"MatMul": 3}}, avx2) is None  # no integer GEMM, no check
+    assert check_cpu(art, Machine(None, (), "1.32.0")).loads  # flags unknown: still loads

@@ -1,4 +1,5 @@
-"""The symmetric INT8 -> UINT8 (zero point 128) rewrite changes no value."""
+"""The symmetric INT8 -> UINT8 (zero point 128) rewrites change no value, and make ONNX Runtime's
+integer GEMMs exact (U8U8) on every x86-64 CPU, with or without VNNI."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from trtforge.engines.qdq_u8 import symmetric_int8_to_uint8
+from trtforge.engines.qdq_u8 import int8_weights_to_uint8, symmetric_int8_to_uint8
 
 from .qdq import tiny_graph
 
@@ -53,13 +54,81 @@ def test_rewrite_is_bit_identical(dtype):
     assert np.array_equal(q_u8.astype(np.int16) - 128, q_s8.astype(np.int16))
 
 
+def _unsigned(model: onnx.ModelProto) -> onnx.ModelProto:
+    new, _ = symmetric_int8_to_uint8(model)
+    return int8_weights_to_uint8(new)[0]
+
+
+def test_weights_become_uint8_plus_128_with_the_same_values():
+    model = tiny_graph("int8")
+    acts, _ = symmetric_int8_to_uint8(model)
+    new, n = int8_weights_to_uint8(acts)
+    assert n == 2
+    onnx.checker.check_model(new)
+    inits = {t.name: t for t in new.graph.initializer}
+    old_inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert "w0_q" not in inits and "w1_q" not in inits  # the int8 copies are gone
+    for n_ in new.graph.node:
+        if n_.op_type == "DequantizeLinear" and n_.name.startswith("w"):
+            w, zp = numpy_helper.to_array(inits[n_.input[0]]), numpy_helper.to_array(inits[n_.input[2]])
+            assert w.dtype == np.uint8 and zp.dtype == np.uint8 and np.all(zp == 128)
+            assert zp.shape == numpy_helper.to_array(inits[n_.input[1]]).shape == (w.shape[1],)  # per channel
+            assert np.array_equal(w.astype(np.int16) - 128, old_inits[n_.name[:2] + "_q"].astype(np.int16))
+    x = np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32) * 3
+    assert np.array_equal(_run(model, {"x": x})[0], _run(new, {"x": x})[0])
+
+
+def test_weights_read_elsewhere_or_not_by_a_gemm_stay_int8():
+    model = tiny_graph("int8")
+    # w0's dequantized value also feeds an Add: not only a GEMM weight, so it is left alone
+    model.graph.node.append(helper.make_node("Add", ["w0", "w0"], ["w0_twice"]))
+    model.graph.output.append(helper.make_tensor_value_info("w0_twice", TensorProto.FLOAT, None))
+    new, n = int8_weights_to_uint8(model)
+    assert n == 1
+    types = {t.name: t.data_type for t in new.graph.initializer}
+    assert types["w0_q"] == TensorProto.INT8 and types["w1_q_u8"] == TensorProto.UINT8
+    for precision in ("fp8", "int4-weight-only"):
+        m = tiny_graph(precision)
+        assert int8_weights_to_uint8(m)[1] == 0
+
+
+def test_integer_kernels_of_this_cpu():
+    """U8U8 is exact on every CPU; U8S8 is exact only with VNNI (recorded, not asserted: CPU-dependent)."""
+    from trtforge.engines.cpu import cpu_flags, probe_int8_gemm
+
+    probe = probe_int8_gemm()
+    assert probe["u8u8_max_rel_err"] == 0.0
+    flags = cpu_flags()
+    if flags is not None and "avx2" in flags and not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags):
+        # x86 without VNNI: vpmaddubsw saturates the probe's 255 * 127 + 255 * 127 pair sums
+        assert probe["u8s8_max_rel_err"] > 0.1, probe
+
+
 def test_optimized_outputs_stay_within_float_rounding():
     model = tiny_graph("int8")
-    new, _ = symmetric_int8_to_uint8(model)
-    x = np.random.default_rng(1).standard_normal((16, 64)).astype(np.float32)
+    new = _unsigned(model)
+    rng = np.random.default_rng(1)
+    # typical values, and values that saturate the quantizers (u8 255 x large weights: what
+    # overflows U8S8's int16 pair sums on CPUs without VNNI)
+    x = np.concatenate([rng.standard_normal((16, 64)), rng.standard_normal((16, 64)) * 20]).astype(np.float32)
     ref = _run(model, {"x": x})[0]
     fused = _run(new, {"x": x}, "ORT_ENABLE_ALL")[0]
-    assert np.allclose(fused, ref, rtol=1e-5, atol=1e-5)
+    assert np.abs(fused - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_signed_weights_would_saturate_without_vnni():
+    """What the weight rewrite fixes, on the tiny graph: U8S8 error where the CPU has no VNNI."""
+    from trtforge.engines.cpu import cpu_flags
+
+    flags = cpu_flags()
+    if flags is None or "avx2" not in flags or {"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags):
+        pytest.skip("needs an x86 CPU without VNNI (U8S8 is exact with VNNI)")
+    model = tiny_graph("int8")
+    acts_only, _ = symmetric_int8_to_uint8(model)
+    x = (np.random.default_rng(1).standard_normal((16, 64)) * 20).astype(np.float32)
+    ref = _run(model, {"x": x})[0]
+    err = np.abs(_run(acts_only, {"x": x}, "ORT_ENABLE_ALL")[0] - ref).max() / np.abs(ref).max()
+    assert err > 1e-3, err
 
 
 @pytest.mark.parametrize("precision", ["fp8", "int4-weight-only"])
