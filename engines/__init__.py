@@ -1,7 +1,9 @@
-"""Build stage: ONNX artifact -> TensorRT engine for a GPU target, or an ONNX Runtime artifact for the CPU.
+"""Build stage: ONNX artifact -> TensorRT engine for a GPU target, an ONNX Runtime artifact for
+the CPU, or a TensorRT-LLM checkpoint, each written by its Backend (trtforge.backend).
 
-See build.py (the stage), targets.py (what each GPU runs), cpu.py (the CPU target) and
-docs/engines.md. Only the private ``_trt`` module imports TensorRT.
+See build.py (the stage), backends/ (one module per backend), targets.py (what each GPU runs),
+cpu.py (the CPU target), trtllm/ (the checkpoint) and docs/engines.md. Only the private ``_trt``
+module imports TensorRT.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from trtforge.engines.profiles import BATCH, PAST, SEQ, TOTAL
+from trtforge.manifest import Manifest
 
 
 def concrete_shape(shape: list, sizes: dict[str, int]) -> tuple[int, ...]:
@@ -25,14 +26,21 @@ def concrete_shape(shape: list, sizes: dict[str, int]) -> tuple[int, ...]:
     return tuple(out)
 
 
-def synthetic_feeds(manifest: dict, sizes: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
+def synthetic_feeds(manifest: Manifest | dict, sizes: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
+    """Feeds for every input a manifest (typed, or its JSON form) lists."""
     rng = np.random.default_rng(seed)
-    vocab = int((manifest.get("dims") or {}).get("vocab_size") or 100)
+    if isinstance(manifest, Manifest):
+        vocab = int(manifest.dims.vocab_size if manifest.dims else 100)
+        inputs = [(t.name, t.dtype, t.shape) for t in (manifest.io.inputs if manifest.io else [])]
+    else:  # the JSON form (tests, scripts)
+        doc = manifest
+        vocab = int((doc.get("dims") or {}).get("vocab_size") or 100)
+        inputs = [(t["name"], t["dtype"], t["shape"]) for t in doc["io"]["inputs"]]
     past = int(sizes.get(PAST, 0))
     feeds: dict[str, np.ndarray] = {}
-    for inp in manifest["io"]["inputs"]:
-        name, dtype = inp["name"], np.dtype(inp["dtype"]) if inp["dtype"] != "bfloat16" else np.dtype(np.float32)
-        shape = concrete_shape(inp["shape"], sizes)
+    for name, dt, shp in inputs:
+        dtype = np.dtype(dt) if dt != "bfloat16" else np.dtype(np.float32)
+        shape = concrete_shape(shp, sizes)
         if name == "input_ids":
             a = rng.integers(1, max(2, vocab), shape)
         elif name == "attention_mask":

@@ -25,10 +25,16 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from trtforge.vocab import Precision
+
 FP8, INT4, INT8, BF16, FP16, FP32, OTHER, UNKNOWN = "FP8", "INT4", "INT8", "BF16", "FP16", "FP32", "other", "unknown"
 QUANTIZED = (FP8, INT8, INT4)
 # lowest precision first: the first one found among a layer's tensors names the layer
 _ORDER = (INT4, FP8, INT8, BF16, FP16, FP32, OTHER)
+# the words of TensorRT's inspector type names, checked in this order ("float" last: fp8/float8 first)
+_WORDS = ((FP8, ("fp8", "float8", "e4m3")), (INT4, ("int4",)), (INT8, ("int8",)), (BF16, ("bfloat16", "bf16")),
+          (FP16, ("half", "fp16", "float16")), (FP32, ("fp32", "float", "tf32")),
+          (OTHER, ("int32", "int64", "bool", "uint8")))
 _TYPE_KEYS = ("Format/Datatype", "Format/DataType", "DataType", "Datatype", "Type", "Format")
 
 
@@ -37,20 +43,9 @@ def classify_dtype(text: str | None) -> str | None:
     if not text:
         return None
     t = str(text).lower().replace("_", "").replace(" ", "")
-    if "fp8" in t or "float8" in t or "e4m3" in t:
-        return FP8
-    if "int4" in t:
-        return INT4
-    if "int8" in t:
-        return INT8
-    if "bfloat16" in t or "bf16" in t:
-        return BF16
-    if "half" in t or "fp16" in t or "float16" in t:
-        return FP16
-    if "fp32" in t or "float" in t or "tf32" in t:
-        return FP32
-    if any(k in t for k in ("int32", "int64", "bool", "uint8")):
-        return OTHER
+    for kind, words in _WORDS:
+        if any(w in t for w in words):
+            return kind
     return None
 
 
@@ -111,9 +106,13 @@ def summarize(info: dict) -> dict:
     }
 
 
+# the inspector's layer types that show a precision's quantized kernels ran
+_LAYER_TYPES = {Precision.INT8: (INT8,), Precision.FP8: (FP8,), Precision.INT4: (INT4,), Precision.FP4: ()}
+
+
 def quantized_kernel_warning(summary: dict, precision: str) -> str | None:
     """A warning when a quantized artifact's engine shows no layer in that precision."""
-    want = {"int8": (INT8,), "fp8": (FP8,), "int4-weight-only": (INT4,), "fp4": ()}.get(precision)
+    want = _LAYER_TYPES.get(Precision.lookup(precision))
     if not want or not summary.get("detailed"):
         return None
     if sum(summary["by_precision"].get(p, 0) for p in want) == 0:

@@ -13,6 +13,7 @@ import statistics
 from dataclasses import dataclass
 
 from trtforge.engines.targets import QUANTIZED
+from trtforge.vocab import FLOATS, Precision
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ def _why_not_comparable(candidate: dict, reference: dict) -> str | None:
     ref_perf = reference.get("performance") or {}
     if "latency" not in ref_perf:
         return "the reference engine's manifest has no latency measurement"
-    if (reference.get("precision") or {}).get("precision") not in ("fp16", "bf16", "fp32"):
+    if Precision.lookup((reference.get("precision") or {}).get("precision")) not in FLOATS:
         return "the reference engine is not an unquantized (FP16) engine"
     c_src, r_src = candidate.get("source") or {}, reference.get("source") or {}
     if c_src.get("weights_sha256") and r_src.get("weights_sha256") and c_src["weights_sha256"] != r_src["weights_sha256"]:

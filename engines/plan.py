@@ -15,14 +15,17 @@ from the graph (FP16 casts and initializers, Q/DQ nodes).
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
+from trtforge.backend import backend_for_target
 from trtforge.engines.precision import PrecisionInfo
 from trtforge.engines.profiles import DimOverride, ShapeProfile
 from trtforge.engines.targets import Target
-from trtforge.errors import InputError
+from trtforge.errors import OptionError
 
 
 class HardwareCompatibility(str, Enum):
@@ -83,34 +86,51 @@ class BuildOptions:
     slower_tolerance: float = 0.05  # warn when a quantized engine is >5% slower than FP16
 
     def check(self, target: Target) -> None:
+        """Refuse values no build takes, then what ``target``'s backend does not take (OptionError
+        naming the fields; the CLI and recipe layers say which flag or key set them)."""
         if not 0 <= self.optimization_level <= 5:
-            raise InputError(f"--opt-level {self.optimization_level} is out of range", "use 0-5 (TensorRT's default is 3)")
+            raise OptionError(f"optimization_level {self.optimization_level} is out of range",
+                              "use 0-5 (TensorRT's default is 3)", fields=("optimization_level",))
         if self.workspace_mib is not None and self.workspace_mib <= 0:
-            raise InputError(f"--workspace {self.workspace_mib} MiB is not positive", "give a size in MiB, e.g. 4096")
+            raise OptionError(f"workspace_mib {self.workspace_mib} MiB is not positive", "give a size in MiB, e.g. 4096",
+                              fields=("workspace_mib",))
         if self.exclude_lean_runtime and not self.version_compatible:
-            raise InputError("--exclude-lean-runtime needs --version-compatible",
-                             "add --version-compatible or drop --exclude-lean-runtime")
+            raise OptionError("exclude_lean_runtime needs version_compatible",
+                              "add version_compatible or drop exclude_lean_runtime",
+                              fields=("exclude_lean_runtime", "version_compatible"))
         if self.benchmark_iterations < 1:
-            raise InputError("--bench-iterations must be at least 1", "e.g. 50")
+            raise OptionError("benchmark_iterations must be at least 1", "e.g. 50", fields=("benchmark_iterations",))
         if self.model_name is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", self.model_name):
-            raise InputError(f"--model-name {self.model_name!r} has characters Triton does not accept in a folder name",
-                             "use letters, digits, '.', '_' and '-'")
-        if target.is_cpu:
-            gpu_only = [name for name, on in (
-                ("--hardware-compatibility", self.hardware_compatibility != HardwareCompatibility.NONE),
-                ("--version-compatible", self.version_compatible),
-                ("--reference-engine", self.reference_engine is not None),
-                ("--timing-cache", self.timing_cache is not None),
-                ("--opt-level", self.optimization_level != 3),
-                ("--workspace", self.workspace_mib is not None),
-            ) if on]
-            if gpu_only:
-                raise InputError(f"{', '.join(gpu_only)} applies to TensorRT targets, not --target cpu",
-                                 "drop it or build for a GPU target")
-            return
-        if self.hardware_compatibility == HardwareCompatibility.AMPERE_PLUS and (target.sm or 0) < 80:
-            raise InputError(f"--hardware-compatibility ampere-plus cannot target {target.name} ({target.arch})",
-                             "ampere-plus engines run on sm_80 and newer; drop the option for this target")
+            raise OptionError(f"model_name {self.model_name!r} has characters Triton does not accept in a folder name",
+                              "use letters, digits, '.', '_' and '-'", fields=("model_name",))
+        backend_for_target(target).check_options(target, self)
+
+    def tensorrt_only(self) -> list[str]:
+        """The fields set away from their default that only TensorRT builds use."""
+        return [name for name, on in (
+            ("hardware_compatibility", self.hardware_compatibility != HardwareCompatibility.NONE),
+            ("version_compatible", self.version_compatible),
+            ("reference_engine", self.reference_engine is not None),
+            ("timing_cache", self.timing_cache is not None),
+            ("optimization_level", self.optimization_level != 3),
+            ("workspace_mib", self.workspace_mib is not None),
+        ) if on]
+
+    @classmethod
+    def from_table(cls, table: Mapping[str, Any]) -> BuildOptions:
+        """From a run recipe's [build] table (keys are field names; ValueError names the bad value)."""
+        profile = tuple(DimOverride.parse(p) for p in (table.get("profile") or []))
+        for p in profile:  # the rest is checked against the model when the build stage runs
+            if not p.range.min <= p.range.opt <= p.range.max:
+                raise OptionError(f"profile {p} is not ordered min <= opt <= max",
+                                  "write SYMBOL=MIN:OPT:MAX, e.g. batch=1:8:32", fields=("profile",))
+        return cls(
+            profile=profile,
+            optimization_level=table.get("optimization_level", 3), workspace_mib=table.get("workspace_mib"),
+            layout=Layout(table.get("layout", "plain")),
+            hardware_compatibility=HardwareCompatibility(table.get("hardware_compatibility", "none")),
+            version_compatible=table.get("version_compatible", False),
+        )
 
     def to_json(self) -> dict:
         return {

@@ -30,6 +30,7 @@ from trtforge.engines.targets import (
     Target,
     check_supported,
 )
+from trtforge.manifest import Manifest
 from trtforge.vocab import Precision
 
 _Q_TYPES = {
@@ -114,13 +115,20 @@ def scan_graph(model: onnx.ModelProto) -> tuple[str, Counter]:
     return float_dtype, counts
 
 
-def detect_precision(manifest: dict, model: onnx.ModelProto) -> PrecisionInfo:
+def recipe_precision(manifest: Manifest | dict) -> Precision | None:
+    """The quantize recipe's precision a manifest records (typed, or its JSON form), if any."""
+    if isinstance(manifest, Manifest):
+        return manifest.quantization.precision if manifest.quantization is not None else None
+    q = dict(manifest).get("quantization") or {}  # the JSON form (tests, scripts)
+    return Precision.lookup(q.get("precision", "")) if q else None
+
+
+def detect_precision(manifest: Manifest | dict, model: onnx.ModelProto) -> PrecisionInfo:
     """Precision of an artifact: the manifest's recipe precision if it has one, else the graph's
     strongest quantized type, else its float type. ``needs`` always comes from both."""
     float_dtype, counts = scan_graph(model)
     needs = {float_dtype} | set(counts)
-    q = manifest.get("quantization") or {}
-    named = Precision.lookup(q.get("precision", "")) if q else None
+    named = recipe_precision(manifest)
     if named:
         needs.add(named)
         return PrecisionInfo(named, float_dtype, frozenset(needs), "manifest", dict(counts))

@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 
 from trtforge.errors import InputError
+from trtforge.manifest import Manifest
 
 BATCH, SEQ, PAST, TOTAL = "batch", "sequence", "past_sequence", "total_sequence"
 KNOWN_SYMBOLS = (BATCH, SEQ, PAST, TOTAL)
@@ -127,14 +128,20 @@ def _static_desc(io_inputs: list[dict]) -> str:
     return ", ".join(f"{i['name']} {list(i['shape'])}" for i in io_inputs[:3])
 
 
-def derive_profile(manifest: dict, overrides: tuple[DimOverride, ...] = ()) -> ShapeProfile:
+def inputs_and_positions(manifest: Manifest | dict) -> tuple[list, int | None]:
+    """(``io.inputs``, ``dims.max_positions``) of a typed manifest or of its JSON form."""
+    if isinstance(manifest, Manifest):
+        return (list(manifest.io.inputs) if manifest.io else []), (manifest.dims.max_positions if manifest.dims else None)
+    doc = manifest  # the JSON form (tests, scripts)
+    return list((doc.get("io") or {}).get("inputs") or []), (doc.get("dims") or {}).get("max_positions")
+
+
+def derive_profile(manifest: Manifest | dict, overrides: tuple[DimOverride, ...] = ()) -> ShapeProfile:
     """Profile for the artifact's inputs: defaults from the manifest, then the overrides."""
-    io = manifest.get("io") or {}
-    inputs = io.get("inputs")
+    inputs, max_pos = inputs_and_positions(manifest)
     if not inputs:
         raise InputError("the artifact manifest lists no inputs (io.inputs)", "re-run the stage that wrote it")
     used = _symbols_of(inputs)
-    max_pos = (manifest.get("dims") or {}).get("max_positions")
     given: dict[str, DimRange] = {}
     for ov in overrides:
         s = ov.symbol

@@ -14,13 +14,21 @@ Sources (checked 2026-11, see docs/engines.md for quotes):
   (TensorRT 10 deprecated SM 7.0; 7.5 is the practical floor).
 * FP4 (NVFP4) needs SM 10.0+ (TensorRT-RTX quantized-types page); trtforge does not emit FP4.
 GPU names per compute capability: https://developer.nvidia.com/cuda-gpus
+
+Each :class:`Target` names the backend that builds for it (``tensorrt``, ``cpu-ort``,
+``trtllm-checkpoint``; trtforge.backend); each backend claims its target names, so
+:func:`resolve_target` and the precision checks ask the backends instead of branching.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from trtforge import env
+from trtforge.backend import resolve_target as _backend_target
+from trtforge.backend import target_names
 from trtforge.errors import InputError, TargetError
+from trtforge.registry import BACKENDS
 from trtforge.vocab import QUANTIZED, Precision  # noqa: F401  (QUANTIZED re-exported)
 
 # Short names for the one vocabulary (trtforge.vocab.Precision), used by the tables below.
@@ -29,27 +37,25 @@ FP32, FP16, BF16, INT8, FP8, INT4, FP4 = (Precision.FP32, Precision.FP16, Precis
 
 # minimum SM (major*10+minor) for each precision TensorRT runs natively
 MIN_SM = {FP32: 75, FP16: 75, BF16: 80, INT8: 75, INT4: 80, FP8: 89, FP4: 100}
+# ONNX Runtime's CPU provider runs every Q/DQ flavour trtforge writes
+CPU_PRECISIONS = (FP32, FP16, INT8, FP8, INT4)
+TENSORRT, CPU_ORT, TRTLLM = "tensorrt", "cpu-ort", "trtllm-checkpoint"  # BACKENDS names
 
 
 @dataclass(frozen=True)
 class Target:
     name: str
-    sm: int | None  # None: CPU (ONNX Runtime)
+    sm: int | None  # None: no GPU of its own (the CPU, a TensorRT-LLM checkpoint)
     arch: str
     example_gpus: str
-
-    @property
-    def is_cpu(self) -> bool:
-        return self.sm is None
+    backend: str = TENSORRT  # the BACKENDS entry that builds for it
 
     @property
     def compute_capability(self) -> str | None:
         return None if self.sm is None else f"{self.sm // 10}.{self.sm % 10}"
 
     def precisions(self) -> list[str]:
-        if self.sm is None:
-            return [FP32, FP16, INT8, FP8, INT4]  # ONNX Runtime CPU runs every Q/DQ flavour
-        return [p for p, m in MIN_SM.items() if self.sm >= m]
+        return BACKENDS.get(self.backend).precisions(self)
 
     def supports(self, precision: str) -> bool:
         return precision in self.precisions()
@@ -68,20 +74,32 @@ TARGETS: dict[str, Target] = {
     "sm_90": Target("sm_90", 90, "Hopper", "H100, H200, GH200"),
     "sm_100": Target("sm_100", 100, "Blackwell", "B200, GB200"),
     "sm_120": Target("sm_120", 120, "Blackwell", "RTX PRO 6000 Blackwell, RTX 50xx"),
-    "cpu": Target("cpu", None, "CPU", "any x86-64 or Arm CPU (ONNX Runtime)"),
+    "cpu": Target("cpu", None, "CPU", "any x86-64 or Arm CPU (ONNX Runtime)", CPU_ORT),
 }
+# The TensorRT-LLM checkpoint: a target of `trtforge run` (written alone by `trtforge export-checkpoint`).
+TRTLLM_TARGET = Target("trtllm", None, "TensorRT-LLM", "TensorRT-LLM 1.x PyTorch backend (FP8: SM 8.9+, W4A16: SM 8.0+)",
+                       TRTLLM)
 ALIASES = {"turing": "sm_75", "ampere": "sm_80", "ada": "sm_89", "hopper": "sm_90", "blackwell": "sm_100"}
+# what `trtforge build --target` takes (the TensorRT and CPU backends)
 TARGET_CHOICES = sorted(TARGETS) + sorted(ALIASES) + ["auto"]
 
 
 def resolve_target(name: str, gpus=None) -> Target:
-    """``hopper`` -> sm_90; ``auto`` -> the first GPU of this machine; unknown names are errors."""
-    key = name.strip().lower()
+    """``hopper`` -> sm_90; ``auto`` -> the first GPU of this machine; ``cpu``; ``trtllm``. Each
+    backend claims its names (trtforge.backend.resolve_target); unknown names are errors."""
+    if isinstance(name, Target):
+        return name
+    t = _backend_target(name, gpus)
+    if t is None:
+        raise InputError(f"unknown target {name!r}", f"use one of: {', '.join(target_names())}")
+    return t
+
+
+def resolve_gpu_target(key: str, gpus=None) -> Target | None:
+    """The TensorRT backend's names: sm_XX, the architecture aliases and ``auto``."""
     key = ALIASES.get(key, key)
     if key == "auto":
-        from trtforge.env import gpus as detect
-
-        found = detect() if gpus is None else gpus
+        found = env.gpus() if gpus is None else gpus
         if not found:
             raise TargetError("--target auto found no NVIDIA GPU on this machine", "name a target (e.g. sm_90) or use --target cpu")
         g = found[0]
@@ -91,9 +109,12 @@ def resolve_target(name: str, gpus=None) -> Target:
         return Target(f"sm_{g.sm}", g.sm, "unknown", g.name)
     if key.startswith("sm_") and key not in TARGETS and key[3:].isdigit():
         return Target(key, int(key[3:]), "unknown", "")
-    if key not in TARGETS:
-        raise InputError(f"unknown target {name!r}", f"use one of: {', '.join(TARGET_CHOICES)}")
-    return TARGETS[key]
+    t = TARGETS.get(key)
+    return t if t is not None and t.backend == TENSORRT else None
+
+
+def tensorrt_precisions(target: Target) -> list[str]:
+    return [p for p, m in MIN_SM.items() if (target.sm or 0) >= m]
 
 
 # What to suggest when a target cannot run a precision.
@@ -106,8 +127,8 @@ _ALTERNATIVE = {
 }
 
 
-def check_supported(target: Target, precision: str) -> None:
-    """Refuse at once, naming the alternative, when ``target`` cannot run ``precision``."""
+def refuse_unsupported(target: Target, precision: str) -> None:
+    """The TensorRT and CPU refusal: ``target``'s precision table lacks ``precision``."""
     if target.supports(precision):
         return
     need = MIN_SM.get(precision)
@@ -118,18 +139,11 @@ def check_supported(target: Target, precision: str) -> None:
     )
 
 
+def check_supported(target: Target, precision: str) -> None:
+    """Refuse at once, naming the alternative, when ``target`` cannot run ``precision``."""
+    BACKENDS.get(target.backend).check_precision(target, precision)
+
+
 def possible_targets(gpus, tensorrt_available: bool) -> list[dict]:
-    """What `trtforge build` can do on this machine (for `trtforge doctor`)."""
-    out = [{"target": "cpu", "precisions": TARGETS["cpu"].precisions(), "ready": True}]
-    for g in gpus:
-        t = resolve_target("auto", [g])
-        out.append(
-            {
-                "target": t.name,
-                "gpu": g.name,
-                "precisions": t.precisions(),
-                "ready": tensorrt_available,
-                "missing": None if tensorrt_available else "tensorrt (pip install 'trtforge[gpu]')",
-            }
-        )
-    return out
+    """What this machine can build, backend by backend (``trtforge doctor``: trtforge.env.doctor)."""
+    return [row for b in BACKENDS for row in b.doctor(gpus, tensorrt_available)]

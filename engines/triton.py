@@ -18,6 +18,7 @@ import re
 
 from trtforge.engines.profiles import BATCH, ShapeProfile
 from trtforge.errors import InputError
+from trtforge.manifest import IOInfo, Manifest
 
 VERSION = "1"
 PLATFORMS = {"tensorrt_plan": "model.plan", "onnxruntime_onnx": "model.onnx"}
@@ -28,10 +29,15 @@ DTYPES = {
 }
 
 
-def model_name_for(manifest: dict, precision: str) -> str:
-    """``llama-causal-lm-int8`` from the source model type, task and precision."""
-    src = manifest.get("source") or {}
-    raw = "-".join(str(x) for x in (src.get("model_type") or "model", src.get("task"), precision) if x)
+def model_name_for(manifest: Manifest | dict, precision: str) -> str:
+    """``llama-causal-lm-int8`` from the source model type, task and precision (typed manifest or JSON)."""
+    if isinstance(manifest, Manifest):
+        src = manifest.source
+        parts = (src.model_type or "model", src.task) if src is not None else ("model", None)
+    else:
+        src_json = dict(manifest).get("source") or {}  # the JSON form (tests, scripts)
+        parts = (src_json.get("model_type") or "model", src_json.get("task"))
+    raw = "-".join(str(x) for x in (*parts, precision) if x)
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", raw).strip("-.")
     return name or "model"
 
@@ -45,15 +51,17 @@ def _dims(shape: list, skip_batch: bool) -> list[int]:
     return [d if isinstance(d, int) else -1 for d in dims]
 
 
-def config_pbtxt(name: str, platform: str, io: dict, profile: ShapeProfile) -> str:
+def config_pbtxt(name: str, platform: str, io: IOInfo | dict, profile: ShapeProfile) -> str:
     if platform not in PLATFORMS:
         raise ValueError(platform)
-    tensors = list(io["inputs"]) + list(io["outputs"])
+    if not isinstance(io, IOInfo):
+        io = IOInfo.from_json(io)
+    tensors = list(io.inputs) + list(io.outputs)
     batched = bool(tensors) and all(t["shape"] and t["shape"][0] == BATCH for t in tensors)
     batch = profile.symbol(BATCH)
     max_batch = batch.max if batched and batch is not None else 0
     lines = [f'name: "{name}"', f'platform: "{platform}"', f"max_batch_size: {max_batch}"]
-    for section, items in (("input", io["inputs"]), ("output", io["outputs"])):
+    for section, items in (("input", io.inputs), ("output", io.outputs)):
         entries = []
         for t in items:
             dtype = DTYPES.get(t["dtype"])

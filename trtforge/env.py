@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import platform
 import shutil
 import subprocess
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
-from trtforge.artifacts import library_versions
+from trtforge.manifest import library_versions
+from trtforge.registry import BACKENDS
 
 
 @dataclass(frozen=True)
@@ -43,9 +46,6 @@ def gpus() -> list[Gpu]:
 
 def cpu_name() -> str:
     """The CPU's model name (from /proc/cpuinfo on Linux), for reports and benchmark records."""
-    import platform
-    from pathlib import Path
-
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -73,8 +73,7 @@ def ort_providers() -> list[str]:
 
 
 def doctor() -> dict:
-    from trtforge.engines.targets import possible_targets
-
+    """Versions, providers, TensorRT, GPUs, and per backend the targets it can build here."""
     gs = gpus()
     trt = tensorrt_status()
     return {
@@ -82,5 +81,5 @@ def doctor() -> dict:
         "onnxruntime_providers": ort_providers(),
         "tensorrt": trt,
         "gpus": [asdict(g) | {"sm": g.sm} for g in gs],
-        "build_targets": possible_targets(gs, trt["available"]),
+        "build_targets": [row for b in BACKENDS for row in b.doctor(gs, trt["available"])],
     }

@@ -7,6 +7,8 @@ anything that is not a TrtforgeError is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import re
+
 
 class TrtforgeError(Exception):
     """Base class: a problem the user can fix, and the hint that says how."""
@@ -86,3 +88,25 @@ class OutputExistsError(TrtforgeError):
 
 class LockedError(TrtforgeError):
     """Another trtforge process holds the output folder."""
+
+
+class OptionError(InputError):
+    """An option value is not usable. The message names the option by its field (``optimization_level``);
+    ``fields`` lists the names used, so the CLI and recipe layers can say which flag or key set it
+    (:meth:`relabel`)."""
+
+    def __init__(self, problem: str, hint: str | None = None, *, fields: tuple[str, ...] = ()) -> None:
+        super().__init__(problem, hint)
+        self.fields = tuple(fields)
+
+    def relabel(self, labels: dict[str, str]) -> OptionError:
+        """The same error with each field name replaced by its label (``{"optimization_level": "--opt-level"}``)."""
+        def sub(text: str | None) -> str | None:
+            if text is None:
+                return None
+            for f in sorted(self.fields, key=len, reverse=True):
+                if f in labels:
+                    text = re.sub(rf"(?<![\w-]){re.escape(f)}(?![\w-])", labels[f], text)
+            return text
+
+        return OptionError(sub(self.problem) or self.problem, sub(self.hint), fields=())

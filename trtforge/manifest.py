@@ -378,6 +378,16 @@ class Manifest:
     def __contains__(self, key: object) -> bool:
         return key in self.to_json()
 
+    def __eq__(self, other: object) -> bool:
+        """Equal to another Manifest or to a JSON dict with the same content (``json.load`` of the file)."""
+        if isinstance(other, Manifest):
+            return self.to_json() == other.to_json()
+        if isinstance(other, dict):
+            return self.to_json() == other
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  (mutable)
+
     # ---------------------------------------------------------------- queries
 
     def section(self, key: str, default: Any = None) -> Any:

@@ -6,6 +6,7 @@ Output layout (stable; documented in docs/pipeline.md):
     OUT/export/fp16/               the FP16 reference (parity compares against it)
     OUT/quantized/<recipe>/        the Q/DQ (or INT4 weight-only) ONNX
     OUT/engines/<target>/          a TensorRT engine, or the CPU target's ONNX Runtime artifact
+    OUT/engines/trtllm/            the TensorRT-LLM checkpoint (target "trtllm"; export-checkpoint's format)
     OUT/reports/<recipe>[-<target>]/  parity reports (report.json / .html / .md)
     OUT/manifest.json              links them: keys, hashes, timings, versions, verdict
     OUT/.trtforge/                 stage records (cache keys) and the lock
@@ -16,30 +17,38 @@ has the recorded manifest; changing one option reruns only the stages that depen
 Every stage writes into a temporary folder renamed when complete, so an interrupted run
 (Ctrl-C, a killed CI job) leaves no half-written artifact and the next run resumes after the
 last completed stage. A lock refuses a second run into the same OUT at the same time.
+
+Every target is built by its backend (trtforge.backend: BACKENDS): the pipeline resolves each
+name, asks the backend for its options (from the recipe table it names), its refusals before any
+work (``preflight``) and whether this machine can build it (``unavailable``), then calls the build
+stage. Backends without a parity runner (the TensorRT-LLM checkpoint, verified when written) get
+no parity report; their stage record carries the backend's one-line summary instead.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from trtforge._version import __version__
-from trtforge.artifacts import (
-    base_manifest,
-    hash_files,
-    load_artifact,
-    read_json,
-    sha256_file,
-    sha256_json,
-    write_json,
-)
-from trtforge.errors import LockedError, TargetError, TrtforgeError
+from trtforge.artifacts import hash_files, read_json, sha256_file, sha256_json, write_json
+from trtforge.backend import Backend, BuildIntent, backend_for_target
+from trtforge.calibration import quantize
+from trtforge.engines import build
+from trtforge.engines.targets import Target, resolve_target
+from trtforge.errors import LockedError, OptionError, RecipeError, TargetError, TrtforgeError
+from trtforge.exporter import DType, ExportOptions, export_onnx, inspect_source
+from trtforge.manifest import MANIFEST, Manifest
+from trtforge.parity import Thresholds, check_parity
 from trtforge.pipeline_recipe import PipelineRecipe, load_pipeline_recipe
+from trtforge.vocab import Precision, Task
 
 log = logging.getLogger("trtforge.pipeline")
 STATE = ".trtforge"
@@ -68,8 +77,6 @@ class StageResult:
 @contextlib.contextmanager
 def lock(out: Path) -> Iterator[None]:
     """Exclusive lock on OUT; a second run into the same folder refuses at once."""
-    import fcntl
-
     state = out / STATE
     state.mkdir(parents=True, exist_ok=True)
     path = state / "lock"
@@ -94,8 +101,9 @@ class Runner:
         self.out = out
         self.skip_unavailable = skip_unavailable_targets
         self.stages: list[StageResult] = []
-        self.planned: tuple[list, list[tuple[str, str]]] = ([], [])
-        self.build_options = None
+        # (targets to build, targets skipped on request with the reason), decided by preflight
+        self.planned: tuple[list[Target], list[tuple[Target, str]]] = ([], [])
+        self.options: dict[str, Any] = {}  # backend name -> its options
         self.t0 = time.perf_counter()
 
     # ------------------------------------------------------------------ caching
@@ -103,7 +111,7 @@ class Runner:
         return self.out / STATE / "stages" / (name.replace("/", "__") + ".json")
 
     def stage(self, name: str, folder: Path, key_parts: dict, fn: Callable[[Path], object],
-              marker: str = "manifest.json") -> StageResult:
+              marker: str = MANIFEST) -> StageResult:
         """Run ``fn(folder)`` unless a completed run with the same key left ``folder/marker`` intact."""
         key = sha256_json({"stage": name, "trtforge": __version__, **key_parts})
         rec_path = self._record_path(name)
@@ -127,77 +135,65 @@ class Runner:
 
     def upstream_key(self, folder: Path) -> str:
         """What a downstream stage depends on: the upstream files' content, not its timestamps."""
-        return sha256_json(read_json(folder / "manifest.json", "manifest").get("files", {}))
+        return sha256_json(Manifest.read(folder / MANIFEST).files)
 
     # ------------------------------------------------------------------ plan
     def preflight(self) -> None:
-        """Every check that needs no work: targets, the model folder, the data files."""
-        from trtforge.exporter import Task
-        from trtforge.exporter.export import inspect_source
-
+        """Every check that needs no work: targets and their options, the model folder, the data files."""
         r = self.r
-        self.build_options = self._build_options()
         self.planned = self.plan_targets()
-        inspect_source(r.model_dir, Task(r.task) if r.task else None)
+        src = inspect_source(r.model_dir, Task(r.task) if r.task else None)
+        intent = BuildIntent(r.quant.precision, str(src.config.get("model_type")),
+                             str((src.config.get("architectures") or [""])[0]), src.task, r.quant.to_dict(), src.config)
+        for t in self.planned[0]:
+            backend = backend_for_target(t)
+            self._recipe_errors(backend, lambda b=backend, t=t: b.preflight(intent, t, self.options[b.name]))
         for p in [*r.calib_data, *r.parity_data, *([r.ranges] if r.ranges else [])]:
             if not Path(p).exists():
                 raise TrtforgeError(f"data file {p} does not exist", "check calibration.data / parity.data in the recipe")
 
-    def _build_options(self):
-        from trtforge.engines import BuildOptions, DimOverride, HardwareCompatibility, Layout
-        from trtforge.errors import RecipeError
-
-        b = self.r.build
+    def _recipe_errors(self, backend: Backend, fn: Callable[[], Any]) -> Any:
+        """Run ``fn``; option errors name the recipe table and key that set the option."""
+        table = backend.options_table
         try:
-            opts = BuildOptions(
-                profile=tuple(DimOverride.parse(p) for p in (b.get("profile") or [])),
-                optimization_level=b.get("optimization_level", 3), workspace_mib=b.get("workspace_mib"),
-                layout=Layout(b.get("layout", "plain")),
-                hardware_compatibility=HardwareCompatibility(b.get("hardware_compatibility", "none")),
-                version_compatible=b.get("version_compatible", False),
-            )
+            return fn()
+        except OptionError as exc:
+            raise RecipeError(f"{self.r.source}: [{table}] {exc.problem}", exc.hint) from None
         except ValueError as exc:
-            raise RecipeError(f"{self.r.source}: [build] {exc}", "see docs/pipeline.md for the build keys") from None
-        for p in opts.profile:  # the rest is checked against the model when the build stage runs
-            if not p.range.min <= p.range.opt <= p.range.max:
-                raise RecipeError(f"{self.r.source}: [build] profile {p} is not ordered min <= opt <= max",
-                                  "write SYMBOL=MIN:OPT:MAX, e.g. batch=1:8:32")
-        return opts
+            raise RecipeError(f"{self.r.source}: [{table}] {exc}", f"see docs/pipeline.md for the [{table}] keys") from None
 
-    def plan_targets(self) -> tuple[list, list[tuple[str, str]]]:
-        """Refuse impossible precision/target pairs and missing GPUs before any work."""
-        from trtforge.engines.targets import check_supported, resolve_target
-        from trtforge.env import gpus, tensorrt_status
+    def _options(self, backend: Backend) -> Any:
+        """The backend's options, parsed once from the recipe table it names ([build], [checkpoint])."""
+        if backend.name not in self.options:
+            table = {"build": self.r.build, "checkpoint": self.r.checkpoint}.get(backend.options_table, {})
+            self.options[backend.name] = self._recipe_errors(backend, lambda: backend.parse_options(table))
+        return self.options[backend.name]
 
-        precision = self.r.quant.precision.value
-        usable, skipped = [], []
-        trt_ok = None
-        found = None
-        for name in self.r.targets:
-            t = resolve_target(name)
-            check_supported(t, precision)
-            if self.build_options is not None:
-                self.build_options.check(t)
-            if not t.is_cpu:
-                if trt_ok is None:
-                    trt_ok, found = tensorrt_status()["available"], gpus()
-                if not (trt_ok and found):
-                    why = "TensorRT is not importable" if not trt_ok else "no NVIDIA GPU was found"
-                    if not self.skip_unavailable:
-                        raise TargetError(f"target {t.name} cannot be built on this machine: {why}",
-                                          "run on a GPU machine with pip install 'trtforge[gpu]', drop the target, "
-                                          "or pass --skip-unavailable-targets to run the other stages")
-                    skipped.append((t.name, why))
-                    continue
+    def plan_targets(self) -> tuple[list[Target], list[tuple[Target, str]]]:
+        """Refuse impossible precision/target pairs, bad options and missing GPUs before any work."""
+        precision = self.r.quant.precision
+        resolved = [resolve_target(name) for name in self.r.targets]
+        for t in resolved:  # every table parses before any target is judged
+            self._options(backend_for_target(t))
+        usable: list[Target] = []
+        skipped: list[tuple[Target, str]] = []
+        for t in resolved:
+            backend = backend_for_target(t)
+            backend.check_precision(t, precision)
+            self._recipe_errors(backend, lambda b=backend, t=t: b.check_options(t, self.options[b.name]))
+            why = backend.unavailable(t)
+            if why is not None:
+                if not self.skip_unavailable:
+                    raise TargetError(f"target {t.name} cannot be built on this machine: {why}",
+                                      "run on a GPU machine with pip install 'trtforge[gpu]', drop the target, "
+                                      "or pass --skip-unavailable-targets to run the other stages")
+                skipped.append((t, why))
+                continue
             usable.append(t)
         return usable, skipped
 
     # ------------------------------------------------------------------ stages
     def run(self) -> dict:
-        from trtforge.calibration import quantize
-        from trtforge.engines import build
-        from trtforge.exporter import DType, ExportOptions, Task, export_onnx
-
         r, out = self.r, self.out
         targets, skipped = self.planned
         weights = sorted(p for pat in ("*.safetensors", "pytorch_model*.bin") for p in r.model_dir.glob(pat))
@@ -214,12 +210,16 @@ class Runner:
         exp32 = out / "export" / "fp32"
         self.stage("export/fp32", exp32, export_key, export_to(DType.FP32))
         ref_dir = out / "export" / r.reference_dtype
-        if r.reference_dtype == "fp16":
+        if r.reference_dtype == Precision.FP16:
             self.stage("export/fp16", ref_dir, export_key, export_to(DType.FP16))
 
         quant = r.quant
-        if quant.dtype == "auto":  # TensorRT engines want the unquantized rest in FP16; CPUs run FP32 faster
-            quant = quant.replace(dtype="fp16" if any(not t.is_cpu for t in targets) or skipped else "fp32")
+        if quant.dtype == "auto":
+            # the unquantized rest in what the targets' backends want: FP16 for TensorRT engines and
+            # TensorRT-LLM checkpoints, FP32 for CPUs (skipped targets count: the artifact is shared)
+            every = [*targets, *(t for t, _ in skipped)]
+            quant = quant.replace(dtype=Precision.FP16.value if any(
+                backend_for_target(t).float_dtype == Precision.FP16 for t in every) else Precision.FP32.value)
         qdir = out / "quantized" / quant.name
         data_key = {"calib": {str(p): sha256_file(p) if p.is_file() else hash_files(x for x in p.rglob("*") if x.is_file())
                               for p in r.calib_data},
@@ -231,20 +231,24 @@ class Runner:
         self.stage(f"quantized/{quant.name}", qdir, {"upstream": self.upstream_key(exp32), "recipe": quant.to_dict(), **data_key},
                    quantize_to)
 
-        opts = self.build_options
         built: list[tuple[str, Path]] = []
         for t in targets:
+            backend = backend_for_target(t)
+            opts = self.options[backend.name]
             edir = out / "engines" / t.name
 
-            def build_to(folder: Path, t=t) -> None:
-                build(qdir, t, folder, opts, force=True)
+            def build_to(folder: Path, t=t, opts=opts, backend=backend) -> dict:
+                art = build(qdir, t, folder, opts, force=True)
+                # no parity report for it: record what its own verification found
+                return {} if backend.runs_parity else {"summary": backend.summary(art)}
 
             self.stage(f"engines/{t.name}", edir, {"upstream": self.upstream_key(qdir), "options": opts.to_json(), "target": t.name},
                        build_to)
-            built.append((t.name, edir))
-        for name, why in skipped:
-            self.stages.append(StageResult(f"engines/{name}", out / "engines" / name, "skipped", "", detail=why))
-            log.warning("stage engines/%s: skipped (%s)", name, why, extra={"stage": f"engines/{name}", "event": "skipped"})
+            if backend.runs_parity:
+                built.append((t.name, edir))
+        for res in self.skipped_stages():
+            self.stages.append(res)
+            log.warning("stage %s: skipped (%s)", res.name, res.detail, extra={"stage": res.name, "event": "skipped"})
 
         candidates: list[tuple[str, Path]] = []
         if r.reports in ("all", "quantized"):
@@ -256,8 +260,6 @@ class Runner:
         return self.manifest()
 
     def _parity(self, name: str, ref: Path, cand: Path) -> None:
-        from trtforge.parity import check_parity
-
         r = self.r
         data_key = {str(p): sha256_file(p) for p in r.parity_data if p.is_file()}
         key = {"reference": self.upstream_key(ref), "candidate": self.upstream_key(cand), "data": data_key,
@@ -265,8 +267,6 @@ class Runner:
 
         thresholds = r.thresholds
         if isinstance(thresholds, dict):  # an inline [parity.thresholds] table: preset + limits
-            from trtforge.parity.options import Thresholds
-
             limits = {k: float(v) for k, v in thresholds.items() if k != "preset" and v not in (None, False)}
             base = Thresholds.preset(thresholds["preset"]) if "preset" in thresholds else None
             thresholds = Thresholds(f"{base.name if base else 'recipe'}+recipe", {**(base.limits if base else {}), **limits}, "recipe")
@@ -280,11 +280,19 @@ class Runner:
             log.warning("parity %s: FAILED (%s)", name, "; ".join(f.get("message", str(f)) for f in res.extra.get("failures", [])[:2]))
 
     # ------------------------------------------------------------------ manifest
+    def skipped_stages(self) -> list[StageResult]:
+        """One record per target skipped on request, with the reason (listed whether or not the run
+        got as far as the builds)."""
+        return [StageResult(f"engines/{t.name}", self.out / "engines" / t.name, "skipped", "", detail=why)
+                for t, why in self.planned[1]]
+
     def manifest(self, error: str | None = None, interrupted: bool = False) -> dict:
-        reports = [s for s in self.stages if s.name.startswith("reports/")]
+        names = {s.name for s in self.stages}  # a run that stopped early still lists its skipped targets
+        stages = self.stages + [s for s in self.skipped_stages() if s.name not in names]
+        reports = [s for s in stages if s.name.startswith("reports/")]
         gate_ok = all(s.extra.get("passed", False) for s in reports)
         # A target skipped on request (--skip-unavailable-targets) is listed, not failed.
-        stage_ok = all(s.status in ("done", "cached", "skipped") for s in self.stages)
+        stage_ok = all(s.status in ("done", "cached", "skipped") for s in stages)
         if interrupted:
             verdict = "interrupted"
         elif error:
@@ -293,24 +301,31 @@ class Runner:
             verdict = "incomplete"
         else:
             verdict = "passed" if gate_ok else "failed"
-        m = base_manifest("run", "pipeline")
-        m.update({
+        m = Manifest.new("run", "pipeline")
+        for key, value in {
             "recipe": self.r.to_json(),
             "out": str(self.out),
-            "stages": [s.to_json(self.out) for s in self.stages],
+            "stages": [s.to_json(self.out) for s in stages],
             "reports": {s.name.split("/", 1)[1]: {"passed": s.extra.get("passed"), "path": os.path.relpath(s.path, self.out),
                                                   "failures": s.extra.get("failures", [])} for s in reports},
             "verdict": verdict,
-            "skipped": [{"stage": s.name, "why": s.detail} for s in self.stages if s.status == "skipped"],
+            "skipped": [{"stage": s.name, "target": s.name.split("/", 1)[1], "why": s.detail}
+                        for s in stages if s.status == "skipped"],
             "exit_code": 0 if verdict == "passed" else 1,
             "error": error,
             "seconds": round(time.perf_counter() - self.t0, 2),
-        })
-        for s in self.stages:
-            if s.status in ("done", "cached") and (s.path / "manifest.json").exists():
-                sm = load_artifact(s.path).manifest
-                m.setdefault("artifacts", {})[s.name] = {"files": sm.get("files", {}), "timings": sm.get("timings", {})}
-        return m
+        }.items():
+            m.set(key, value)
+        artifacts = {}
+        for s in stages:
+            if s.status in ("done", "cached") and (s.path / MANIFEST).exists():
+                sm = Manifest.read(s.path / MANIFEST)
+                artifacts[s.name] = {"files": sm.files, "timings": sm.timings}
+        if artifacts:
+            m.set("artifacts", artifacts)
+        out = m.to_json()
+        del out["timings"], out["files"]  # the run manifest links artifacts; it is not one (same keys as ever)
+        return out
 
 
 def run(recipe: str | Path | dict | PipelineRecipe, out: str | Path | None = None, *, sets: list[str] | tuple[str, ...] = (),

@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trtforge.calibration.recipe import QuantRecipe, get_preset
 from trtforge.errors import RecipeError
 from trtforge.recipes import parse_sets, read_recipe_file, table_line, where
+from trtforge.vocab import Precision
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
@@ -26,10 +28,14 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     "quantize": {"recipe": (str,)},  # plus every QuantRecipe field, checked by QuantRecipe.from_dict
     "build": {"targets": (list, str), "profile": (list, str), "optimization_level": (int,), "workspace_mib": (int,),
               "layout": (str,), "hardware_compatibility": (str,), "version_compatible": (bool,)},
+    # the trtllm target's options (those of `trtforge export-checkpoint`)
+    "checkpoint": {"dtype": (str,), "fp8_scheme": (str,), "max_shard_size": (str,), "parity": (bool,),
+                   "reference": (str,), "text": (str,), "max_samples": (int,)},
     "parity": {"data": (list, str), "thresholds": (str, dict), "per_layer": (bool,), "reports": (str,)},
     "output": {"dir": (str,)},
 }
-PATH_KEYS = {("model", "path"), ("calibration", "data"), ("calibration", "ranges"), ("parity", "data"), ("output", "dir")}
+PATH_KEYS = {("model", "path"), ("calibration", "data"), ("calibration", "ranges"), ("parity", "data"), ("output", "dir"),
+             ("checkpoint", "reference"), ("checkpoint", "text")}
 CALIB_TO_RECIPE = {"num_samples": "num_samples", "seq_len": "seq_len", "mode": "calib_mode", "text_field": "text_field",
                    "seed": "seed", "batch_size": "batch_size"}
 
@@ -54,6 +60,7 @@ class PipelineRecipe:
     reports: str  # "all" | "builds" | "quantized"
     out: Path | None
     raw: dict = field(default_factory=dict)
+    checkpoint: dict = field(default_factory=dict)  # [checkpoint]: the trtllm target's options
 
     def to_json(self) -> dict:
         return {
@@ -63,6 +70,7 @@ class PipelineRecipe:
             "calibration": {"data": [str(p) for p in self.calib_data], "ranges": str(self.ranges) if self.ranges else None},
             "quantize": self.quant.to_dict(),
             "build": {"targets": self.targets, **self.build},
+            **({"checkpoint": dict(self.checkpoint)} if self.checkpoint else {}),
             "parity": {"data": [str(p) for p in self.parity_data], "thresholds": self.thresholds,
                        "per_layer": self.per_layer, "reports": self.reports},
         }
@@ -99,8 +107,6 @@ def _package_model_dir(pkg: str) -> Path:
 
 
 def load_pipeline_recipe(spec: str | Path | dict, sets: list[str] | tuple[str, ...] = ()) -> PipelineRecipe:
-    from trtforge.calibration.recipe import QuantRecipe, get_preset
-
     if isinstance(spec, dict):
         raw, text, path, base_dir = dict(spec), "", "<dict>", Path.cwd()
     else:
@@ -148,7 +154,7 @@ def load_pipeline_recipe(spec: str | Path | dict, sets: list[str] | tuple[str, .
     targets = _as_list(b.pop("targets", None)) or ["cpu"]
     e = cfg.get("export", {})
     ref_dtype = e.get("reference_dtype", "fp16")
-    if ref_dtype not in ("fp16", "fp32"):
+    if ref_dtype not in (Precision.FP16, Precision.FP32):
         raise RecipeError(f"{where(path, text, 'reference_dtype', 'export')}: export.reference_dtype must be fp16 or fp32", "use fp16")
     par = cfg.get("parity", {})
     thr = par.get("thresholds")
@@ -163,7 +169,7 @@ def load_pipeline_recipe(spec: str | Path | dict, sets: list[str] | tuple[str, .
         reference_dtype=ref_dtype, validate=e.get("validate", True), calib_data=[Path(x) for x in data], ranges=ranges,
         quant=quant, targets=[str(t) for t in targets], build=b, parity_data=[Path(x) for x in _as_list(par.get("data"))],
         thresholds=par.get("thresholds"), per_layer=par.get("per_layer", False), reports=reports,
-        out=Path(out) if out else None, raw=cfg,
+        out=Path(out) if out else None, raw=cfg, checkpoint=dict(cfg.get("checkpoint", {})),
     )
 
 
@@ -181,8 +187,6 @@ def _resolve(v, base: Path):
 
 
 def _check(cfg: dict, path: str, text: str) -> None:
-    from trtforge.calibration.recipe import QuantRecipe
-
     quant_fields = set(QuantRecipe.__dataclass_fields__)
     for table, keys in cfg.items():
         if table not in SCHEMA:

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from trtforge._deps import require
+from trtforge.calibration.recipe import PRESETS, QuantRecipe, get_preset
 from trtforge.errors import RecipeError
 
 if sys.version_info >= (3, 11):
@@ -22,8 +24,6 @@ def read_recipe_file(path: str | Path) -> tuple[dict, str]:
         raise RecipeError(f"recipe file {path} does not exist", "check the path, or name a preset")
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() in (".yaml", ".yml"):
-        from trtforge._deps import require
-
         yaml = require("yaml")
         try:
             data = yaml.safe_load(text) or {}
@@ -101,8 +101,6 @@ def parse_sets(items: list[str] | tuple[str, ...]) -> dict:
 
 def load_quant_recipe(spec: str, sets: list[str] | tuple[str, ...] = ()):
     """A preset name or a recipe file (keys at the top level or under [quantize]), then --set."""
-    from trtforge.calibration.recipe import PRESETS, QuantRecipe, get_preset
-
     overrides = parse_sets(sets)
     overrides = overrides.get("quantize", overrides)
     if spec in PRESETS:

@@ -8,7 +8,10 @@ checkpoint, then reads it back as the loader would and checks it against the ONN
 Modules: formats.py (what the loader reads, with sources), checks.py (refusals, memory),
 onnx_source.py (the ONNX graph in HF terms), convert.py and pack.py (tensor layouts), writer.py
 (the stage), reader.py (the loader's view), verify.py (agreement figures), _torch.py (the only
-module importing torch/transformers/safetensors at import). See docs/trtllm.md.
+module importing torch/transformers/safetensors at import). Family facts (the TensorRT-LLM class,
+the fused groups, whether trtforge writes the family) come from the Architecture registry. The
+``trtllm`` target of ``trtforge run`` is this code behind engines/backends/trtllm_checkpoint.py.
+See docs/trtllm.md.
 """
 
 from __future__ import annotations

@@ -6,33 +6,38 @@ Out: a ``Plan`` (quant_algo, group size, checkpoint dtype, excluded modules, mem
      to do instead: an architecture without a TensorRT-LLM model class, W8A8 SmoothQuant, INT4
      block sizes its kernels lack, mixed quantization inside a layer the loader fuses, FP8
      smoothing that needs a pre_quant_scale FP8 layers do not have, a model too large for memory.
+     ``preflight`` raises the ones a run recipe and the model's config decide, before any export.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from trtforge.artifacts import OnnxArtifact
+from trtforge.architectures.base import Checkpoint
+from trtforge.artifacts import OnnxArtifact, read_json
 from trtforge.engines.trtllm.formats import (
-    FUSED_ORDER,
     QUANT_ALGO_FP8,
     QUANT_ALGO_FP8_ROWWISE,
     QUANT_ALGO_W4A16_AWQ,
     SQ_HINT,
     SQ_REFUSAL,
-    TRTLLM_ARCHITECTURES,
     W4A16_GROUP_SIZES,
-    WRITABLE_ARCHITECTURES,
     CkptDType,
     Fp8Scheme,
+    Fused,
+    checkpoint_of,
     fused_group,
+    writable_architectures,
 )
 from trtforge.engines.trtllm.onnx_source import module_of
 from trtforge.errors import InputError, QuantizationError, TrtforgeError
-from trtforge.vocab import Precision
+from trtforge.vocab import Precision, Task
 
 log = logging.getLogger(__name__)
 GiB = float(2**30)
@@ -69,39 +74,109 @@ class Plan:
     memory: dict
     weight_granularity: str  # "tensor" | "channel" (INT8/FP8 weight scales in the ONNX artifact)
     notes: list[str] = field(default_factory=list)
+    architecture: str = ""  # the TensorRT-LLM class the checkpoint declares (the family's entry)
+    fused: Fused = field(default_factory=dict)  # the groups the loader fuses for this family
+
+    def to_json(self) -> dict:
+        return {"quant_algo": self.quant_algo, "group_size": self.group_size, "dtype": self.dtype,
+                "exclude_modules": self.exclude_modules, "memory": self.memory, "notes": self.notes,
+                "architecture": self.architecture}
+
+
+def _family(model_type: str | None, architecture: str | None) -> Checkpoint:
+    """The family's checkpoint facts; refuses families TensorRT-LLM has no class for or trtforge does not write."""
+    ck = checkpoint_of(model_type)
+    if ck is None or not ck.writable:
+        where = ("TensorRT-LLM can load it, but trtforge does not map its modules" if ck is not None
+                 else "TensorRT-LLM's PyTorch backend has no model class for it (tensorrt_llm/_torch/models/_arch_index.py)")
+        raise InputError(f"architecture {architecture or model_type} cannot be written as a TensorRT-LLM checkpoint: {where}",
+                         f"export-checkpoint supports {', '.join(writable_architectures())}; build a TensorRT engine from "
+                         "the ONNX artifact instead ('trtforge build')")
+    return ck
+
+
+def _refuse_precision(precision: Precision) -> None:
+    if precision == Precision.INT8:
+        raise QuantizationError(SQ_REFUSAL, SQ_HINT)
+    if precision not in (Precision.FP8, Precision.INT4):
+        raise InputError(f"precision {precision} cannot be written as a TensorRT-LLM checkpoint",
+                         "quantize with --recipe fp8 or --recipe int4-awq")
+
+
+def _block_refusal(what: str) -> QuantizationError:
+    return QuantizationError(
+        f"TensorRT-LLM's W4A16 kernels take one group size of 64 or 128 for the whole model, but {what}",
+        "quantize with --set block_size=64 or 128 that divides every GEMM's input size (hidden and intermediate "
+        "sizes must be multiples of it)")
+
+
+def preflight(*, precision: Precision, model_type: str, architecture: str = "", task: Task | None = None,
+              recipe: Mapping[str, Any] | None = None, config: Mapping[str, Any] | None = None,
+              options: CheckpointOptions = CheckpointOptions()) -> None:
+    """The refusals of :func:`plan` that the recipe and the model's config decide, before anything
+    is exported (``trtforge run`` with the ``trtllm`` target): the family, the task, W8A8
+    SmoothQuant, the INT4 group size (one of 64/128 dividing every GEMM's input size), a quantized
+    lm_head, and the parity inputs."""
+    _family(model_type, architecture)
+    if task is not None and not task.is_decoder:
+        raise InputError(f"task {task} is not text generation, which a TensorRT-LLM checkpoint needs",
+                         "export with --task causal-lm-with-past (the default for decoders)")
+    _refuse_precision(precision)
+    recipe = recipe or {}
+    if precision == Precision.INT4:
+        block = recipe.get("block_size", 128)
+        if block not in W4A16_GROUP_SIZES:
+            raise _block_refusal(f"the recipe's block_size is {block}")
+        cfg = config or {}
+        heads, head_dim = cfg.get("num_attention_heads"), cfg.get("head_dim")
+        ks = {"hidden_size": cfg.get("hidden_size"), "intermediate_size": cfg.get("intermediate_size"),
+              "num_attention_heads * head_dim": heads * head_dim if heads and head_dim else None}
+        odd = [(name, k) for name, k in ks.items() if isinstance(k, int) and k % block]
+        if odd:  # quantize would fall back to smaller blocks there, which the kernels lack
+            raise _block_refusal(f"block_size {block} does not divide the model's {odd[0][0]} ({odd[0][1]})")
+    exclude = list(recipe.get("exclude", ["*lm_head*"]))
+    if not any(fnmatch.fnmatch(name, pat) for pat in exclude for name in ("lm_head", "/lm_head/MatMul", "lm_head.weight")):
+        raise InputError("the recipe quantizes lm_head; the checkpoint keeps it in float, as Model Optimizer does",
+                         "quantize with the default exclude list (it excludes *lm_head*)")
+    check_parity_inputs(options)
+
+
+def check_parity_inputs(options: CheckpointOptions) -> None:
+    if options.text is not None and not Path(options.text).is_file():
+        raise InputError(f"held-out text {options.text} does not exist", "pass a UTF-8 text file, one sample per line")
+    if options.parity and options.reference is not None:
+        ref = Path(options.reference).expanduser().resolve()
+        if not (ref / "config.json").is_file() or not list(ref.glob("*.safetensors")):
+            raise InputError(f"reference {ref} is not a Hugging Face model folder with safetensors weights",
+                             "pass the float model folder the export was made from (pickle weights are never loaded)")
 
 
 def plan(art: OnnxArtifact, options: CheckpointOptions, *, available: int | None = None) -> Plan:
     m = art.manifest
-    q = m.get("quantization")
-    if m.get("stage") != "quantize" or not q:
-        raise InputError(f"{art.path} is a {m.get('stage')} artifact, not a quantized one",
+    q = m.quantization
+    if m.stage != "quantize" or q is None:
+        raise InputError(f"{art.path} is a {m.stage} artifact, not a quantized one",
                          "run 'trtforge quantize --recipe fp8' or '--recipe int4-awq' on the export first")
-    src = m["source"]
-    arch = src.get("architecture")
-    if arch not in WRITABLE_ARCHITECTURES:
-        where = ("TensorRT-LLM can load it, but trtforge does not map its modules" if arch in TRTLLM_ARCHITECTURES
-                 else "TensorRT-LLM's PyTorch backend has no model class for it (tensorrt_llm/_torch/models/_arch_index.py)")
-        raise InputError(f"architecture {arch} cannot be written as a TensorRT-LLM checkpoint: {where}",
-                         f"export-checkpoint supports {', '.join(WRITABLE_ARCHITECTURES)}; build a TensorRT engine from "
-                         "the ONNX artifact instead ('trtforge build')")
-    if src.get("task") not in ("causal-lm", "causal-lm-with-past"):
-        raise InputError(f"{art.path} was exported for {src.get('task')}, not text generation",
+    src = m.source
+    ck = _family(src.model_type, src.architecture)
+    fused = ck.fused
+    if not src.task.is_decoder:
+        raise InputError(f"{art.path} was exported for {src.task}, not text generation",
                          "export with --task causal-lm-with-past (the default for decoders)")
-    precision = q["precision"]
-    recipe = q.get("recipe") or {}
+    precision = q.precision
+    recipe = q.recipe or {}
     if precision == Precision.INT8:
         raise QuantizationError(SQ_REFUSAL, SQ_HINT)
-    nodes = q.get("nodes") or []
+    nodes = q.nodes
     if not any(n.get("status") == "quantized" for n in nodes):
         raise InputError(f"{art.path} quantizes no GEMM (every one is excluded)", "quantize with a smaller exclude list")
     by_module = {module_of(n["node"]): n for n in nodes}
     notes: list[str] = []
-    _check_fused(by_module)
+    _check_fused(by_module, fused)
     if by_module.get("lm_head", {}).get("status") == "quantized":
         raise InputError("the ONNX artifact quantizes lm_head; the checkpoint keeps it in float, as Model Optimizer does",
                          "quantize with the default exclude list (it excludes *lm_head*)")
-    smoothing = q.get("smoothing") or []
+    smoothing = q.extra.get("smoothing") or []
     granularity = str(recipe.get("weight_granularity", "channel"))
     group_size = None
     if precision == Precision.FP8:
@@ -129,15 +204,11 @@ def plan(art: OnnxArtifact, options: CheckpointOptions, *, available: int | None
         blocks = {n.get("block_size") for n in nodes if n.get("status") == "quantized"}
         if len(blocks) != 1 or next(iter(blocks)) not in W4A16_GROUP_SIZES:
             odd = [n for n in nodes if n.get("status") == "quantized" and n.get("block_size") not in W4A16_GROUP_SIZES]
-            what = (f"{module_of(odd[0]['node'])} (K={odd[0]['k']}) uses block size {odd[0].get('block_size')}" if odd
-                    else f"the GEMMs use block sizes {sorted(b for b in blocks if b)}")
-            raise QuantizationError(
-                f"TensorRT-LLM's W4A16 kernels take one group size of 64 or 128 for the whole model, but {what}",
-                "quantize with --set block_size=64 or 128 that divides every GEMM's input size (hidden and intermediate "
-                "sizes must be multiples of it)")
+            raise _block_refusal(f"{module_of(odd[0]['node'])} (K={odd[0]['k']}) uses block size {odd[0].get('block_size')}"
+                                 if odd else f"the GEMMs use block sizes {sorted(b for b in blocks if b)}")
         group_size = int(next(iter(blocks)))
         for sm in smoothing:
-            if sm.get("fold") == "mul" and any(fused_group(module_of(g)) for g in sm["gemms"]):
+            if sm.get("fold") == "mul" and any(fused_group(module_of(g), fused) for g in sm["gemms"]):
                 raise QuantizationError(
                     f"the ONNX artifact smooths the input of {module_of(sm['gemms'][0])} with an explicit Mul; TensorRT-LLM "
                     "ignores pre_quant_scale on the q/k/v and gate/up layers it fuses",
@@ -145,28 +216,28 @@ def plan(art: OnnxArtifact, options: CheckpointOptions, *, available: int | None
         if recipe.get("int4_method") == "rtn":
             notes.append("INT4 round-to-nearest (no AWQ scales): written as W4A16_AWQ with pre_quant_scale of ones")
     else:
-        raise InputError(f"{art.path} has precision {precision!r}", "quantize with --recipe fp8 or --recipe int4-awq")
+        raise InputError(f"{art.path} has precision {str(precision)!r}", "quantize with --recipe fp8 or --recipe int4-awq")
     exclude = sorted({module_of(n["node"]) for n in nodes if n.get("status") != "quantized"})
     exclude.append("model.embed_tokens")
     dtype = _resolve_dtype(art, options.dtype)
     memory = estimate_memory(art, parity=options.parity, available=available)
-    return Plan(art, quant_algo, group_size, dtype, exclude, memory, granularity, notes)
+    return Plan(art, quant_algo, group_size, dtype, exclude, memory, granularity, notes, ck.architecture, fused)
 
 
-def _check_fused(by_module: dict[str, dict]) -> None:
+def _check_fused(by_module: dict[str, dict], fused: Fused) -> None:
     """q/k/v and gate/up are one GEMM in TensorRT-LLM: all quantized or none."""
     groups: dict[tuple[str, str], dict[str, str]] = {}
     for mod, n in by_module.items():
-        fg = fused_group(mod)
+        fg = fused_group(mod, fused)
         if fg:
             groups.setdefault((fg[0], fg[1]), {})[fg[2]] = n.get("status", "")
     for (parent, kind), members in groups.items():
         if len(set(members.values())) > 1:
-            q = [m for m in FUSED_ORDER[kind] if members.get(m) == "quantized"]
-            e = [m for m in FUSED_ORDER[kind] if members.get(m) != "quantized"]
+            q = [m for m in fused[kind] if members.get(m) == "quantized"]
+            e = [m for m in fused[kind] if members.get(m) != "quantized"]
             raise QuantizationError(
                 f"{parent}: {', '.join(q)} quantized but {', '.join(e)} not; TensorRT-LLM fuses "
-                f"{'/'.join(FUSED_ORDER[kind])} into one layer with one quantization",
+                f"{'/'.join(fused[kind])} into one layer with one quantization",
                 "exclude all of them or none when quantizing")
 
 
@@ -179,8 +250,6 @@ def _resolve_dtype(art: OnnxArtifact, want: CkptDType) -> str:
 
 
 def _read_config(folder: Path) -> dict:
-    from trtforge.artifacts import read_json
-
     p = folder / "config.json"
     if not p.exists():
         raise InputError(f"{folder} has no config.json", "re-run trtforge export and quantize (they copy it)")
@@ -214,10 +283,11 @@ def estimate_memory(art: OnnxArtifact, *, parity: bool, available: int | None = 
     and an ONNX Runtime session of the artifact (1x).
     """
     onnx_bytes = sum(p.stat().st_size for p in art.path.glob("model.onnx*") if p.is_file())
-    q = art.manifest["quantization"]
-    dims = art.manifest.get("dims") or {}
-    params = sum(int(n["k"]) * int(n["n"]) for n in q.get("nodes") or [])
-    params += int(dims.get("vocab_size") or 0) * int(dims.get("hidden_size") or 0)
+    q = art.manifest.quantization
+    dims = art.manifest.dims
+    params = sum(int(n["k"]) * int(n["n"]) for n in (q.nodes if q is not None else []))
+    if dims is not None:
+        params += int(dims.vocab_size) * int(dims.hidden_size)
     base = 3 * onnx_bytes + OVERHEAD_BYTES
     need = max(base, (4 * params + onnx_bytes + OVERHEAD_BYTES) if parity else 0)
     free = available if available is not None else available_bytes()

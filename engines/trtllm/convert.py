@@ -27,16 +27,18 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
+from trtforge.architectures.base import TRTLLM_FUSED
 from trtforge.engines.trtllm.formats import (
-    FUSED_ORDER,
     QUANT_ALGO_FP8,
     QUANT_ALGO_FP8_ROWWISE,
     QUANT_ALGO_W4A16_AWQ,
+    Fused,
     fused_group,
 )
 from trtforge.engines.trtllm.onnx_source import LinearSource, OnnxSource
 from trtforge.engines.trtllm.pack import FP8, pack_int4, requantize_fp8_per_tensor
 from trtforge.errors import InputError
+from trtforge.vocab import Precision
 
 NP_DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
 
@@ -64,7 +66,9 @@ class Converted:
         return int(sum(a.nbytes for a in self.tensors.values()))
 
 
-def convert(src: OnnxSource, layout: HfLayout, *, quant_algo: str, group_size: int | None, dtype: str) -> Converted:
+def convert(src: OnnxSource, layout: HfLayout, *, quant_algo: str, group_size: int | None, dtype: str,
+            fused: Fused = TRTLLM_FUSED) -> Converted:
+    """``fused``: the groups the loader fuses for this family (its Architecture entry's checkpoint)."""
     fdt = NP_DTYPES[dtype]
     out = Converted({}, [])
     linear_modules = set(layout.linears)
@@ -77,7 +81,7 @@ def convert(src: OnnxSource, layout: HfLayout, *, quant_algo: str, group_size: i
     if missing:
         raise InputError(f"the ONNX artifact has no GEMM for {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""),
                          "export-checkpoint needs the full model exported by trtforge")
-    requant = _fp8_requantized(src, layout) if quant_algo == QUANT_ALGO_FP8 else {}
+    requant = _fp8_requantized(src, layout, fused) if quant_algo == QUANT_ALGO_FP8 else {}
     for module, (inf, outf, has_bias) in layout.linears.items():
         lin = src.linears[module]
         if (lin.in_features, lin.out_features) != (inf, outf):
@@ -90,7 +94,7 @@ def convert(src: OnnxSource, layout: HfLayout, *, quant_algo: str, group_size: i
         elif not lin.quantized:
             out.tensors[f"{module}.weight"] = np.ascontiguousarray(lin.weight.astype(fdt))
         elif quant_algo == QUANT_ALGO_W4A16_AWQ:
-            _int4(out.tensors, module, lin, group_size, fdt, row)
+            _int4(out.tensors, module, lin, group_size, fdt, row, fused)
         elif quant_algo in (QUANT_ALGO_FP8, QUANT_ALGO_FP8_ROWWISE):
             _fp8(out.tensors, module, lin, quant_algo, requant.get(module), row)
         else:  # pragma: no cover - plan() refuses everything else
@@ -116,13 +120,13 @@ def _check_tied(tensors: dict[str, np.ndarray], layout: HfLayout, lin: LinearSou
                          "re-export the model; export-checkpoint writes tied models with one shared tensor")
 
 
-def _int4(tensors: dict, module: str, lin: LinearSource, group: int | None, fdt, row: dict) -> None:
-    if lin.qtype != "int4" or lin.block != group:
+def _int4(tensors: dict, module: str, lin: LinearSource, group: int | None, fdt, row: dict, fused: Fused) -> None:
+    if lin.qtype != Precision.INT4 or lin.block != group:
         raise InputError(f"{module} is {lin.qtype} with block {lin.block} in the ONNX artifact, not INT4 with block {group}",
                          "re-run trtforge quantize with an int4 recipe")
     tensors[f"{module}.weight"] = pack_int4(lin.q)
     tensors[f"{module}.weight_scale"] = np.ascontiguousarray(lin.scale.astype(np.float32))
-    if fused_group(module) is None:  # the vanilla loader reads pre_quant_scale unconditionally
+    if fused_group(module, fused) is None:  # the vanilla loader reads pre_quant_scale unconditionally
         pre = lin.pre_scale if lin.pre_scale is not None else np.ones(lin.in_features, np.float32)
         tensors[f"{module}.pre_quant_scale"] = np.ascontiguousarray(pre.astype(fdt))
         row["pre_quant_scale"] = "smoothing Mul" if lin.pre_scale is not None else "ones (scale folded into the previous op)"
@@ -132,7 +136,7 @@ def _int4(tensors: dict, module: str, lin: LinearSource, group: int | None, fdt,
 
 
 def _fp8(tensors: dict, module: str, lin: LinearSource, quant_algo: str, requant: dict | None, row: dict) -> None:
-    if lin.qtype != "fp8":
+    if lin.qtype != Precision.FP8:
         raise InputError(f"{module} is {lin.qtype} in the ONNX artifact, not FP8", "re-run trtforge quantize with --recipe fp8")
     if lin.pre_scale is not None:
         raise InputError(f"{module} has a smoothing Mul; TensorRT-LLM's FP8 layers have no pre_quant_scale",
@@ -144,7 +148,7 @@ def _fp8(tensors: dict, module: str, lin: LinearSource, quant_algo: str, requant
         tensors[f"{module}.weight_scale"] = np.ascontiguousarray(per_row.astype(np.float32))
         row.update(weight="float8_e4m3fn", weight_scale="per channel", activations="dynamic per token")
         return
-    if lin.act_scale is None or lin.act_qtype != "fp8":
+    if lin.act_scale is None or lin.act_qtype != Precision.FP8:
         raise InputError(f"{module} has no FP8 activation QuantizeLinear in the ONNX artifact", "re-run trtforge quantize with --recipe fp8")
     if requant is not None:
         tensors[f"{module}.weight"] = requant["q"]
@@ -157,19 +161,19 @@ def _fp8(tensors: dict, module: str, lin: LinearSource, quant_algo: str, requant
     row.update(weight="float8_e4m3fn", weight_scale="per tensor", input_scale=float(lin.act_scale))
 
 
-def _fp8_requantized(src: OnnxSource, layout: HfLayout) -> dict[str, dict]:
+def _fp8_requantized(src: OnnxSource, layout: HfLayout, fused: Fused) -> dict[str, dict]:
     """Per-channel FP8 layers re-quantized per tensor, one shared scale per fused group."""
     groups: dict[tuple, list[str]] = {}
     for module in layout.linears:
         lin = src.linears.get(module)
-        if lin is None or lin.qtype != "fp8" or np.asarray(lin.scale).ndim == 0:
+        if lin is None or lin.qtype != Precision.FP8 or np.asarray(lin.scale).ndim == 0:
             continue
-        fg = fused_group(module)
+        fg = fused_group(module, fused)
         groups.setdefault((fg[0], fg[1]) if fg else (module,), []).append(module)
     out: dict[str, dict] = {}
     for key, members in groups.items():
         if len(key) == 2:
-            members = sorted(members, key=lambda m: FUSED_ORDER[key[1]].index(m.rpartition(".")[2]))
+            members = sorted(members, key=lambda m: fused[key[1]].index(m.rpartition(".")[2]))
         ws = [src.linears[m].dequantized() for m in members]
         qs, scale = requantize_fp8_per_tensor(ws)
         for m, w, q in zip(members, ws, qs):

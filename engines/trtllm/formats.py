@@ -1,6 +1,7 @@
 """What TensorRT-LLM's PyTorch backend reads, as data: architectures, quant_algo, tensor layouts.
 
-In:  nothing (constants and small pure functions).
+In:  nothing (constants and small pure functions); family facts (the TensorRT-LLM class, the
+     groups the loader fuses, whether trtforge writes the family) come from ARCHITECTURES.
 Out: the ``hf_quant_config.json`` and ``config.json["quantization_config"]`` dicts trtforge writes,
      the lists the writer uses to refuse what the loader cannot read, and the source each rule
      was read from (docs/trtllm.md quotes them).
@@ -13,10 +14,13 @@ below was read from the sources named in ``SOURCES`` (commits as stored in the s
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
 from trtforge._version import __version__
+from trtforge.architectures.base import TRTLLM_FUSED, Checkpoint
+from trtforge.registry import ARCHITECTURES
 
 SOURCES: dict[str, str] = {
     "arch_index": "NVIDIA/TensorRT-LLM tensorrt_llm/_torch/models/_arch_index.py @ 065ff9e9",
@@ -44,16 +48,37 @@ TARGET: dict = {
 
 # tensorrt_llm/_torch/models/_arch_index.py MODEL_ARCH_TO_MODULE (causal LMs among them); the
 # loader dispatches on config.architectures[0] and raises ValueError("Unknown architecture for
-# AutoModelForCausalLM: ...") for anything else (modeling_auto.py).
+# AutoModelForCausalLM: ...") for anything else (modeling_auto.py). For reference only: which
+# trtforge family is written under which class, and whether trtforge writes it, is the family's
+# Architecture entry (trtforge/architectures/<family>.py, ``checkpoint``).
 TRTLLM_ARCHITECTURES: tuple[str, ...] = (
     "LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
     "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "Phi3ForCausalLM", "Gemma3ForCausalLM", "Starcoder2ForCausalLM",
     "DeepseekV3ForCausalLM", "GptOssForCausalLM", "NemotronForCausalLM", "NemotronHForCausalLM",
     "Exaone4ForCausalLM", "Cohere2ForCausalLM", "SeedOssForCausalLM",
 )
-# The ones trtforge can export whose modules use the HF names the loader maps (q/k/v/o_proj,
-# gate/up/down_proj, the norms): what export-checkpoint accepts.
-WRITABLE_ARCHITECTURES: tuple[str, ...] = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+# What the loader fuses, per family (load_weights_fused_qkv_helper / _gate_up_helper):
+# {group kind: member leaves in order}. A fused FP8 layer takes the max of the shard scales, a
+# fused W4A16 layer ignores pre_quant_scale.
+Fused = Mapping[str, tuple[str, ...]]
+
+
+def checkpoint_of(model_type: str | None) -> Checkpoint | None:
+    """The family's TensorRT-LLM facts (class name, fused groups, writable), from ARCHITECTURES."""
+    arch = ARCHITECTURES.find(model_type) if model_type else None
+    return arch.checkpoint if arch is not None else None
+
+
+def writable_architectures() -> list[str]:
+    """The TensorRT-LLM classes trtforge writes checkpoints for (every family whose entry says so)."""
+    return [a.checkpoint.architecture for a in ARCHITECTURES if a.checkpoint is not None and a.checkpoint.writable]
+
+
+def fused_of(model_type: str | None) -> Fused:
+    """The groups the loader fuses for this family (TensorRT-LLM's generic q/k/v, gate/up otherwise)."""
+    ck = checkpoint_of(model_type)
+    return ck.fused if ck is not None else TRTLLM_FUSED
 
 
 class Fp8Scheme(str, Enum):
@@ -81,12 +106,6 @@ QUANT_ALGOS = (QUANT_ALGO_FP8, QUANT_ALGO_FP8_ROWWISE, QUANT_ALGO_W4A16_AWQ)
 W4A16_GROUP_SIZES = (64, 128)
 FP8_MAX = 448.0
 
-# The loader fuses these HF modules (load_weights_fused_qkv_helper / _gate_up_helper): a fused
-# FP8 layer takes the max of the shard scales, and a fused W4A16 layer ignores pre_quant_scale.
-FUSED_MEMBERS: dict[str, str] = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv",
-                                 "gate_proj": "gate_up", "up_proj": "gate_up"}
-FUSED_ORDER: dict[str, tuple[str, ...]] = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
-
 SQ_REFUSAL = (
     "TensorRT-LLM's loader cannot read W8A8 SmoothQuant checkpoints: get_quant_method() in "
     "tensorrt_llm/_torch/modules/linear.py has no linear method for quant_algo W8A8_SQ_PER_CHANNEL and raises "
@@ -95,11 +114,13 @@ SQ_REFUSAL = (
 SQ_HINT = "quantize the export with --recipe fp8 (Ada/Hopper) or --recipe int4-awq (Ampere and later); keep int8-sq for TensorRT engines"
 
 
-def fused_group(module: str) -> tuple[str, str, str] | None:
+def fused_group(module: str, fused: Fused = TRTLLM_FUSED) -> tuple[str, str, str] | None:
     """``model.layers.0.self_attn.k_proj`` -> (``model.layers.0.self_attn``, ``qkv``, ``k_proj``)."""
     parent, _, leaf = module.rpartition(".")
-    kind = FUSED_MEMBERS.get(leaf)
-    return (parent, kind, leaf) if kind else None
+    for kind, leaves in fused.items():
+        if leaf in leaves:
+            return parent, kind, leaf
+    return None
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,11 @@ from onnx import TensorProto, numpy_helper
 
 from trtforge.errors import InputError
 from trtforge.graph import GraphIndex
+from trtforge.vocab import Precision
 
 WRAPPER = "model"  # the export wrapper holds the HF model as attribute ``model`` (exporter/export.py)
 _PASS = ("Cast", "Identity")
-_QTYPES = {TensorProto.INT4: "int4", TensorProto.INT8: "int8", TensorProto.FLOAT8E4M3FN: "fp8"}
+_QTYPES = {TensorProto.INT4: Precision.INT4, TensorProto.INT8: Precision.INT8, TensorProto.FLOAT8E4M3FN: Precision.FP8}
 
 
 def module_of(node_name: str) -> str:
@@ -48,11 +49,11 @@ class LinearSource:
     out_features: int
     weight: np.ndarray | None = None  # float [out, in] (not quantized)
     q: np.ndarray | None = None  # int8 values (int4/int8) or float8_e4m3fn, [out, in]
-    qtype: str | None = None  # "int4" | "int8" | "fp8"
+    qtype: Precision | None = None  # INT4 | INT8 | FP8
     scale: np.ndarray | None = None  # [] per tensor, [out] per channel, [out, in/block] blocks
     block: int | None = None
     act_scale: float | None = None  # the activation QuantizeLinear's scale (INT8/FP8)
-    act_qtype: str | None = None
+    act_qtype: Precision | str | None = None  # "uint8": an unsigned activation QuantizeLinear
     pre_scale: np.ndarray | None = None  # smoothing Mul factor on the input: GEMM(x * pre_scale)
     bias: np.ndarray | None = None
     float_dtype: str = "float32"  # the graph's float type (scales, smoothing factors)
@@ -174,7 +175,7 @@ def _linear(idx: GraphIndex, node: onnx.NodeProto, used: set[str]) -> LinearSour
             return None
         lin.qtype = _QTYPES[qt.data_type]
         q = numpy_helper.to_array(qt)
-        q = q.astype(np.int8) if lin.qtype in ("int4", "int8") else q
+        q = q.astype(np.int8) if lin.qtype in (Precision.INT4, Precision.INT8) else q
         s = numpy_helper.to_array(st)
         lin.float_dtype = _float_name(st.data_type)
         axis, block = _attr(dq, "axis", 1), _attr(dq, "block_size", 0)
@@ -225,7 +226,7 @@ def _activation(idx: GraphIndex, node: onnx.NodeProto, lin: LinearSource, used: 
                              "export-checkpoint reads graphs written by trtforge quantize")
         lin.act_scale = float(np.asarray(s, np.float64).reshape(()))
         zp = idx.initializers.get(dq.input[2]) if len(dq.input) > 2 else None
-        lin.act_qtype = _QTYPES.get(zp.data_type, "int8") if zp is not None else "uint8"
+        lin.act_qtype = _QTYPES.get(zp.data_type, Precision.INT8) if zp is not None else "uint8"
         x = q.input[0]
     mul = idx.producer.get(x)
     if mul is not None and mul.op_type == "Mul" and mul.name.endswith("_SmoothMul"):

@@ -14,8 +14,8 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
-from trtforge.calibration.recipe import Precision
 from trtforge.numerics import QMAX, as_scale, quantize
+from trtforge.vocab import Precision
 
 FP8 = ml_dtypes.float8_e4m3fn
 

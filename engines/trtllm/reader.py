@@ -16,6 +16,7 @@ FP8RowwiseLinearMethod, W4A16_AWQ_LinearMethod and the fused-weight helpers.
 from __future__ import annotations
 
 import fnmatch
+import importlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,12 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from trtforge.engines.trtllm.formats import (
-    FUSED_ORDER,
     QUANT_ALGO_FP8,
     QUANT_ALGO_FP8_ROWWISE,
     QUANT_ALGO_W4A16_AWQ,
     W4A16_GROUP_SIZES,
     fused_group,
+    fused_of,
     is_modelopt_inline,
     read_quant_config,
 )
@@ -37,6 +38,14 @@ from trtforge.engines.trtllm.pack import unpack_int4
 from trtforge.errors import InputError, ValidationError
 
 HF_QUANT_CONFIG = "hf_quant_config.json"
+
+
+def torch_adapter():
+    """engines/trtllm/_torch.py, the one module here that imports torch, transformers and
+    safetensors.torch: loaded on first use, so the refusals and the format code run without them."""
+    return importlib.import_module("trtforge.engines.trtllm._torch")
+
+
 INDEX_FILE = "model.safetensors.index.json"
 
 
@@ -65,6 +74,8 @@ class CheckpointReader:
         self.quant, self.quant_source, self.warnings = _discover(self.folder, self.config)
         self.dtype = str(self.config.get("dtype") or self.config.get("torch_dtype") or "float16")
         self.weight_map = _weight_map(self.folder)
+        # the groups the loader fuses for this family (its Architecture entry, by config model_type)
+        self.fused = fused_of(self.config.get("model_type"))
         self._layout = None
 
     # ------------------------------------------------------------------ tensors
@@ -84,24 +95,20 @@ class CheckpointReader:
             return f.get_tensor(name)
 
     def array(self, name: str) -> np.ndarray:
-        from trtforge.engines.trtllm._torch import to_numpy
-
-        return to_numpy(self.tensor(name))
+        return torch_adapter().to_numpy(self.tensor(name))
 
     @property
     def layout(self):
         if self._layout is None:
-            from trtforge.engines.trtllm._torch import hf_layout
-
-            self._layout = hf_layout(self.config)
+            self._layout = torch_adapter().hf_layout(self.config)
         return self._layout
 
     def excluded(self, module: str) -> bool:
         """apply_quant_config_exclude_modules: a pattern matching the module, or for a fused layer
         any of the HF modules it is made of (q/k/v, gate/up load as one layer)."""
         pats = list((self.quant or {}).get("exclude_modules") or [])
-        fg = fused_group(module)
-        names = [f"{fg[0]}.{leaf}" for leaf in FUSED_ORDER[fg[1]]] if fg else [module]
+        fg = fused_group(module, self.fused)
+        names = [f"{fg[0]}.{leaf}" for leaf in self.fused[fg[1]]] if fg else [module]
         return any(fnmatch.fnmatch(n, p) for n in names for p in pats)
 
     # ------------------------------------------------------------------ checks
@@ -159,7 +166,7 @@ class CheckpointReader:
         if tuple(ws.shape) != (outf, inf // group):
             raise ValidationError(f"{module}.weight_scale has shape {list(ws.shape)}, W4A16_AWQ needs [{outf}, {inf // group}]",
                                   "write [out, in/group] scales")
-        if fused_group(module) is None:
+        if fused_group(module, self.fused) is None:
             pqs = self._need(module, "pre_quant_scale", why="load_weights_vanilla indexes weights['pre_quant_scale'] (KeyError)")
             if tuple(pqs.shape) != (inf,):
                 raise ValidationError(f"{module}.pre_quant_scale has shape {list(pqs.shape)}, needs [{inf}]", "write one factor per input")
@@ -206,13 +213,13 @@ class CheckpointReader:
                 yield ServerLinear(module, self.array(f"{module}.weight").astype(np.float64), False, bias=bias)
                 continue
             lin = self._int4(module, bias) if self.quant_algo == QUANT_ALGO_W4A16_AWQ else self._fp8(module, bias)
-            fg = fused_group(module)
+            fg = fused_group(module, self.fused)
             if self.quant_algo != QUANT_ALGO_FP8 or fg is None:
                 yield lin
                 continue
             group = pending.setdefault((fg[0], fg[1]), [])
             group.append(lin)
-            present = [f"{fg[0]}.{leaf}" for leaf in FUSED_ORDER[fg[1]] if f"{fg[0]}.{leaf}" in lay.linears]
+            present = [f"{fg[0]}.{leaf}" for leaf in self.fused[fg[1]] if f"{fg[0]}.{leaf}" in lay.linears]
             if len(group) == len(present):
                 yield from _fuse_fp8(self, pending.pop((fg[0], fg[1])))
         for group in pending.values():  # incomplete groups (a member excluded): fused as they are
@@ -225,15 +232,14 @@ class CheckpointReader:
     def _int4(self, module: str, bias) -> ServerLinear:
         import torch
 
-        from trtforge.engines.trtllm._torch import TORCH_DTYPES
-
+        TORCH_DTYPES = torch_adapter().TORCH_DTYPES
         group = int(self.quant["group_size"])
         packed = self.tensor(f"{module}.weight")
         q = unpack_int4(packed.view(torch.uint8).numpy()).astype(np.float64)
         # copy_weight casts weight_scale to the module dtype
         s = self.tensor(f"{module}.weight_scale").to(TORCH_DTYPES[self.dtype]).to(torch.float64).numpy()
         pqs = None
-        if fused_group(module) is None:  # fused q/k/v and gate/up ignore it
+        if fused_group(module, self.fused) is None:  # fused q/k/v and gate/up ignore it
             pqs = self.array(f"{module}.pre_quant_scale")
         w = q * np.repeat(s, group, axis=1)
         return ServerLinear(module, w, True, q=q, stored_q=q, scale=s, pre_quant_scale=pqs, bias=bias)
@@ -256,8 +262,7 @@ def _fuse_fp8(reader: CheckpointReader, members: list[ServerLinear]) -> list[Ser
     shards, each shard ``weight.to(dtype).mul_(s_i).div_(s_max).to(float8_e4m3fn)``."""
     import torch
 
-    from trtforge.engines.trtllm._torch import TORCH_DTYPES
-
+    TORCH_DTYPES = torch_adapter().TORCH_DTYPES
     scales = torch.tensor([float(lin.scale) for lin in members], dtype=torch.float32)
     s_max = scales.max()
     inputs = [lin.input_scale for lin in members]

@@ -24,8 +24,13 @@ import numpy as np
 
 from trtforge.artifacts import OnnxArtifact
 from trtforge.engines.trtllm.onnx_source import OnnxSource
-from trtforge.engines.trtllm.reader import CheckpointReader
-from trtforge.errors import ValidationError
+from trtforge.engines.trtllm.reader import CheckpointReader, torch_adapter
+from trtforge.errors import InputError, ValidationError
+from trtforge.inputs import make_feeds
+from trtforge.metrics import logits_metrics, perplexity, row_cosine
+from trtforge.ort import session
+from trtforge.sample_text import SENTENCES
+from trtforge.textdata import load_tokenizer
 
 log = logging.getLogger(__name__)
 # Largest relative change one rounding to the checkpoint dtype makes (half an ulp, with margin).
@@ -120,10 +125,6 @@ def _gate(summary: dict, q: list[dict], dtype: str, requantized: bool) -> None:
 
 def held_out_rows(art: OnnxArtifact, text: Path | None, max_samples: int) -> tuple[list[np.ndarray], str]:
     """Token rows (one text each, unpadded) and a description of where they came from."""
-    from trtforge.errors import InputError
-    from trtforge.sample_text import SENTENCES
-    from trtforge.textdata import load_tokenizer
-
     if text is not None:
         try:
             texts = [ln.strip() for ln in Path(text).read_text(encoding="utf-8").splitlines() if ln.strip()]
@@ -135,32 +136,27 @@ def held_out_rows(art: OnnxArtifact, text: Path | None, max_samples: int) -> tup
     else:
         texts, what = list(SENTENCES), f"trtforge's built-in held-out sentences ({min(len(SENTENCES), max_samples)})"
     texts = texts[:max_samples]
-    dims = art.manifest.get("dims") or {}
-    limit = min(int(dims.get("max_positions") or 128), 128)
+    dims = art.manifest.dims
+    limit = min(int(dims.max_positions or 128), 128)
     tok = load_tokenizer(art.path)
     if tok is None:
         rng = np.random.default_rng(0)
-        return [rng.integers(0, int(dims["vocab_size"]), 24) for _ in texts], "random token ids (no tokenizer in the artifact)"
+        return [rng.integers(0, int(dims.vocab_size), 24) for _ in texts], "random token ids (no tokenizer in the artifact)"
     rows = [np.asarray(tok(t)["input_ids"][:limit], np.int64) for t in texts]
     return [r for r in rows if r.size >= 2], what
 
 
 def onnx_logits(art: OnnxArtifact, rows: list[np.ndarray]) -> list[np.ndarray]:
-    from trtforge.inputs import make_feeds
-    from trtforge.ort import session
-
     sess = session(art.model_path)
     names = [i.name for i in sess.get_inputs()]
     f16 = any(i.type == "tensor(float16)" for i in sess.get_inputs())
-    out = art.outputs[0]["name"]
-    dims = art.manifest["dims"]
+    out = art.outputs[0].name
+    dims = art.manifest.dims
     return [np.asarray(sess.run([out], make_feeds(r.reshape(1, -1), names, dims, np.float16 if f16 else np.float32))[0],
                        np.float32) for r in rows]
 
 
 def compare_logits(refs: list[np.ndarray], cands: list[np.ndarray], rows: list[np.ndarray]) -> dict:
-    from trtforge.metrics import logits_metrics, perplexity, row_cosine
-
     lm, _ = logits_metrics(refs, cands, [None] * len(refs))
     ppl = perplexity(refs, cands, [{"input_ids": r.reshape(1, -1)} for r in rows])
     cos = np.concatenate([row_cosine(np.asarray(a, np.float64).reshape(-1, a.shape[-1]),
@@ -172,21 +168,20 @@ def compare_logits(refs: list[np.ndarray], cands: list[np.ndarray], rows: list[n
 
 def parity(reader: CheckpointReader, art: OnnxArtifact, *, reference: Path | None, reference_note: str,
            text: Path | None, max_samples: int) -> dict:
-    from trtforge.engines.trtllm._torch import LinearSpec, build_model, load_reference, logits
-
+    t = torch_adapter()
     rows, data = held_out_rows(art, text, max_samples)
-    specs = ((s.module, LinearSpec(s.weight, s.bias, s.pre_quant_scale, s.act, s.input_scale))
+    specs = ((s.module, t.LinearSpec(s.weight, s.bias, s.pre_quant_scale, s.act, s.input_scale))
              for s in reader.iter_linears() if s.quantized)
-    model = build_model(reader.config, reader.float_params(), specs)
-    cand = logits(model, rows)
+    model = t.build_model(reader.config, reader.float_params(), specs)
+    cand = t.logits(model, rows)
     del model
     onnx = onnx_logits(art, rows)
     out: dict = {"data": data, "rows": len(rows), "tokens": int(sum(r.size for r in rows)),
                  "candidate": "fake-quantized PyTorch model built from the checkpoint as TensorRT-LLM loads it (float32 compute)",
                  "checkpoint_vs_onnx": compare_logits(onnx, cand, rows)}
     if reference is not None:
-        ref_model = load_reference(reference, reader.dtype)
-        ref = logits(ref_model, rows)
+        ref_model = t.load_reference(reference, reader.dtype)
+        ref = t.logits(ref_model, rows)
         del ref_model
         out["reference"] = f"{reference} ({reference_note}; weights rounded to {reader.dtype}, float32 compute)"
         out["checkpoint_vs_reference"] = compare_logits(ref, cand, rows)

@@ -18,49 +18,45 @@ from __future__ import annotations
 
 import logging
 import shutil
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from trtforge.artifacts import (
     HF_SIDE_FILES,
+    CheckpointArtifact,
     OnnxArtifact,
-    atomic_output_dir,
-    base_manifest,
     check_output_dir,
-    file_table,
     hash_files,
     read_json,
     sha256_file,
     write_json,
 )
-from trtforge.engines.trtllm.checks import CheckpointOptions, Plan, ResourceError, free_disk, human, plan
+from trtforge.engines.trtllm import verify
+from trtforge.engines.trtllm.checks import (
+    CheckpointOptions,
+    Plan,
+    ResourceError,
+    check_parity_inputs,
+    free_disk,
+    human,
+    plan,
+)
+from trtforge.engines.trtllm.convert import convert
 from trtforge.engines.trtllm.formats import SOURCES, TARGET, CheckpointFormat
+from trtforge.engines.trtllm.onnx_source import read_source
+from trtforge.engines.trtllm.reader import CheckpointReader, torch_adapter
 from trtforge.errors import InputError
+from trtforge.manifest import MANIFEST, Upstream
+from trtforge.stage import StageOutput
 
 log = logging.getLogger(__name__)
 MANIFEST_KIND = "trtllm-checkpoint"
+STAGE = "export-checkpoint"
 HARDWARE = {
     "FP8": "GPUs with FP8 GEMMs: SM 8.9+ (Ada, Hopper, Blackwell)",
     "FP8_PER_CHANNEL_PER_TOKEN": "Hopper (TensorRT-LLM's quantization docs mark FP8 rowwise for Hopper only)",
     "W4A16_AWQ": "SM 8.0+ (fine-grained W4A16 kernels; the docs matrix lists Ampere, Ada, Hopper)",
 }
-
-
-@dataclass(frozen=True)
-class CheckpointArtifact:
-    """A checkpoint folder export-checkpoint wrote, and its manifest."""
-
-    path: Path
-    manifest: dict
-
-    @classmethod
-    def open(cls, path: str | Path) -> CheckpointArtifact:
-        folder = Path(path).expanduser().resolve()
-        man = read_json(folder / "manifest.json", "manifest")
-        if man.get("kind") != MANIFEST_KIND:
-            raise InputError(f"{folder} is not a checkpoint written by trtforge export-checkpoint", "pass its output folder")
-        return cls(folder, man)
+__all__ = ["CheckpointArtifact", "export_checkpoint", "summary_line"]  # CheckpointArtifact: trtforge.artifacts
 
 
 def export_checkpoint(
@@ -68,16 +64,15 @@ def export_checkpoint(
     force: bool = False,
 ) -> CheckpointArtifact:
     """Write and verify the checkpoint; see the module docstring."""
-    t_start = time.perf_counter()
     art = quantized if isinstance(quantized, OnnxArtifact) else OnnxArtifact.open(quantized)
     out = check_output_dir(Path(out), force=force)
     if out == art.path or art.path in out.parents:
         raise InputError(f"output folder {out} is inside the quantized artifact", "write the checkpoint somewhere else")
+    stage = StageOutput(out, stage=STAGE, kind=MANIFEST_KIND, force=force, inputs=[art.path])
     p = plan(art, options)
     hashes = _source_hashes(art)
     reference, ref_note = _reference(art, options)
-    if options.text is not None and not Path(options.text).is_file():
-        raise InputError(f"held-out text {options.text} does not exist", "pass a UTF-8 text file, one sample per line")
+    check_parity_inputs(options)
     disk = free_disk(out.parent if out.parent.exists() else Path.cwd())
     if disk is not None and disk < p.memory["onnx_bytes"] * 1.2:
         raise ResourceError(f"the checkpoint needs about {human(p.memory['onnx_bytes'])} of disk but {human(disk)} is free "
@@ -85,65 +80,56 @@ def export_checkpoint(
     for note in p.notes:
         log.warning("%s", note)
 
-    from trtforge.engines.trtllm._torch import hf_layout, save_tensors
-    from trtforge.engines.trtllm.convert import convert
-    from trtforge.engines.trtllm.onnx_source import read_source
-    from trtforge.engines.trtllm.reader import CheckpointReader
-    from trtforge.engines.trtllm.verify import compare_weights, parity
+    adapter = torch_adapter()
+    with stage.timed("convert_s"):
+        cfg = read_json(art.path / "config.json", "config")
+        layout = adapter.hf_layout(cfg)
+        proto = art.load()
+        src = read_source(proto)
+        del proto
+        conv = convert(src, layout, quant_algo=p.quant_algo, group_size=p.group_size, dtype=p.dtype, fused=p.fused)
+        fmt = CheckpointFormat(p.quant_algo, p.group_size, tuple(p.exclude_modules))
 
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
-    cfg = read_json(art.path / "config.json", "config")
-    layout = hf_layout(cfg)
-    proto = art.load()
-    src = read_source(proto)
-    del proto
-    conv = convert(src, layout, quant_algo=p.quant_algo, group_size=p.group_size, dtype=p.dtype)
-    fmt = CheckpointFormat(p.quant_algo, p.group_size, tuple(p.exclude_modules))
-    timings["convert_s"] = time.perf_counter() - t
+    m = stage.manifest
+    with stage.open() as tmp:
+        with stage.timed("write_s"):
+            saved = adapter.save_tensors(conv.tensors, tmp, options.max_shard_bytes)
+            conv.tensors.clear()
+            _write_configs(tmp, art, cfg, fmt, p, p.architecture or layout.architecture)
 
-    with atomic_output_dir(out, force=force) as tmp:
-        t = time.perf_counter()
-        saved = save_tensors(conv.tensors, tmp, options.max_shard_bytes)
-        conv.tensors.clear()
-        _write_configs(tmp, art, cfg, fmt, p, layout.architecture)
-        timings["write_s"] = time.perf_counter() - t
+        with stage.timed("verify_weights_s"):
+            reader = CheckpointReader(tmp)
+            reader.check()
+            weights = verify.compare_weights(reader, src, requantized=conv.requantized is not None)
+            del src  # parity needs the memory
+        with stage.timed("parity_s"):
+            if options.parity:
+                par = verify.parity(reader, art, reference=reference, reference_note=ref_note, text=options.text,
+                                    max_samples=options.max_samples)
+            else:
+                par = {"skipped": "--no-parity"}
 
-        t = time.perf_counter()
-        reader = CheckpointReader(tmp)
-        reader.check()
-        weights = compare_weights(reader, src, requantized=conv.requantized is not None)
-        del src  # parity needs the memory
-        timings["verify_weights_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        if options.parity:
-            par = parity(reader, art, reference=reference, reference_note=ref_note, text=options.text,
-                         max_samples=options.max_samples)
-        else:
-            par = {"skipped": "--no-parity"}
-        timings["parity_s"] = time.perf_counter() - t
-
-        q = art.manifest["quantization"]
-        manifest = base_manifest("export-checkpoint", MANIFEST_KIND)
-        manifest["source"] = {
+        q = art.manifest.quantization
+        # "source" of a checkpoint names the quantized artifact (untyped for this kind, see trtforge.manifest)
+        m.sections["source"] = {
             "path": str(art.path),
             **hashes,
-            "manifest_sha256": sha256_file(art.path / "manifest.json"),
-            "precision": q["precision"],
-            "upstream_export": q.get("upstream"),
-            "model": art.manifest["source"],
-            "calibration": q.get("calibration"),
+            "manifest_sha256": sha256_file(art.path / MANIFEST),
+            "precision": q.precision.value,
+            "upstream_export": q.upstream.to_json() if q.upstream is not None else None,
+            "model": art.manifest.source.to_json(),
+            "calibration": q.calibration,
         }
-        manifest["recipe"] = q.get("recipe")
-        manifest["format"] = {
+        m.set("recipe", q.recipe)
+        m.set("format", {
             "name": TARGET["format"], "quant_algo": p.quant_algo, "group_size": p.group_size, "dtype": p.dtype,
             "exclude_modules": p.exclude_modules, "hf_quant_config": fmt.hf_quant_config(),
             "files": saved["files"], "tensors": saved["tensors"], "tensor_bytes": saved["total_bytes"],
-        }
-        manifest["tensorrt_llm"] = {**TARGET, "hardware": HARDWARE[p.quant_algo], "loader_sources": SOURCES}
-        manifest["conversion"] = {"notes": p.notes, "fp8_requantized": conv.requantized,
-                                  "weight_granularity_in_onnx": p.weight_granularity, "linears": conv.linears}
-        manifest["verification"] = {
+        })
+        m.set("tensorrt_llm", {**TARGET, "hardware": HARDWARE[p.quant_algo], "loader_sources": SOURCES})
+        m.set("conversion", {"notes": p.notes, "fp8_requantized": conv.requantized,
+                             "weight_granularity_in_onnx": p.weight_granularity, "linears": conv.linears})
+        m.set("verification", {
             "reader": "trtforge.engines.trtllm.reader: TensorRT-LLM's PyTorch-backend loading rules (linear.py), re-implemented",
             "quant_config_source": reader.quant_source,
             "warnings": reader.warnings,
@@ -151,15 +137,14 @@ def export_checkpoint(
             "parity": par,
             "tensorrt_llm_load": "not run by export-checkpoint; tests/engines/test_trtllm_gpu.py loads the checkpoint "
                                  "with tensorrt_llm.LLM where a GPU and tensorrt_llm are present",
-        }
-        manifest["memory"] = p.memory
-        manifest["options"] = options.to_json()
-        timings["total_s"] = time.perf_counter() - t_start
-        manifest["timings"] = {k: round(v, 3) for k, v in timings.items()}
-        manifest["files"] = file_table(tmp)
-        write_json(tmp / "manifest.json", manifest)
-    log.info("wrote %s (%s, %s) in %.1fs", out, p.quant_algo, p.dtype, timings["total_s"])
-    return CheckpointArtifact(out, manifest)
+        })
+        m.set("memory", p.memory)
+        m.set("options", options.to_json())
+        # the one upstream link every derived artifact has (trtforge.manifest)
+        m.upstream = Upstream(path=str(art.path), stage=art.manifest.stage, sha256=hashes.get("model_sha256"),
+                              manifest_sha256=m.sections["source"]["manifest_sha256"])
+    log.info("wrote %s (%s, %s) in %.1fs", out, p.quant_algo, p.dtype, m.timings["total_s"])
+    return CheckpointArtifact.open(out)
 
 
 def _write_configs(tmp: Path, art: OnnxArtifact, cfg: dict, fmt: CheckpointFormat, p: Plan, arch: str) -> None:
@@ -185,14 +170,14 @@ def _source_hashes(art: OnnxArtifact) -> dict[str, str]:
     """sha256 of the ONNX files, checked against the quantize manifest (the checkpoint must come
     from exactly the artifact the manifest describes)."""
     out = {}
-    table = art.manifest.get("files") or {}
+    table = art.manifest.files
     for f in sorted(art.path.glob("model.onnx*")):
         got = sha256_file(f)
         want = table.get(f.name)
         if want is not None and got != want:
             raise InputError(f"{f.name} in {art.path} changed since trtforge quantize wrote it (sha256 differs from its manifest)",
                              "quantize the export again")
-        out["model_sha256" if f.name == art.manifest["model"]["file"] else f"{f.name}_sha256"] = got
+        out["model_sha256" if f.name == art.manifest.model.file else f"{f.name}_sha256"] = got
     return out
 
 
@@ -207,22 +192,21 @@ def _reference(art: OnnxArtifact, options: CheckpointOptions) -> tuple[Path | No
             raise InputError(f"reference {ref} is not a Hugging Face model folder with safetensors weights",
                              "pass the float model folder the export was made from (pickle weights are never loaded)")
         return ref, "given with --reference"
-    src = art.manifest.get("source") or {}
-    folder = Path(src.get("path") or "")
-    files = [folder / f for f in src.get("weight_files") or []]
-    if not src.get("path") or not folder.is_dir() or not files or not all(f.is_file() for f in files):
+    src = art.manifest.source
+    folder = Path(src.path or "") if src is not None else Path()
+    files = [folder / f for f in (src.weight_files if src is not None else [])]
+    if src is None or not src.path or not folder.is_dir() or not files or not all(f.is_file() for f in files):
         return None, f"the source model folder {folder} is not there; pass --reference to compare with the float model"
     if not all(f.suffix == ".safetensors" for f in files):
         return None, "the source model's weights are not safetensors (pickle files are never loaded)"
-    if hash_files(files) != src.get("weights_sha256"):
+    if hash_files(files) != src.weights_sha256:
         return None, f"the weights in {folder} changed since the export (sha256 differs); pass --reference"
     return folder, "the export's source model, weights sha256 unchanged"
 
 
 def summary_line(ck: CheckpointArtifact) -> str:
     """One line for the CLI: format, files, agreement figures."""
-    m = ck.manifest
-    f, v = m["format"], m["verification"]
+    f, v = ck.manifest.section("format"), ck.manifest.section("verification")
     w, par = v["weights"], v["parity"]
     parts = [f"{ck.path}  {f['quant_algo']}" + (f" group {f['group_size']}" if f["group_size"] else "") + f" {f['dtype']}",
              f"{len(f['files'])} safetensors file(s), {f['tensor_bytes'] / 2**20:.1f} MiB",

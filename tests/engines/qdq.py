@@ -110,9 +110,11 @@ def tiny_manifest(precision: str, *, batch_max: int | None = None) -> dict:
     """A manifest for ``tiny_graph`` in the format export/quantize write."""
     m = {
         "schema_version": 1, "kind": "onnx", "stage": "quantize" if precision not in ("fp32", "fp16") else "export",
-        "source": {"architecture": "Tiny", "model_type": "tiny", "task": "feature-extraction", "family": "encoder"},
+        "source": {"path": "tiny", "architecture": "Tiny", "model_type": "tiny", "task": "feature-extraction",
+                   "family": "encoder"},
         "model": {"file": "model.onnx", "external_data": None, "opset": 19, "dtype": "fp32"},
-        "dims": {"max_positions": 64, "hidden_size": 64},
+        "dims": {"num_layers": 1, "num_heads": 1, "num_kv_heads": 1, "head_dim": 64, "hidden_size": 64,
+                 "vocab_size": 100, "max_positions": 64},
         "io": {
             "inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", 64]}],
             "outputs": [{"name": "y", "dtype": "float32", "shape": ["batch", 32]}],

@@ -14,9 +14,9 @@ from trtforge.errors import InputError, TargetError
 
 
 @pytest.mark.parametrize("opts,target,match", [
-    (BuildOptions(optimization_level=7), "sm_90", "--opt-level 7"),
+    (BuildOptions(optimization_level=7), "sm_90", "optimization_level 7"),
     (BuildOptions(workspace_mib=0), "sm_90", "not positive"),
-    (BuildOptions(exclude_lean_runtime=True), "sm_90", "needs --version-compatible"),
+    (BuildOptions(exclude_lean_runtime=True), "sm_90", "needs version_compatible"),
     (BuildOptions(hardware_compatibility=HardwareCompatibility.AMPERE_PLUS), "sm_75", "ampere-plus cannot target sm_75"),
     (BuildOptions(version_compatible=True), "cpu", "applies to TensorRT targets"),
     (BuildOptions(model_name="my model"), "sm_90", "Triton does not accept"),
@@ -90,7 +90,7 @@ def test_layout_enum_round_trip():
 def test_gpu_only_options_are_refused_for_cpu_and_reference_must_be_an_engine(tiny_art, tmp_path):
     from pathlib import Path
 
-    with pytest.raises(InputError, match="--timing-cache, --opt-level applies to TensorRT targets"):
+    with pytest.raises(InputError, match="timing_cache, optimization_level applies to TensorRT targets"):
         BuildOptions(timing_cache=Path("x.cache"), optimization_level=5).check(resolve_target("cpu"))
     art = tiny_art("int8")
     with pytest.raises(InputError, match="not a TensorRT engine folder"):

@@ -352,7 +352,7 @@ def test_parity_inputs_checked_first_and_a_missing_source_is_recorded(q_art, tmp
     with pytest.raises(TrtforgeError, match="does not exist"):
         export_checkpoint(art, tmp_path / "b", CheckpointOptions(text=tmp_path / "missing.txt"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
-    moved = OnnxArtifact(art.path, {**art.manifest, "source": {**art.manifest["source"], "path": str(tmp_path / "gone")}})
+    moved = OnnxArtifact(art.path, replace(art.manifest, source=replace(art.manifest.source, path=str(tmp_path / "gone"))))
     ref, why = _reference(moved, CheckpointOptions())
     assert ref is None and "not there" in why and "--reference" in why
     ref, why = _reference(art, CheckpointOptions())

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
+from trtforge.artifacts import load_artifact
+from trtforge.backend import backend_for_artifact, backend_for_target
+from trtforge.commands.base import emit, field_flags
+from trtforge.engines.build import build as run_build
+from trtforge.engines.build import prepare
+from trtforge.engines.check import Machine
 from trtforge.engines.plan import BuildOptions, HardwareCompatibility, Layout
 from trtforge.engines.profiles import DimOverride
-from trtforge.engines.targets import TARGET_CHOICES
+from trtforge.engines.targets import TARGET_CHOICES, resolve_target
+from trtforge.errors import InputError
 
 
 class ProfileParam(click.ParamType):
@@ -26,10 +32,8 @@ class ProfileParam(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
-def _emit(obj: dict, as_json: bool, text: str) -> None:
-    click.echo(json.dumps(obj, indent=2, default=lambda o: o.to_json() if hasattr(o, "to_json") else str(o)) if as_json else text)
-
-
+@field_flags(optimization_level="--opt-level", benchmark_iterations="--bench-iterations",
+             use_timing_cache="--no-timing-cache")
 @click.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--target", "-t", required=True, metavar="|".join(["hopper", "ada", "ampere", "sm_XX", "auto", "cpu"]),
@@ -60,38 +64,26 @@ def build(artifact: Path, target: str, out: Path | None, profile: tuple[DimOverr
           no_timing_cache: bool, hardware_compatibility: str, version_compatible: bool, exclude_lean_runtime: bool,
           reference_engine: Path | None, bench_iterations: int, dry_run: bool, force: bool, as_json: bool) -> None:
     """Build a TensorRT engine (or a CPU ONNX Runtime artifact) from an export or quantize folder."""
-    from trtforge.engines.build import build as run_build
-    from trtforge.engines.build import prepare
-    from trtforge.errors import InputError
-
     opts = BuildOptions(
         profile=tuple(profile), optimization_level=opt_level, workspace_mib=workspace_mib, timing_cache=timing_cache,
         use_timing_cache=not no_timing_cache, hardware_compatibility=HardwareCompatibility(hardware_compatibility),
         version_compatible=version_compatible, exclude_lean_runtime=exclude_lean_runtime, layout=Layout(layout),
         model_name=model_name, reference_engine=reference_engine, benchmark_iterations=bench_iterations,
     )
+    tgt = resolve_target(target)
+    backend = backend_for_target(tgt)
+    if backend.command != "build":
+        raise InputError(f"--target {tgt.name} is written by 'trtforge {backend.command}', not 'trtforge build'",
+                         f"run 'trtforge {backend.command}', or list the target in a 'trtforge run' recipe")
     if dry_run:
-        _art, plan = prepare(artifact, target, opts)
+        _art, plan = prepare(artifact, tgt, opts)
         p = plan.to_json()
-        _emit(p, as_json, _plan_text(p))
+        emit(p, as_json, _plan_text(p))
         return
     if out is None:
         raise InputError("-o/--output is required", "name the output folder, or pass --dry-run")
-    res = run_build(artifact, target, out, opts, force=force)
-    m = res.manifest
-    if m["kind"] == "engine":
-        s = m["layers"]["summary"]["by_precision"]
-        lat = m["performance"]["latency"]
-        text = (f"{res.path}  {m['precision']['precision']} engine for {m['gpu']['name']} (sm {m['gpu']['compute_capability']}), "
-                f"TensorRT {m['tensorrt']['version']}; layers "
-                + ", ".join(f"{k} {v}" for k, v in s.items() if v)
-                + f"; {lat['median_ms']:.3f} ms median at opt shapes")
-    else:
-        b = m["build"]
-        text = (f"{res.path}  {m['precision']['precision']} CPU artifact (ONNX Runtime {m['versions'].get('onnxruntime')}); "
-                f"{b['uint8_activation_groups']} INT8 activation Q/DQ -> UINT8; ops "
-                + ", ".join(f"{k} {v}" for k, v in b["ops_after"].items()))
-    _emit(m, as_json, text)
+    res = run_build(artifact, tgt, out, opts, force=force)
+    emit(res.manifest, as_json, backend.summary(res))
 
 
 def _plan_text(p: dict) -> str:
@@ -114,22 +106,13 @@ def _plan_text(p: dict) -> str:
 @click.pass_context
 def inspect(ctx: click.Context, artifact: Path, do_load: bool, as_json: bool) -> None:
     """Check a built engine (or CPU artifact) against this machine: will it load here? Exit 1 if not."""
-    from trtforge.artifacts import EngineArtifact, load_artifact
-    from trtforge.engines.check import Machine, check_cpu, check_engine, try_load
-    from trtforge.errors import InputError
-
     art = load_artifact(artifact)
-    machine = Machine.here()
-    if isinstance(art, EngineArtifact):
-        report = check_engine(art, machine)
-    elif art.manifest.get("stage") == "build":
-        report = check_cpu(art, machine)
-    else:
-        raise InputError(f"{artifact} is an {art.manifest.get('stage')} artifact, not a build",
+    backend = backend_for_artifact(art)
+    if art.manifest.stage != backend.stage:
+        raise InputError(f"{artifact} is an {art.manifest.stage} artifact, not a build",
                          "pass a folder written by 'trtforge build'")
-    if do_load and report.loads:
-        report = try_load(art, report)
-    _emit(report.to_json(), as_json, report.text())
+    report = backend.load_check(art, Machine.here(), load=do_load)
+    emit(report.to_json(), as_json, report.text())
     if not report.loads:
         ctx.exit(1)
 

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import click
 
+from trtforge.commands.base import emit, field_flags
+from trtforge.engines.trtllm import CheckpointOptions, CkptDType, Fp8Scheme
+from trtforge.engines.trtllm import export_checkpoint as run
+from trtforge.engines.trtllm.checks import shard_size
+from trtforge.engines.trtllm.writer import summary_line
 
+
+@field_flags(max_shard_bytes="--max-shard-size", parity="--no-parity")
 @click.command("export-checkpoint")
 @click.argument("quantized_dir", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output folder.")
@@ -30,12 +37,6 @@ def export_checkpoint(quantized_dir: Path, out: Path, dtype: str, fp8_scheme: st
     its tensors come from the ONNX artifact, so both agree. It is read back the way TensorRT-LLM
     reads it and compared with the ONNX artifact before the folder appears.
     """
-    from trtforge.cli import emit
-    from trtforge.engines.trtllm import CheckpointOptions, CkptDType, Fp8Scheme
-    from trtforge.engines.trtllm import export_checkpoint as run
-    from trtforge.engines.trtllm.checks import shard_size
-    from trtforge.engines.trtllm.writer import summary_line
-
     opts = CheckpointOptions(dtype=CkptDType(dtype), fp8_scheme=Fp8Scheme(fp8_scheme), max_shard_bytes=shard_size(max_shard_size),
                              parity=not no_parity, reference=reference, text=text)
     ck = run(quantized_dir, out, opts, force=force)

@@ -8,6 +8,11 @@ from pathlib import Path
 
 import click
 
+from trtforge.calibration.recipe import PRESETS
+from trtforge.errors import RecipeError
+from trtforge.pipeline import run
+from trtforge.pipeline_recipe import PRESET_DIR, preset_names, preset_path
+
 
 @click.command("run")
 @click.argument("recipe")
@@ -20,8 +25,6 @@ import click
 def run_cmd(ctx: click.Context, recipe: str, out: Path | None, sets: tuple[str, ...], skip_unavailable_targets: bool,
             as_json: bool) -> None:
     """Export, quantize, build and check parity from RECIPE (a TOML file or a preset name)."""
-    from trtforge.pipeline import run
-
     try:
         m = run(recipe, out, sets=sets, skip_unavailable_targets=skip_unavailable_targets)
     except KeyboardInterrupt:
@@ -54,9 +57,6 @@ def recipes() -> None:
 @recipes.command("list")
 def recipes_list() -> None:
     """List the pipeline presets and the quantization recipes."""
-    from trtforge.calibration.recipe import PRESETS
-    from trtforge.pipeline_recipe import PRESET_DIR, preset_names
-
     click.echo("pipeline presets (trtforge run NAME --set model.path=... --set calibration.data=...):")
     for n in preset_names():
         first = (PRESET_DIR / f"{n}.toml").read_text().splitlines()[0].lstrip("# ")
@@ -70,16 +70,11 @@ def recipes_list() -> None:
 @click.argument("name")
 def recipes_show(name: str) -> None:
     """Print a pipeline preset (TOML) or a quantization recipe."""
-    from trtforge.calibration.recipe import PRESETS
-    from trtforge.pipeline_recipe import preset_names, preset_path
-
     if name in preset_names():
         click.echo(preset_path(name).read_text(), nl=False)
     elif name in PRESETS:
         click.echo(json.dumps(PRESETS[name].to_dict(), indent=2))
     else:
-        from trtforge.errors import RecipeError
-
         raise RecipeError(f"unknown recipe {name!r}", f"use one of: {', '.join(preset_names() + list(PRESETS))}")
 
 
