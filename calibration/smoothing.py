@@ -16,6 +16,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from trtforge.calibration.patterns import Gemm, Group
+from trtforge.errors import QuantizationError
 from trtforge.graph import GraphIndex
 
 
@@ -25,6 +26,44 @@ class Smoothing:
     s: np.ndarray  # [channels], float64
     alpha: float | None  # SmoothQuant's alpha, or AWQ's exponent
     error: float | None = None  # relative output error of the chosen alpha (searched only)
+
+
+def tie_shared_columns(grp: Group, vec: np.ndarray, how: str = "max") -> np.ndarray:
+    """With GQA several act channels read one value column (9 query heads on 3 value heads: 3
+    channels per column): give them one value, the largest or the mean, so any per-channel
+    function of it is equal across them and the fold into that column stays exact. Every
+    statistic a fold="gemm" factor is computed from must go through here."""
+    if grp.fold != "gemm" or grp.prev_cols is None:
+        return vec
+    cols = grp.prev_cols
+    vec = np.asarray(vec, np.float64)
+    if how == "max":
+        out = np.full(int(cols.max()) + 1, -np.inf)
+        np.maximum.at(out, cols, vec)
+    elif how == "mean":
+        out = np.bincount(cols, weights=vec) / np.maximum(np.bincount(cols), 1)
+    else:
+        raise ValueError(f"how must be 'max' or 'mean', not {how!r}")
+    return out[cols]
+
+
+def check_tied(grp: Group, s: np.ndarray) -> None:
+    """A fold="gemm" factor must be equal on channels sharing a column of the producing GEMM:
+    one column can take only one factor, and anything else changes the float function."""
+    if grp.fold != "gemm" or grp.prev_cols is None:
+        return
+    cols = grp.prev_cols
+    hi = np.full(int(cols.max()) + 1, -np.inf)
+    lo = np.full(int(cols.max()) + 1, np.inf)
+    np.maximum.at(hi, cols, s)
+    np.minimum.at(lo, cols, s)
+    used = np.isfinite(hi)
+    if np.any(hi[used] > lo[used] * (1 + 1e-9)):  # rounding of pow() may differ between SIMD lanes
+        raise QuantizationError(
+            f"the smoothing factor of GEMM group {', '.join(grp.gemms)} differs between channels that read one "
+            f"column of {grp.prev} (up to {float(np.max(hi[used] / lo[used])):.4g}x), so it cannot fold there exactly",
+            "this is a trtforge bug; report it, and quantize without smoothing meanwhile",
+        )
 
 
 def apply_smoothing(model: onnx.ModelProto, smoothings: list[Smoothing], idx: GraphIndex,
@@ -76,8 +115,9 @@ def apply_smoothing(model: onnx.ModelProto, smoothings: list[Smoothing], idx: Gr
         elif grp.fold == "gemm":
             prev = gemms[grp.prev]
             cols = grp.prev_cols
+            check_tied(grp, s)
             col_s = np.ones(prev.n)
-            col_s[cols] = s  # equal for channels sharing a column (see _shared_columns_max)
+            col_s[cols] = s  # equal for channels sharing a column (see tie_shared_columns)
             t = private(prev.weight, prev.node)
             if prev.trans_b:
                 scale_tensor(t, lambda w, c=col_s: w / c[:, None])

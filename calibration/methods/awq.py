@@ -20,7 +20,7 @@ from trtforge.calibration.methods.rtn import RoundToNearest
 from trtforge.calibration.patterns import Group
 from trtforge.calibration.qdq import WeightPlan
 from trtforge.calibration.recipe import Int4Method, QuantRecipe
-from trtforge.calibration.smoothing import Smoothing
+from trtforge.calibration.smoothing import Smoothing, tie_shared_columns
 from trtforge.errors import QuantizationError
 from trtforge.numerics import int4_fake
 from trtforge.registry import QUANT_METHODS
@@ -106,7 +106,10 @@ class AWQ(RoundToNearest):
         if len({d.block for d in q}) != 1:
             return None
         ws = [ctx.weight(d.gemm.node) for d in q]
-        s, ratio, err = awq_scale(st.sample, st.channel_absmean, ws, q[0].block, ctx.recipe.awq_grid)
+        # v -> o_proj under GQA: the query heads reading one value head must get one factor, or
+        # the fold into v_proj's columns is inexact. Their mean |x| is that of the value channel.
+        x_absmean = tie_shared_columns(group, st.channel_absmean, "mean")
+        s, ratio, err = awq_scale(st.sample, x_absmean, ws, q[0].block, ctx.recipe.awq_grid)
         return Smoothing(group, s, ratio, err) if ratio > 0 else None
 
     def plan_weight(self, ctx: PlanContext, d: Decision, granularity: Granularity,

@@ -14,23 +14,12 @@ import numpy as np
 from trtforge.calibration.methods.base import PlanContext, QuantMethod, Role, Stat
 from trtforge.calibration.patterns import Group
 from trtforge.calibration.recipe import CalibMethod, QuantRecipe
-from trtforge.calibration.smoothing import Smoothing
+from trtforge.calibration.smoothing import Smoothing, tie_shared_columns
 from trtforge.numerics import QMAX, as_scale, fake_quant, weight_scales
 from trtforge.registry import QUANT_METHODS
 from trtforge.vocab import Precision
 
 PRECISIONS = (Precision.INT8, Precision.FP8)
-
-
-def _shared_columns_max(grp: Group, vec: np.ndarray) -> np.ndarray:
-    """With GQA several act channels read one value column: give them one (the largest) value,
-    so their factors are equal and the fold into that column stays exact."""
-    if grp.fold != "gemm" or grp.prev_cols is None:
-        return vec
-    cols = grp.prev_cols
-    out = np.full(int(cols.max()) + 1, -np.inf)
-    np.maximum.at(out, cols, vec)
-    return out[cols]
 
 
 def smooth_factor(x_max: np.ndarray, w_max: np.ndarray, alpha: float) -> np.ndarray:
@@ -68,8 +57,8 @@ def choose_smoothing(
 ) -> Smoothing:
     """The group's factor; ``ws``: its GEMMs' weights as [K, N]."""
     w_max = np.max([np.abs(w).max(axis=1) for w in ws], axis=0)
-    x_max = _shared_columns_max(grp, x_max)
-    w_max = _shared_columns_max(grp, w_max)
+    x_max = tie_shared_columns(grp, x_max)
+    w_max = tie_shared_columns(grp, w_max)
     if alpha is not None or sample is None:
         a = 0.5 if alpha is None else alpha
         return Smoothing(grp, smooth_factor(x_max, w_max, a), a)
