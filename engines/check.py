@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 
 from trtforge.artifacts import EngineArtifact, OnnxArtifact, sha256_file
-from trtforge.env import Gpu
+from trtforge.engines.cpu import VNNI_FLAGS, cpu_flags
+from trtforge.env import Gpu, gpus, tensorrt_status
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,6 @@ class Machine:
 
     @classmethod
     def here(cls) -> Machine:
-        from trtforge.env import gpus, tensorrt_status
-
         trt = tensorrt_status()
         try:
             ort_version = metadata.version("onnxruntime")
@@ -47,8 +46,6 @@ class Machine:
                 ort_version = metadata.version("onnxruntime-gpu")
             except metadata.PackageNotFoundError:
                 ort_version = None
-        from trtforge.engines.cpu import cpu_flags
-
         return cls(trt.get("version") if trt["available"] else None, tuple(gpus()), ort_version, cpu_flags())
 
     def to_json(self) -> dict:
@@ -145,13 +142,13 @@ def _hash_check(path, expected: str | None, label: str) -> Check:
 
 def check_engine(art: EngineArtifact, machine: Machine) -> LoadReport:
     m = art.manifest
-    eng = m.get("engine") or {}
-    plan_cfg = ((m.get("plan") or {}).get("config")) or {}
+    eng = m.section("engine") or {}
+    plan_cfg = ((m.section("plan") or {}).get("config")) or {}
     checks = [
         _hash_check(art.engine_path, eng.get("sha256"), "engine"),
-        tensorrt_version_check((m.get("tensorrt") or {}).get("version", "?"), machine.tensorrt_version,
+        tensorrt_version_check((m.section("tensorrt") or {}).get("version", "?"), machine.tensorrt_version,
                                bool(plan_cfg.get("version_compatible"))),
-        gpu_check((m.get("gpu") or {}).get("compute_capability", "0.0"), (m.get("gpu") or {}).get("name", "?"),
+        gpu_check((m.section("gpu") or {}).get("compute_capability", "0.0"), (m.section("gpu") or {}).get("name", "?"),
                   plan_cfg.get("hardware_compatibility_level", "none"), machine.gpus),
     ]
     return LoadReport(str(art.path), "tensorrt engine", tuple(checks), machine)
@@ -159,8 +156,8 @@ def check_engine(art: EngineArtifact, machine: Machine) -> LoadReport:
 
 def check_cpu(art: OnnxArtifact, machine: Machine) -> LoadReport:
     m = art.manifest
-    checks = [_hash_check(art.model_path, (m.get("files") or {}).get(m["model"]["file"]), "model")]
-    built = ((m.get("versions") or {}).get("onnxruntime")) or "?"
+    checks = [_hash_check(art.model_path, m.files.get(m.model.file), "model")]
+    built = m.versions.get("onnxruntime") or "?"
     here = machine.onnxruntime_version
     if here is None:
         checks.append(Check("ONNX Runtime", False, f"not installed here (artifact optimized by {built}); "
@@ -171,7 +168,7 @@ def check_cpu(art: OnnxArtifact, machine: Machine) -> LoadReport:
     else:
         checks.append(Check("ONNX Runtime", True, f"{here} (artifact optimized by {built})",
                             warning=_version_tuple(here)[:2] != _version_tuple(built)[:2]))
-    kernel = int8_kernel_check(m.get("build") or {}, machine.cpu_flags)
+    kernel = int8_kernel_check(m.section("build") or {}, machine.cpu_flags)
     if kernel is not None:
         checks.append(kernel)
     return LoadReport(str(art.path), "onnx runtime (cpu target)", tuple(checks), machine)
@@ -179,8 +176,6 @@ def check_cpu(art: OnnxArtifact, machine: Machine) -> LoadReport:
 
 def int8_kernel_check(build: dict, flags: tuple[str, ...] | None) -> Check | None:
     """Which MLAS integer GEMM the artifact's fused INT8 GEMMs take, and whether it is exact on this CPU."""
-    from trtforge.engines.cpu import VNNI_FLAGS
-
     types = (build.get("int8_gemm") or {}).get("weight_types_after")
     if types is None:  # built before the record existed: fused GEMMs then read int8 weights
         types = {"int8": build["ops_after"]["MatMulIntegerToFloat"]} if (build.get("ops_after") or {}).get(
@@ -199,24 +194,3 @@ def int8_kernel_check(build: dict, flags: tuple[str, ...] | None) -> Check | Non
     return Check("INT8 GEMM kernel", True, f"{signed} GEMMs read signed INT8 weights (U8S8), which saturates int16 "
                  "pair sums on this CPU (no VNNI): outputs can be wrong; rebuild with this trtforge (U8U8 weights)",
                  warning=True)
-
-
-def try_load(art: EngineArtifact | OnnxArtifact, report: LoadReport) -> LoadReport:
-    """Actually load the artifact (TensorRT deserialization or an ONNX Runtime session)."""
-    if isinstance(art, EngineArtifact):
-        from trtforge.engines import _trt
-
-        ok, detail = _trt.try_deserialize(art.engine_path.read_bytes(),
-                                          bool(((art.manifest.get("plan") or {}).get("config") or {}).get("version_compatible")))
-    else:
-        from trtforge.engines.cpu import CpuRuntime, session
-        from trtforge.errors import TrtforgeError
-
-        rt = art.manifest.get("runtime") or {}
-        try:
-            session(art.model_path, CpuRuntime(rt.get("session_config") or {},
-                                               rt.get("graph_optimization_level", "ORT_ENABLE_ALL")))
-            ok, detail = True, "ONNX Runtime created a session"
-        except TrtforgeError as exc:
-            ok, detail = False, exc.problem
-    return LoadReport(report.artifact, report.kind, report.checks + (Check("load", ok, detail),), report.machine)
