@@ -30,7 +30,7 @@ from typing import Any
 
 import onnx
 
-from trtforge.artifacts import Artifact, OnnxArtifact, check_output_dir, load_artifact, sha256_file
+from trtforge.artifacts import Artifact, OnnxArtifact, load_artifact, sha256_file
 from trtforge.backend import backend_for_target
 from trtforge.engines import triton
 from trtforge.engines.plan import BuildOptions, BuildPlan, Layout
@@ -61,14 +61,6 @@ def open_source(artifact: str | Path | OnnxArtifact) -> OnnxArtifact:
     return art
 
 
-def check_output(out: str | Path, art: OnnxArtifact, *, force: bool) -> Path:
-    """The output folder, refused when it exists (without ``force``) or lies inside the input."""
-    path = check_output_dir(Path(out), force=force)
-    if art.path == path or art.path in path.parents:
-        raise InputError(f"output folder {path} is inside the input artifact", "write the build somewhere else")
-    return path
-
-
 def plan_build(art: OnnxArtifact, target: Target, options: BuildOptions, *,
                graph_checks: Iterable[Callable[[onnx.ModelProto], None]] = (),
                timing_cache: Path | None = None) -> BuildPlan:
@@ -93,6 +85,17 @@ def prepare(artifact: str | Path | OnnxArtifact, target: str | Target, options: 
     backend = backend_for_target(tgt)
     plan = backend.check(art, tgt, backend.default_options() if options is None else options)
     return art, plan
+
+
+def cannot_build_here(target: Target, plan: Any = None) -> str | None:
+    """Why this machine cannot carry out ``plan`` for ``target`` (None: it can): what ``--dry-run``
+    warns about, since its checks need neither TensorRT nor a GPU."""
+    backend = backend_for_target(target)
+    why = backend.unavailable(target)
+    mismatch = getattr(backend, "host_mismatch", None)
+    if why is None and mismatch is not None:
+        why = mismatch(target, plan)
+    return why
 
 
 def build(artifact: str | Path | OnnxArtifact, target: str | Target, out: str | Path,

@@ -136,6 +136,16 @@ def inputs_and_positions(manifest: Manifest | dict) -> tuple[list, int | None]:
     return list((doc.get("io") or {}).get("inputs") or []), (doc.get("dims") or {}).get("max_positions")
 
 
+def _suggest(symbol: str, r: DimRange, low: int, max_pos: int | None) -> DimRange:
+    """A range this symbol accepts, close to the one given: the three values in order, at least
+    ``low``, within the model's positions (the example an error gives must itself be valid)."""
+    cap = None if max_pos is None else {SEQ: max_pos, PAST: max_pos - 1}.get(symbol)
+    values = sorted(max(low, v) for v in (r.min, r.opt, r.max))
+    if cap is not None:
+        values = [min(v, cap) for v in values]
+    return DimRange(*values)
+
+
 def derive_profile(manifest: Manifest | dict, overrides: tuple[DimOverride, ...] = ()) -> ShapeProfile:
     """Profile for the artifact's inputs: defaults from the manifest, then the overrides."""
     inputs, max_pos = inputs_and_positions(manifest)
@@ -160,9 +170,9 @@ def derive_profile(manifest: Manifest | dict, overrides: tuple[DimOverride, ...]
         r = ov.range
         low = 0 if s == PAST else 1
         if r.min < low:
-            raise InputError(f"--profile {ov}: min must be at least {low}", f"use e.g. {s}={low}:{max(r.opt, low)}:{r.max}")
+            raise InputError(f"--profile {ov}: min must be at least {low}", f"use e.g. {s}={_suggest(s, r, low, max_pos)}")
         if not r.min <= r.opt <= r.max:
-            raise InputError(f"--profile {ov}: needs min <= opt <= max", f"e.g. {s}={r.min}:{max(r.min, r.opt)}:{max(r.opt, r.max)}")
+            raise InputError(f"--profile {ov}: needs min <= opt <= max", f"e.g. {s}={_suggest(s, r, low, max_pos)}")
         given[s] = r
 
     has_past = PAST in used

@@ -12,7 +12,8 @@ timings and file hashes, write the manifest, rename into place.
 :class:`StageOutput` checks the output location when it is created, before any work: that it
 is not a file, not the stage's own input or inside it, that it does not exist (unless
 ``force``), that its parent can be written and that its temporary sibling's name fits the
-file system. On any exception in ``open()`` (Ctrl-C included) the temporary folder is removed
+file system; with ``force``, that it does not hold one of the inputs (replacing it would
+delete them) nor files trtforge did not write. On any exception in ``open()`` (Ctrl-C included) the temporary folder is removed
 and the output is left as it was.
 """
 
@@ -32,14 +33,10 @@ from trtforge.manifest import MANIFEST, Manifest
 class StageOutput:
     def __init__(self, out: str | os.PathLike[str], *, stage: str, kind: str, force: bool = False,
                  inputs: Iterable[str | os.PathLike[str]] = (), what: str = "output folder") -> None:
-        self.path = check_output_dir(Path(out), force=force)
+        # the inputs first: "-o INPUT" must not be answered with "pass --force" (which would then be refused)
+        check_not_an_input(Path(out), inputs, what=what)
+        self.path = check_output_dir(Path(out), force=force, what=what)
         self.force = force
-        for src in inputs:
-            src = Path(src).expanduser().resolve()
-            if self.path == src:
-                raise InputError(f"{what} {self.path} is the stage's own input", "write the result to another folder")
-            if src in self.path.parents:
-                raise InputError(f"{what} {self.path} is inside the input {src}", "write the result outside the input folder")
         self.manifest = Manifest.new(stage, kind)
         self._t0 = time.perf_counter()
         self.dir: Path | None = None
@@ -68,3 +65,19 @@ class StageOutput:
                 self.manifest.files = file_table(tmp)
                 self.manifest.write(tmp / MANIFEST)
         self.dir = None
+
+
+def check_not_an_input(out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str]], *,
+                       what: str = "output folder") -> Path:
+    """Refuse an output folder that is one of ``inputs``, lies inside one, or holds one: writing it
+    would replace or mix with what the stage reads. Returns the resolved output path."""
+    path = Path(out).expanduser().resolve()
+    for src in inputs:
+        src = Path(src).expanduser().resolve()
+        if path == src:
+            raise InputError(f"{what} {path} is the stage's own input artifact", "write the result to another folder")
+        if src in path.parents:
+            raise InputError(f"{what} {path} is inside the input artifact {src}", "write the result outside the input folder")
+        if path in src.parents:
+            raise InputError(f"{what} {path} holds the input artifact {src}", "write the result to a folder of its own")
+    return path

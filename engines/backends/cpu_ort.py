@@ -25,7 +25,6 @@ from trtforge.backend import BuildIntent
 from trtforge.engines import cpu
 from trtforge.engines.build import (
     CPU_MODEL_FILE,
-    check_output,
     open_source,
     place,
     plan_build,
@@ -107,7 +106,6 @@ class CpuOrtBackend:
     def build(self, artifact: Artifact | str | Path, target: Target, options: BuildOptions, out: str | Path, *,
               force: bool = False) -> OnnxArtifact:
         art = open_source(artifact)
-        out = check_output(out, art, force=force)
         stage = StageOutput(out, stage="build", kind=self.kind, force=force, inputs=[art.path])
         plan = self.check(art, target, options)
         src_model = art.manifest.model
@@ -129,7 +127,7 @@ class CpuOrtBackend:
             m.set("layout", layout)
             m.timings.update(parts["build"]["timings"])
         log.info("built %s for cpu (%s) in %s", art.path.name, plan.precision.precision, out)
-        return OnnxArtifact.open(out)
+        return OnnxArtifact.open(stage.path)
 
     def model_file(self, artifact: Artifact) -> Path:
         return artifact.model_path

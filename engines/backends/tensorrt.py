@@ -28,7 +28,6 @@ from trtforge.backend import BuildIntent
 from trtforge.engines.build import (
     ENGINE_FILE,
     LAYERS_FILE,
-    check_output,
     open_source,
     place,
     plan_build,
@@ -113,6 +112,18 @@ class TensorRTBackend:
             return "no NVIDIA GPU was found"
         return None
 
+    def host_mismatch(self, target: Target, plan: BuildPlan | None) -> str | None:
+        """Why this machine's GPU cannot build for ``target`` (TensorRT builds for the GPU it runs on)."""
+        found = env.gpus()
+        if not found:
+            return "no NVIDIA GPU was found"
+        hw = plan.options.hardware_compatibility if plan is not None else HardwareCompatibility.NONE
+        try:
+            _check_build_gpu(target, found[0], hw)
+        except TargetError as exc:
+            return exc.problem
+        return None
+
     def doctor(self, gpus: Any, tensorrt_available: bool) -> list[dict]:
         out = []
         for g in gpus:
@@ -166,7 +177,6 @@ class TensorRTBackend:
     def build(self, artifact: Artifact | str | Path, target: Target, options: BuildOptions, out: str | Path, *,
               force: bool = False) -> EngineArtifact:
         art = open_source(artifact)
-        out = check_output(out, art, force=force)
         stage = StageOutput(out, stage="build", kind=self.kind, force=force, inputs=[art.path])
         plan = self.check(art, target, options)
         gpu = self._environment(plan.target)
@@ -224,7 +234,7 @@ class TensorRTBackend:
             log.info("timing cache saved to %s (%d bytes)", cache_path, m_cache["bytes"])
         for w in warnings:
             log.warning("%s", w)
-        return load_artifact(out)  # an EngineArtifact
+        return load_artifact(stage.path)  # an EngineArtifact
 
     def model_file(self, artifact: Artifact) -> Path:
         return artifact.engine_path

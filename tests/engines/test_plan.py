@@ -106,3 +106,28 @@ def test_cli_gpu_target_without_tensorrt_is_one_line(tiny_art, tmp_path, monkeyp
     r = CliRunner().invoke(main, ["build", str(tiny_art("int8").path), "-t", "hopper", "-o", str(tmp_path / "o")])
     assert r.exit_code == 1 and r.output.startswith("error: --target sm_90 needs TensorRT")
     assert r.output.count("\n") == 1 and "--target cpu" in r.output and not (tmp_path / "o").exists()
+
+
+def test_dry_run_warns_when_this_machine_cannot_build_the_plan(tiny_art, monkeypatch):
+    from trtforge import env
+    from trtforge.env import Gpu
+
+    art = tiny_art("int8")
+    monkeypatch.setattr(env, "tensorrt_status", lambda: {"available": False, "reason": "ModuleNotFoundError: tensorrt"})
+    r = CliRunner().invoke(main, ["build", str(art.path), "--target", "hopper", "--dry-run", "--json"])
+    assert r.exit_code == 0, r.output
+    plan = json.loads(r.stdout)
+    assert plan["buildable_here"] is False and "TensorRT is not importable" in plan["warnings"][0]
+    assert "cannot be built on this machine: TensorRT is not importable" in r.stderr
+    r = CliRunner().invoke(main, ["build", str(art.path), "--target", "hopper", "--dry-run"])
+    assert r.exit_code == 0 and "STRONGLY_TYPED" in r.stdout and "cannot be built on this machine" in r.stderr
+    # TensorRT present but another GPU: TensorRT builds for the GPU it runs on
+    monkeypatch.setattr(env, "tensorrt_status", lambda: {"available": True, "version": "10.9"})
+    monkeypatch.setattr(env, "gpus", lambda: [Gpu(0, "NVIDIA A10", "8.6")])
+    plan = json.loads(CliRunner().invoke(main, ["build", str(art.path), "-t", "hopper", "--dry-run", "--json"]).stdout)
+    assert plan["buildable_here"] is False and "NVIDIA A10" in plan["warnings"][0]
+    monkeypatch.setattr(env, "gpus", lambda: [Gpu(0, "NVIDIA H100", "9.0")])
+    r = CliRunner().invoke(main, ["build", str(art.path), "-t", "hopper", "--dry-run", "--json"])
+    assert json.loads(r.stdout)["buildable_here"] is True and json.loads(r.stdout)["warnings"] == [] and not r.stderr
+    r = CliRunner().invoke(main, ["build", str(art.path), "-t", "cpu", "--dry-run", "--json"])
+    assert json.loads(r.stdout)["buildable_here"] is True and not r.stderr

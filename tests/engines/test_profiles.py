@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 
@@ -101,3 +102,33 @@ def test_cli_rejects_untyped_profiles(tiny_art):
     assert r.exit_code == 2 and "SYMBOL=MIN:OPT:MAX" in r.output
     r = CliRunner().invoke(main, ["build", str(art.path), "--target", "sm_90", "--dry-run", "--profile", "batch=1:64:32"])
     assert r.exit_code == 1 and "min <= opt <= max" in r.output
+
+
+@pytest.mark.parametrize("past,given", [
+    (False, "batch=32:8:8"),       # the new user's --profile; its example used to read batch=32:32:8
+    (False, "batch=0:0:0"),
+    (False, "batch=0:4:2"),
+    (False, "batch=8:1:4"),
+    (False, "sequence=1:512:300"),
+    (False, "sequence=300:1:2"),
+    (True, "past_sequence=300:0:5"),
+    (True, "past_sequence=9:3:3"),
+    (True, "sequence=0:0:512"),
+])
+def test_the_example_an_error_gives_is_itself_accepted(past, given):
+    m = _decoder(past=past)
+    with pytest.raises(InputError) as info:
+        derive_profile(m, ov(given))
+    example = re.search(r"e\.g\. (\w+=[\d:]+)", info.value.one_line())
+    assert example, info.value.one_line()
+    derive_profile(m, ov(example.group(1)))
+
+
+def test_the_examples_of_the_syntax_errors_parse():
+    for bad in ("batch", "batch=1:8", "1x3=4"):
+        with pytest.raises(ValueError) as info:
+            DimOverride.parse(bad)
+        for ex in re.findall(r"e\.g\. ([^)]+)\)", str(info.value)):
+            for part in ex.replace(" or ", ",").split(","):
+                part = part.strip()
+                DimOverride.parse(part) if "=" in part else DimRange.parse(part) if part[0].isdigit() else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import click
@@ -10,13 +11,14 @@ from trtforge.artifacts import load_artifact
 from trtforge.backend import backend_for_artifact, backend_for_target
 from trtforge.commands.base import emit, field_flags
 from trtforge.engines.build import build as run_build
-from trtforge.engines.build import prepare
+from trtforge.engines.build import cannot_build_here, prepare
 from trtforge.engines.check import Machine
 from trtforge.engines.plan import BuildOptions, HardwareCompatibility, Layout
 from trtforge.engines.profiles import DimOverride
 from trtforge.engines.targets import TARGET_CHOICES, resolve_target
 from trtforge.errors import InputError
 
+log = logging.getLogger("trtforge.build")
 
 class ProfileParam(click.ParamType):
     """``SYMBOL=MIN:OPT:MAX`` (or ``SYMBOL=SIZE``) -> DimOverride; bad syntax is a usage error."""
@@ -56,7 +58,8 @@ class ProfileParam(click.ParamType):
 @click.option("--reference-engine", type=click.Path(path_type=Path),
               help="FP16 engine folder of the same model: warn if this (quantized) engine is slower.")
 @click.option("--bench-iterations", type=int, default=50, show_default=True, help="Timed runs after the build.")
-@click.option("--dry-run", is_flag=True, help="Check everything and print the build plan without building.")
+@click.option("--dry-run", is_flag=True, help="Check everything and print the build plan without building; warns "
+              "(stderr, and 'warnings' in --json) when this machine could not build it.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest (or plan) as JSON.")
 def build(artifact: Path, target: str, out: Path | None, profile: tuple[DimOverride, ...], layout: str,
@@ -78,6 +81,13 @@ def build(artifact: Path, target: str, out: Path | None, profile: tuple[DimOverr
     if dry_run:
         _art, plan = prepare(artifact, tgt, opts)
         p = plan.to_json()
+        why = cannot_build_here(plan.target, plan)
+        p["buildable_here"] = why is None
+        p["warnings"] = [] if why is None else [
+            f"this plan cannot be built on this machine: {why}; run the same command without --dry-run where "
+            f"the target's GPU and TensorRT are (pip install 'trtforge[gpu]')"]
+        for w in p["warnings"]:
+            log.warning("%s", w)
         emit(p, as_json, _plan_text(p))
         return
     if out is None:
