@@ -8,13 +8,22 @@ relative to the recipe file; ``--set`` values are relative to the working direct
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from trtforge.calibration.recipe import QuantRecipe, get_preset
 from trtforge.errors import RecipeError
-from trtforge.recipes import parse_sets, read_recipe_file, table_line, where
+from trtforge.recipes import (
+    located,
+    parse_sets,
+    quant_recipe_from_layers,
+    read_recipe_file,
+    set_item,
+    table_line,
+    where,
+)
 from trtforge.vocab import Precision
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
@@ -30,7 +39,8 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
               "layout": (str,), "hardware_compatibility": (str,), "version_compatible": (bool,)},
     # the trtllm target's options (those of `trtforge export-checkpoint`)
     "checkpoint": {"dtype": (str,), "fp8_scheme": (str,), "max_shard_size": (str,), "parity": (bool,),
-                   "reference": (str,), "text": (str,), "max_samples": (int,)},
+                   "reference": (str,), "text": (str,), "max_samples": (int,),
+                   "max_ppl_change_pct": (int, float)},
     "parity": {"data": (list, str), "thresholds": (str, dict), "per_layer": (bool,), "reports": (str,)},
     "output": {"dir": (str,)},
 }
@@ -140,11 +150,8 @@ def load_pipeline_recipe(spec: str | Path | dict, sets: list[str] | tuple[str, .
         raise RecipeError(f"{path}: model.path is not set", "add [model] path = \"...\" or pass --set model.path=DIR")
     name = m.get("name") or (m.get("package") or model_dir.name)
 
-    q = dict(cfg.get("quantize", {}))
-    base = get_preset(q.pop("recipe")) if "recipe" in q else QuantRecipe(name="custom")
+    quant = _quant_recipe(raw, cfg, sets, path, text)
     c = cfg.get("calibration", {})
-    qd = {**base.to_dict(), **{CALIB_TO_RECIPE[k]: v for k, v in c.items() if k in CALIB_TO_RECIPE}, **q}
-    quant = QuantRecipe.from_dict(qd, source=f"{path} [quantize]")
     data = _as_list(c.get("data"))
     ranges = Path(c["ranges"]) if c.get("ranges") else None
     if not data and not ranges:
@@ -171,6 +178,40 @@ def load_pipeline_recipe(spec: str | Path | dict, sets: list[str] | tuple[str, .
         thresholds=par.get("thresholds"), per_layer=par.get("per_layer", False), reports=reports,
         out=Path(out) if out else None, raw=cfg, checkpoint=dict(cfg.get("checkpoint", {})),
     )
+
+
+def _layer(cfg: dict, preset_where: Callable[[], str]) -> dict:
+    """The QuantRecipe dict of one layer of the recipe: its preset, then [calibration] and [quantize] keys."""
+    q = dict(cfg.get("quantize", {}))
+    name = q.pop("recipe", None)
+    try:
+        base = get_preset(name) if name is not None else QuantRecipe(name="custom")
+    except RecipeError as exc:
+        raise RecipeError(located(preset_where(), exc.problem), exc.hint) from None
+    c = cfg.get("calibration", {})
+    return {**base.to_dict(), **{CALIB_TO_RECIPE[k]: v for k, v in c.items() if k in CALIB_TO_RECIPE}, **q}
+
+
+def _quant_recipe(raw: dict, cfg: dict, sets: list[str] | tuple[str, ...], path: str, text: str) -> QuantRecipe:
+    """The [quantize] recipe; an invalid value is blamed on the file (file:line) or on the --set that set it."""
+    recipe_key = {v: k for k, v in CALIB_TO_RECIPE.items()}  # QuantRecipe field -> [calibration] key
+
+    def file_where(key: str | None) -> str:
+        if key in recipe_key and recipe_key[key] in raw.get("calibration", {}):
+            return f"{where(path, text, recipe_key[key], 'calibration')}: [calibration]"
+        if key is not None and key in raw.get("quantize", {}):
+            return f"{where(path, text, key, 'quantize')}: [quantize]"
+        line = table_line(text, "quantize") if text else None
+        return f"{path}:{line}: [quantize]" if line else f"{path}: [quantize]"
+
+    def set_where(key: str | None) -> str:
+        keys = [f"quantize.{key}"] + ([f"calibration.{recipe_key[key]}"] if key in recipe_key else [])
+        item = set_item(sets, *keys) if key else None
+        return f"--set {item}" if item else "--set"
+
+    file_layer = _layer(raw, lambda: file_where("recipe"))
+    final = _layer(cfg, lambda: set_where("recipe") if set_item(sets, "quantize.recipe") else file_where("recipe"))
+    return quant_recipe_from_layers(final, file_layer, file_where=file_where, set_where=set_where)
 
 
 def _as_list(v) -> list:

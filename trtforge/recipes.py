@@ -1,9 +1,16 @@
-"""Recipe files: TOML (YAML with the `yaml` extra), strict keys with file:line errors, --set overrides."""
+"""Recipe files: TOML (YAML with the `yaml` extra), strict keys with file:line errors, --set overrides.
+
+A quantization recipe is the preset, then the file's keys, then ``--set``. When the result is
+invalid the error is told where the bad value came from: ``r.toml:7: [quantize] alpha must be a
+number`` when the file is wrong by itself, ``--set quantize.alpha=high: alpha must be a number``
+when the file was fine and an override broke it (:func:`quant_recipe_from_layers`).
+"""
 
 from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,10 +106,65 @@ def parse_sets(items: list[str] | tuple[str, ...]) -> dict:
     return out
 
 
+# The source QuantRecipe's errors start with, replaced by where the value came from.
+_SOURCE = "\x00recipe"
+_FIELDS = tuple(QuantRecipe.__dataclass_fields__)
+
+
+def _named_key(rest: str) -> str | None:
+    """The recipe key an error names: an unknown key it quotes, else the first field it mentions."""
+    m = re.match(r"unknown key '([^']+)'", rest)
+    if m:
+        return m.group(1)
+    hits = [(m.start(), f) for f in _FIELDS for m in [re.search(rf"(?<![\w.]){re.escape(f)}(?!\w)", rest)] if m]
+    return min(hits)[1] if hits else None
+
+
+def _retold(exc: RecipeError, where: Callable[[str | None], str]) -> RecipeError:
+    head = f"{_SOURCE}: "
+    rest = exc.problem[len(head):] if exc.problem.startswith(head) else exc.problem.replace(_SOURCE, "recipe")
+    return RecipeError(located(where(_named_key(rest)), rest), exc.hint)
+
+
+def located(at: str, problem: str) -> str:
+    """``r.toml:7: [quantize] problem`` or ``--set alpha=x: problem``."""
+    return f"{at} {problem}" if at.endswith("]") else f"{at}: {problem}"
+
+
+def quant_recipe_from_layers(final: dict, file_layer: dict, *, file_where: Callable[[str | None], str],
+                             set_where: Callable[[str | None], str]) -> QuantRecipe:
+    """``QuantRecipe.from_dict(final)``; an error is blamed on the file when ``file_layer`` (the
+    preset and the file's keys, without --set) is invalid by itself, else on the --set override.
+    ``file_where(key)`` / ``set_where(key)`` say where a key was set (``r.toml:7: [quantize]``,
+    ``--set quantize.alpha=high``; a ``]`` at the end is followed by the problem, anything else
+    by ``:``); key is None when the error names none."""
+    try:
+        return QuantRecipe.from_dict(final, source=_SOURCE)
+    except RecipeError as exc:
+        err = exc
+    if file_layer != final:
+        try:
+            QuantRecipe.from_dict(file_layer, source=_SOURCE)
+        except RecipeError as exc:
+            raise _retold(exc, file_where) from None
+        raise _retold(err, set_where) from None
+    raise _retold(err, file_where) from None
+
+
+def set_item(sets: list[str] | tuple[str, ...], *keys: str) -> str | None:
+    """The last ``--set`` item whose key is one of ``keys`` (``quantize.alpha``, ``alpha``)."""
+    found = None
+    for item in sets:
+        if item.split("=", 1)[0].strip() in keys:
+            found = item
+    return found
+
+
 def load_quant_recipe(spec: str, sets: list[str] | tuple[str, ...] = ()):
     """A preset name or a recipe file (keys at the top level or under [quantize]), then --set."""
     overrides = parse_sets(sets)
     overrides = overrides.get("quantize", overrides)
+    text, table, path = "", None, None
     if spec in PRESETS:
         base = get_preset(spec)
         data: dict = {}
@@ -121,5 +183,15 @@ def load_quant_recipe(spec: str, sets: list[str] | tuple[str, ...] = ()):
             if key not in known:
                 raise RecipeError(f"{where(path, text, key, table)}: unknown key {key!r}", f"valid keys: {', '.join(sorted(known))}")
         source = str(path)
-    merged = {**base.to_dict(), **data, **overrides}
-    return QuantRecipe.from_dict(merged, source=source if not overrides else f"{source} with --set")
+
+    def file_where(key: str | None) -> str:
+        if path is None or key is None or key not in data:
+            return source
+        return where(path, text, key, table) + (f": [{table}]" if table else "")
+
+    def set_where(key: str | None) -> str:
+        item = set_item(sets, key, f"quantize.{key}") if key else None
+        return f"--set {item}" if item else "--set"
+
+    file_layer = {**base.to_dict(), **data}
+    return quant_recipe_from_layers({**file_layer, **overrides}, file_layer, file_where=file_where, set_where=set_where)

@@ -34,7 +34,7 @@ from trtforge.vocab import Precision
 
 # the compute capability each quant_algo's kernels need (formats: writer.HARDWARE)
 MIN_SM = {"FP8": 89, "FP8_PER_CHANNEL_PER_TOKEN": 90, "W4A16_AWQ": 80}
-OPTION_KEYS = ("dtype", "fp8_scheme", "max_shard_size", "parity", "reference", "text", "max_samples")
+OPTION_KEYS = ("dtype", "fp8_scheme", "max_shard_size", "parity", "reference", "text", "max_samples", "max_ppl_change_pct")
 
 
 class TrtllmCheckpointBackend:
@@ -79,7 +79,7 @@ class TrtllmCheckpointBackend:
 
     def parse_options(self, table: Mapping[str, Any]) -> CheckpointOptions:
         """From a run recipe's [checkpoint] table: dtype, fp8_scheme, max_shard_size, parity, reference, text,
-        max_samples (the export-checkpoint options)."""
+        max_samples, max_ppl_change_pct (the export-checkpoint options)."""
         kw: dict[str, Any] = {}
         if "dtype" in table:
             kw["dtype"] = CkptDType(table["dtype"])
@@ -94,6 +94,8 @@ class TrtllmCheckpointBackend:
                 kw[key] = Path(table[key])
         if "max_samples" in table:
             kw["max_samples"] = int(table["max_samples"])
+        if table.get("max_ppl_change_pct") is not None:
+            kw["max_ppl_change_pct"] = float(table["max_ppl_change_pct"])
         return CheckpointOptions(**kw)
 
     def check_options(self, target: Target, options: Any) -> None:

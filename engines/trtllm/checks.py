@@ -36,7 +36,7 @@ from trtforge.engines.trtllm.formats import (
     writable_architectures,
 )
 from trtforge.engines.trtllm.onnx_source import module_of
-from trtforge.errors import InputError, QuantizationError, TrtforgeError
+from trtforge.errors import InputError, OptionError, QuantizationError, TrtforgeError
 from trtforge.vocab import Precision, Task
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,15 @@ class ResourceError(TrtforgeError):
     """The machine has too little free memory (or disk) for the model."""
 
 
+# The largest perplexity increase over the float model (the checkpoint's fake-quantized model vs
+# the float reference on the held-out text, verify.parity) a checkpoint may have before the write
+# fails, unless ``max_ppl_change_pct`` raises (or lowers) the bar. The same numbers as the gate of
+# trtforge parity for these precisions: parity/options.py, _PRESETS[Preset.FP8 / Preset.INT4]
+# ["ppl_change_pct"], reasoned in docs/parity.md. Copied, not imported (engines imports only the
+# core); tests/engines/test_trtllm_checkpoint.py checks that the two tables agree.
+MAX_PPL_CHANGE_PCT: dict[Precision, float] = {Precision.FP8: 3.0, Precision.INT4: 10.0}
+
+
 @dataclass(frozen=True)
 class CheckpointOptions:
     dtype: CkptDType = CkptDType.AUTO
@@ -57,11 +66,20 @@ class CheckpointOptions:
     reference: Path | None = None  # float HF model folder (default: the source the manifest records)
     text: Path | None = None  # held-out text, one sample per line (default: built-in sentences)
     max_samples: int = 16
+    # the perplexity gate (percent; None: MAX_PPL_CHANGE_PCT of the precision)
+    max_ppl_change_pct: float | None = None
 
     def to_json(self) -> dict:
         return {"dtype": self.dtype.value, "fp8_scheme": self.fp8_scheme.value, "max_shard_bytes": self.max_shard_bytes,
                 "parity": self.parity, "reference": str(self.reference) if self.reference else None,
-                "text": str(self.text) if self.text else None, "max_samples": self.max_samples}
+                "text": str(self.text) if self.text else None, "max_samples": self.max_samples,
+                "max_ppl_change_pct": self.max_ppl_change_pct}
+
+    def ppl_limit(self, precision: Precision) -> tuple[float, str]:
+        """The perplexity gate for ``precision`` and where it comes from."""
+        if self.max_ppl_change_pct is not None:
+            return float(self.max_ppl_change_pct), "max_ppl_change_pct"
+        return MAX_PPL_CHANGE_PCT[Precision.parse(precision)], f"the {Precision.parse(precision)} default"
 
 
 @dataclass
@@ -142,6 +160,11 @@ def preflight(*, precision: Precision, model_type: str, architecture: str = "", 
 
 
 def check_parity_inputs(options: CheckpointOptions) -> None:
+    limit = options.max_ppl_change_pct
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit >= 0):
+        raise OptionError(f"max_ppl_change_pct {limit!r} is not a percentage of at least 0",
+                          "e.g. 5 (a checkpoint whose perplexity rises more than 5% over the float model is refused)",
+                          fields=("max_ppl_change_pct",))
     if options.text is not None and not Path(options.text).is_file():
         raise InputError(f"held-out text {options.text} does not exist", "pass a UTF-8 text file, one sample per line")
     if options.parity and options.reference is not None:

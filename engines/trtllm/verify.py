@@ -13,11 +13,15 @@ Out: plain dicts for the manifest.
   Runtime running the quantized ONNX artifact and against the float reference model (weights
   rounded to the checkpoint dtype), on held-out text: cosine, top-1/top-5 agreement, KL and the
   perplexity change (trtforge.metrics).
+* ``gate_perplexity``: the perplexity change against the float model must stay within the limit
+  (CheckpointOptions.ppl_limit: ``max_ppl_change_pct``, else the precision's default, parity's
+  preset); above it the write fails with one line naming the figure and the limit.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -193,3 +197,28 @@ def parity(reader: CheckpointReader, art: OnnxArtifact, *, reference: Path | Non
         raise ValidationError(f"the checkpoint's fake-quantized model and the ONNX artifact disagree (logits cosine {c:.4f} "
                               f"< {MIN_COSINE_VS_ONNX})", "this is a trtforge bug; report it with both manifests")
     return out
+
+
+def gate_perplexity(par: dict, precision: str, limit: float, limit_source: str) -> dict:
+    """The perplexity gate over ``parity``'s figures; returns its record for the manifest, raises
+    ValidationError above the limit. Without a float reference (or with parity off) there is no
+    figure to gate: the record says so."""
+    c = par.get("checkpoint_vs_reference") or {}
+    value = c.get("ppl_change_pct")
+    rec: dict = {"metric": "ppl_change_pct", "what": "perplexity increase of the checkpoint over the float model (%)",
+                 "limit": limit, "limit_source": limit_source, "value": value}
+    if value is None:
+        rec["checked"] = False
+        rec["why"] = par.get("skipped") or par.get("reference") or "no perplexity figure (not a language model output)"
+        return rec
+    rec["checked"] = True
+    rec["passed"] = bool(value <= limit)  # NaN fails
+    if not rec["passed"]:
+        suggest = f"{math.ceil(value) + 1}" if math.isfinite(value) else "inf"
+        raise ValidationError(
+            f"the checkpoint's perplexity vs the float model is {value:+.2f}%, above the {limit:g}% limit for "
+            f"{precision} ({limit_source}); no checkpoint was written",
+            f"quantize more gently (int4-awq rather than int4-rtn, or exclude the layers 'trtforge parity --per-layer' "
+            f"ranks worst), or accept it with --max-ppl-change-pct {suggest} ([checkpoint] max_ppl_change_pct in a run "
+            "recipe)")
+    return rec

@@ -8,7 +8,9 @@ Out: OUT_DIR, a Hugging Face checkpoint in NVIDIA Model Optimizer's unified form
      ``generation_config.json``, the tokenizer files, and ``manifest.json`` (source hashes, the
      recipe, the format and the TensorRT-LLM versions it targets, conversion notes, and the
      verification figures). The folder appears only after the checkpoint was read back the way
-     TensorRT-LLM reads it and verified; any failure leaves nothing behind.
+     TensorRT-LLM reads it and verified; any failure leaves nothing behind, and so does a
+     perplexity change over the float model above the limit (``max_ppl_change_pct``, by default
+     parity's preset for the precision: 3% FP8, 10% INT4; checks.MAX_PPL_CHANGE_PCT).
 
 Every tensor comes from the ONNX artifact (same calibration, same recipe), so the two artifacts
 agree by construction; verify.py measures how exactly.
@@ -24,7 +26,6 @@ from trtforge.artifacts import (
     HF_SIDE_FILES,
     CheckpointArtifact,
     OnnxArtifact,
-    check_output_dir,
     hash_files,
     read_json,
     sha256_file,
@@ -65,10 +66,10 @@ def export_checkpoint(
 ) -> CheckpointArtifact:
     """Write and verify the checkpoint; see the module docstring."""
     art = quantized if isinstance(quantized, OnnxArtifact) else OnnxArtifact.open(quantized)
-    out = check_output_dir(Path(out), force=force)
-    if out == art.path or art.path in out.parents:
-        raise InputError(f"output folder {out} is inside the quantized artifact", "write the checkpoint somewhere else")
-    stage = StageOutput(out, stage=STAGE, kind=MANIFEST_KIND, force=force, inputs=[art.path])
+    # the output is neither the quantized artifact nor the float reference and holds neither
+    stage = StageOutput(out, stage=STAGE, kind=MANIFEST_KIND, force=force,
+                        inputs=[art.path, *([options.reference] if options.reference else [])])
+    out = stage.path
     p = plan(art, options)
     hashes = _source_hashes(art)
     reference, ref_note = _reference(art, options)
@@ -91,6 +92,7 @@ def export_checkpoint(
         fmt = CheckpointFormat(p.quant_algo, p.group_size, tuple(p.exclude_modules))
 
     m = stage.manifest
+    q_precision = art.manifest.quantization.precision
     with stage.open() as tmp:
         with stage.timed("write_s"):
             saved = adapter.save_tensors(conv.tensors, tmp, options.max_shard_bytes)
@@ -108,6 +110,8 @@ def export_checkpoint(
                                     max_samples=options.max_samples)
             else:
                 par = {"skipped": "--no-parity"}
+            # above the limit this raises and the temporary folder goes: no checkpoint is left
+            ppl_gate = verify.gate_perplexity(par, q_precision, *options.ppl_limit(q_precision))
 
         q = art.manifest.quantization
         # "source" of a checkpoint names the quantized artifact (untyped for this kind, see trtforge.manifest)
@@ -135,6 +139,7 @@ def export_checkpoint(
             "warnings": reader.warnings,
             "weights": weights,
             "parity": par,
+            "perplexity_gate": ppl_gate,
             "tensorrt_llm_load": "not run by export-checkpoint; tests/engines/test_trtllm_gpu.py loads the checkpoint "
                                  "with tensorrt_llm.LLM where a GPU and tensorrt_llm are present",
         })
@@ -218,8 +223,10 @@ def summary_line(ck: CheckpointArtifact) -> str:
     if "checkpoint_vs_reference" in par:
         c = par["checkpoint_vs_reference"]
         pc = c["ppl_change_pct"]
+        gate = v.get("perplexity_gate") or {}
+        limit = f" (limit {gate['limit']:g}%)" if gate.get("checked") else ""
         parts.append(f"vs float: cosine {c['cosine_mean']:.4f}, top-1 {c['top1_agreement']:.3f}"
-                     + (f", perplexity {pc:+.2f}%" if pc is not None else ""))
+                     + (f", perplexity {pc:+.2f}%{limit}" if pc is not None else ""))
     elif par.get("reference", "").startswith("skipped") or par.get("skipped"):
         parts.append(f"parity vs float {par.get('reference') or par.get('skipped')}")
     return "; ".join(parts)

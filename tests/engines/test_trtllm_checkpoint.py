@@ -21,7 +21,7 @@ from trtforge.engines.trtllm import CheckpointOptions, Fp8Scheme, export_checkpo
 from trtforge.engines.trtllm.reader import CheckpointReader
 from trtforge.errors import TrtforgeError, ValidationError
 
-from ..conftest import DATA, leftovers  # noqa: TID252
+from ..conftest import DATA, leftovers, one_line_error  # noqa: TID252
 from .test_trtllm_format import modelopt_pack
 
 LLAMA128 = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
@@ -370,3 +370,51 @@ def test_a_changed_onnx_file_is_refused(q_art, tmp_path):
         f.write(b"\0")
     with pytest.raises(TrtforgeError, match="changed since trtforge quantize wrote it"):
         export_checkpoint(copy, tmp_path / "out", CheckpointOptions(parity=False))
+
+
+@pytest.fixture
+def ppl_66(monkeypatch):
+    """The parity check reports what the new user saw: perplexity +66.41% vs the float model."""
+    from trtforge.engines.trtllm import verify
+
+    real = verify.parity
+
+    def inflated(*a, **k):
+        out = real(*a, **k)
+        if "checkpoint_vs_reference" in out:
+            out["checkpoint_vs_reference"]["ppl_change_pct"] = 66.41
+        return out
+
+    monkeypatch.setattr(verify, "parity", inflated)
+
+
+def test_a_checkpoint_far_off_the_float_model_fails_unless_the_limit_is_raised(q_art, tmp_path, ppl_66):
+    from trtforge.cli import main
+
+    art = q_art("int4-awq")
+    out = tmp_path / "ck"
+    r = CliRunner().invoke(main, ["export-checkpoint", str(art.path), "-o", str(out)])
+    line = one_line_error(r, "+66.41%", "10% limit for int4", "--max-ppl-change-pct 68")
+    assert "no checkpoint was written" in line
+    assert not out.exists() and leftovers(tmp_path) == []
+    r = CliRunner().invoke(main, ["export-checkpoint", str(art.path), "-o", str(out), "--max-ppl-change-pct", "70", "--json"])
+    assert r.exit_code == 0, r.output
+    gate = json.loads(r.stdout)["verification"]["perplexity_gate"]
+    assert gate == {**gate, "checked": True, "passed": True, "value": 66.41, "limit": 70.0, "limit_source": "max_ppl_change_pct"}
+    r = CliRunner().invoke(main, ["export-checkpoint", str(art.path), "-o", str(tmp_path / "n"), "--max-ppl-change-pct", "-1"])
+    one_line_error(r, "--max-ppl-change-pct -1.0 is not a percentage")
+
+
+def test_the_perplexity_gate_defaults_and_what_it_records(ckpt):
+    from trtforge.engines.trtllm.checks import MAX_PPL_CHANGE_PCT
+    from trtforge.parity import Thresholds
+    from trtforge.parity.options import preset_for_precision
+    from trtforge.vocab import Precision
+
+    # the same limits as parity's presets for these precisions (copied, not imported, by engines)
+    for p in (Precision.FP8, Precision.INT4):
+        assert MAX_PPL_CHANGE_PCT[p] == Thresholds.preset(preset_for_precision(p)).limits["ppl_change_pct"]
+    gate = ckpt("int4-awq").manifest["verification"]["perplexity_gate"]
+    assert gate["checked"] and gate["passed"] and gate["limit"] == 10.0 and gate["limit_source"] == "the int4-weight-only default"
+    skipped = ckpt("int4-awq", options=CheckpointOptions(parity=False)).manifest["verification"]["perplexity_gate"]
+    assert skipped["checked"] is False and skipped["why"] == "--no-parity"

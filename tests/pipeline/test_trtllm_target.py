@@ -160,3 +160,26 @@ def test_the_trtllm_example_runs_on_cpu(tmp_path):
     assert m["verdict"] == "passed", m["reports"]
     assert statuses(m)["engines/trtllm"] == "done"
     assert all(s["target"] == "sm_90" and s["why"] for s in m["skipped"])  # skipped where TensorRT is missing
+
+
+def test_the_trtllm_target_fails_a_checkpoint_above_its_perplexity_limit(llama, tmp_path, monkeypatch):
+    from trtforge.engines.trtllm import verify
+
+    real = verify.parity
+
+    def inflated(*a, **k):
+        out = real(*a, **k)
+        out["checkpoint_vs_reference"]["ppl_change_pct"] = 66.41
+        return out
+
+    monkeypatch.setattr(verify, "parity", inflated)
+    r = recipe(tmp_path, llama, "fp8", ["trtllm"], "weight_granularity = \"tensor\"")
+    res = CliRunner().invoke(main, ["-q", "run", str(r), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 1 and "+66.41%, above the 3% limit for fp8" in res.stderr, res.output
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["verdict"] == "failed" and "66.41" in m["error"]
+    assert not (tmp_path / "out" / "engines" / "trtllm").exists()
+    m = trtforge.run(r, tmp_path / "out", sets=["checkpoint.max_ppl_change_pct=70"])
+    assert m["verdict"] == "passed" and statuses(m)["engines/trtllm"] == "done"
+    with pytest.raises(TrtforgeError, match=r"\[checkpoint\] max_ppl_change_pct -1\.0 is not a percentage"):
+        trtforge.run(r, tmp_path / "o2", sets=["checkpoint.max_ppl_change_pct=-1"])

@@ -27,18 +27,24 @@ from trtforge.engines.trtllm.writer import summary_line
               help="Float HF model folder for the parity check (default: the source recorded in the manifests).")
 @click.option("--text", type=click.Path(path_type=Path), help="Held-out text for the parity check, one sample per line.")
 @click.option("--no-parity", is_flag=True, help="Skip the PyTorch parity check (the weight comparison still runs).")
+@click.option("--max-ppl-change-pct", type=float, metavar="PCT",
+              help="Largest perplexity increase over the float model, in percent (default: 3 for FP8, 10 for INT4, "
+                   "parity's presets). Above it no checkpoint is written and the command exits 1.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export_checkpoint(quantized_dir: Path, out: Path, dtype: str, fp8_scheme: str, max_shard_size: str,
-                      reference: Path | None, text: Path | None, no_parity: bool, force: bool, as_json: bool) -> None:
+                      reference: Path | None, text: Path | None, no_parity: bool, max_ppl_change_pct: float | None,
+                      force: bool, as_json: bool) -> None:
     """Write a quantized checkpoint that TensorRT-LLM (1.0+, PyTorch backend) loads, from a quantize artifact.
 
     The checkpoint is NVIDIA Model Optimizer's unified Hugging Face format (FP8 or W4A16 AWQ);
     its tensors come from the ONNX artifact, so both agree. It is read back the way TensorRT-LLM
-    reads it and compared with the ONNX artifact before the folder appears.
+    reads it and compared with the ONNX artifact before the folder appears; a perplexity increase
+    over the float model above --max-ppl-change-pct fails it (exit 1, nothing written).
     """
     opts = CheckpointOptions(dtype=CkptDType(dtype), fp8_scheme=Fp8Scheme(fp8_scheme), max_shard_bytes=shard_size(max_shard_size),
-                             parity=not no_parity, reference=reference, text=text)
+                             parity=not no_parity, reference=reference, text=text,
+                             max_ppl_change_pct=max_ppl_change_pct)
     ck = run(quantized_dir, out, opts, force=force)
     emit(ck.manifest, as_json, summary_line(ck))
 
