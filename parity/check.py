@@ -1,8 +1,10 @@
 """Parity stage: FP16 reference vs candidate on real held-out inputs -> report and gate.
 
 In:  two artifacts (export, quantize, CPU build or TensorRT engine folders), held-out text (or
-     a Polygraphy inputs.json of an earlier run), thresholds (a preset name, a file, or the
-     preset of the candidate's precision), ParityOptions.
+     a Polygraphy inputs.json of an earlier run) and/or a prompts file (task-level parity:
+     both models continue categorized prompts greedily, compared per category; without text
+     only the task metrics are computed), thresholds (a preset name, a file, or the preset of
+     the candidate's precision), ParityOptions.
 Out: REPORT_DIR with ``report.json`` (schema ``report.schema.json`` in this package),
      ``report.html``, ``report.md``, and Polygraphy's ``inputs.json`` / ``outputs.json``;
      a :class:`ParityReport` whose ``passed`` / ``exit_code`` a pipeline gates on. The folder
@@ -22,16 +24,20 @@ from typing import Any
 import numpy as np
 
 from trtforge import metrics as M
-from trtforge.artifacts import Artifact
-from trtforge.errors import OptionError
+from trtforge.artifacts import Artifact, os_error
+from trtforge.errors import OptionError, ParityError
 from trtforge.parity.data import build_eval_data, calibration_overlap, load_saved_inputs
-from trtforge.parity.gate import Check, evaluate, failed
+from trtforge.parity.decode import DecodeLimits
+from trtforge.parity.gate import Check, evaluate, evaluate_tasks, failed
 from trtforge.parity.models import ModelSide, check_compatible, make_runner, open_side, profile_limits
 from trtforge.parity.options import ParityOptions, Thresholds, load_thresholds
-from trtforge.parity.perlayer import preflight, rank_layers
+from trtforge.parity.perlayer import preflight, rank_layers, rank_layers_by_task
+from trtforge.parity.prompts import PromptSet, load_prompts
 from trtforge.parity.report import build_report, write_report
 from trtforge.parity.run import run_pair
+from trtforge.parity.tasks import run_tasks
 from trtforge.stage import StageOutput
+from trtforge.textdata import load_tokenizer
 from trtforge.vocab import Task
 
 log = logging.getLogger(__name__)
@@ -86,6 +92,7 @@ def check_parity(
     force: bool = False,
     options: ParityOptions = ParityOptions(),
     inputs: str | os.PathLike[str] | None = None,
+    prompts: str | os.PathLike[str] | PromptSet | None = None,
 ) -> ParityReport:
     """Run both models, measure, gate, and write the report folder (see module docstring)."""
     out_dir = StageOutput(out, stage="parity", kind=REPORT_KIND, force=force, what="report folder",
@@ -94,54 +101,78 @@ def check_parity(
     if data and inputs:
         raise OptionError("both data and inputs given", "pass held-out text with data, or the input file an earlier report saved with inputs",
                           fields=("data", "inputs"))
+    prompt_set = prompts if isinstance(prompts, PromptSet) else load_prompts(prompts) if prompts is not None else None
+    text = bool(data or inputs) or prompt_set is None  # prompts alone: task metrics only
     ref = open_side(reference, "reference")
     cand = open_side(candidate, "candidate")
     thr = load_thresholds(thresholds, cand.precision)
     warnings = check_compatible(ref, cand)
+    tokenizer = None
+    if prompt_set is not None:
+        tokenizer = _prompt_tokenizer(ref, prompt_set, options, per_layer)
+        warnings += _unused_overrides(thr, prompt_set)
     if per_layer:
         preflight(cand)
 
     if not inputs:
         options, notes = fit_to_engines(options, (ref, cand))
         warnings += notes
-    with out_dir.timed("data_s"):
-        ev = load_saved_inputs(inputs, ref) if inputs else build_eval_data(ref, data, options)
-        overlap = calibration_overlap(ev, cand)
-    warnings += ev.description["notes"] + [f"evaluation data overlaps calibration data: {r}" for r in overlap["reasons"]]
+    ev, overlap = None, None
+    if text:
+        with out_dir.timed("data_s"):
+            ev = load_saved_inputs(inputs, ref) if inputs else build_eval_data(ref, data, options)
+            overlap = calibration_overlap(ev, cand)
+        warnings += ev.description["notes"] + [f"evaluation data overlaps calibration data: {r}" for r in overlap["reasons"]]
 
     with out_dir.timed("load_s"):
         ref_runner, ref_runtime = make_runner(ref)
         cand_runner, cand_runtime = make_runner(cand)
 
     with out_dir.open(write_manifest=False) as tmp:
-        with out_dir.timed("inference_s"):
-            outputs, run_info = run_pair([ref_runner, cand_runner], ev.feeds, tmp, save_outputs=options.save_outputs)
-        if not run_info["polygraphy_validate_passed"]:
-            warnings.append("Polygraphy's output validation found NaN or Inf (possibly on padded positions)")
+        sections: dict[str, Any] = {"outputs": {}, "logits": None, "perplexity": None, "embeddings": None}
+        dists: dict[str, Any] = {"outputs": {}}
+        run_info: dict[str, Any] = {"inference_s": {}, "inputs_file": None, "outputs_file": None}
+        if ev is not None:
+            with out_dir.timed("inference_s"):
+                outputs, run_info = run_pair([ref_runner, cand_runner], ev.feeds, tmp, save_outputs=options.save_outputs)
+            if not run_info["polygraphy_validate_passed"]:
+                warnings.append("Polygraphy's output validation found NaN or Inf (possibly on padded positions)")
 
-        with out_dir.timed("metrics_s"):
-            sections, dists, case_stats = measure(ref.task, ref.output_names, outputs["reference"],
-                                                  outputs["candidate"], ev.feeds, options.seed)
-        for name, m in sections["outputs"].items():
-            if m["nonfinite_reference"]:
-                warnings.append(f"the reference has {m['nonfinite_reference']} NaN/Inf values in {name} on valid "
-                                "positions; they are left out of every metric")
+            with out_dir.timed("metrics_s"):
+                sections, dists, case_stats = measure(ref.task, ref.output_names, outputs["reference"],
+                                                      outputs["candidate"], ev.feeds, options.seed)
+            for name, m in sections["outputs"].items():
+                if m["nonfinite_reference"]:
+                    warnings.append(f"the reference has {m['nonfinite_reference']} NaN/Inf values in {name} on valid "
+                                    "positions; they are left out of every metric")
+            for c in ev.cases:
+                c["outputs"] = case_stats.pop(0)
+
+        if prompt_set is not None:
+            with out_dir.timed("tasks_s"):
+                sections["tasks"] = run_tasks(prompt_set, [ref_runner, cand_runner], [ref, cand], tokenizer,
+                                              max_new_tokens=options.max_new_tokens,
+                                              batch_size=options.prompt_batch_size, limits=decode_limits((ref, cand)),
+                                              max_positions=ref.dims.max_positions)
+            warnings += sections["tasks"]["notes"]
 
         if per_layer:
             with out_dir.timed("per_layer_s"):
-                sections["per_layer"] = rank_layers(ref, cand, ev, outputs["reference"], options)
+                sections["per_layer"] = _per_layer(ref, cand, ev, outputs["reference"] if ev is not None else None,
+                                                   prompt_set, sections.get("tasks"), thr, tokenizer, options)
 
         checks = evaluate(sections, thr)
         passed = all(c.passed for c in checks)
-        for c in ev.cases:
-            c["outputs"] = case_stats.pop(0)
         timings["total_s"] = out_dir.elapsed()
         content = build_report(
             passed=passed, checks=checks, thresholds=thr, ref=ref, cand=cand, ref_runtime=ref_runtime,
             cand_runtime=cand_runtime, data=ev, overlap=overlap, sections=sections, distributions=dists,
             run_info=run_info, options=options, warnings=warnings, timings=timings,
         )
-        write_report(tmp, content)
+        try:
+            write_report(tmp, content)
+        except OSError as exc:  # a full disk: one line, and the temporary folder goes
+            raise os_error(exc, f"writing the parity report into {out_dir.path}") from None
     log.info("parity %s: %d/%d checks passed; report in %s", "PASSED" if passed else "FAILED",
              sum(c.passed for c in checks), len(checks), out_dir.path)
     return ParityReport(out_dir.path, passed, tuple(checks), content)
@@ -149,6 +180,65 @@ def check_parity(
 
 def _path_of(side: ArtifactLike) -> Path:
     return side.path if hasattr(side, "path") else Path(side)
+
+
+def _prompt_tokenizer(ref: ModelSide, prompts: PromptSet, options: ParityOptions, per_layer: bool) -> Any:
+    """Every refusal --prompts can meet before any work; the reference's tokenizer."""
+    if not ref.task.is_decoder:
+        raise OptionError(f"prompts need a causal LM, and the reference is a {ref.task.value} model",
+                          "drop the prompts, or compare causal-lm / causal-lm-with-past exports", fields=("prompts",))
+    cat = options.per_layer_category
+    if cat is not None:
+        if not per_layer:
+            raise OptionError("per_layer_category is set without per_layer", "add per_layer (--per-layer)",
+                              fields=("per_layer_category",))
+        if cat not in prompts.categories:
+            raise OptionError(f"per_layer_category {cat!r} is not a category of {prompts.path.name}",
+                              f"use one of: {', '.join(prompts.categories)}", fields=("per_layer_category",))
+    folder = ref.tokenizer_dir()
+    tok = load_tokenizer(folder) if folder is not None else None
+    if tok is None:
+        raise ParityError(f"the reference artifact {ref.artifact.path} has no tokenizer files, so prompts cannot be "
+                          "tokenized", "re-export it from a model folder with a tokenizer")
+    return tok
+
+
+def _unused_overrides(thr: Thresholds, prompts: PromptSet) -> list[str]:
+    extra = [c for c in thr.tasks if c not in prompts.categories]
+    if not extra:
+        return []
+    return [f"thresholds override task categories with no prompts in {prompts.path.name}: {', '.join(extra)} "
+            f"(categories: {', '.join(prompts.categories)})"]
+
+
+def _per_layer(ref: ModelSide, cand: ModelSide, ev: Any, ref_outputs: Any, prompts: PromptSet | None,
+               tasks: dict[str, Any] | None, thr: Thresholds, tokenizer: Any, options: ParityOptions) -> dict[str, Any]:
+    """The per_layer section: the error ranking on text (with text data) and, with prompts, the
+    ranking by agreement on one category (the chosen one, else the worst)."""
+    if ev is not None:
+        section = rank_layers(ref, cand, ev, ref_outputs, options)
+    else:
+        section = {"method": "quantize one layer at a time", "output": "logits", "num_samples": 0,
+                   "baseline_snr_db": None, "layers": [], "suggested_exclusions": [],
+                   "note": "no text data: layers are ranked by the prompts' task agreement only (task_ranking)"}
+    if prompts is not None and tasks is not None:
+        evaluate_tasks(tasks, thr)  # orders the categories: the worst one is the default
+        category = options.per_layer_category or tasks["worst_category"]
+        section["task_ranking"] = rank_layers_by_task(ref, cand, prompts, tasks, category, tokenizer, options,
+                                                      decode_limits((ref, cand)))
+    return section
+
+
+def decode_limits(sides: Sequence[ModelSide]) -> DecodeLimits:
+    """The largest batch and total sequence every side's runtime accepts (engines' shape profiles)."""
+    found: dict[str, int] = {}
+    for side in sides:
+        lim = profile_limits(side)
+        total = lim.get("total_sequence") or lim.get("sequence")  # with a past: the mask's axis
+        for key, rng in (("batch", lim.get("batch")), ("total", total), ("prompt", lim.get("sequence"))):
+            if rng:
+                found[key] = min(found.get(key, rng[1]), rng[1])
+    return DecodeLimits(found.get("batch"), found.get("total"), found.get("prompt"))
 
 
 def fit_to_engines(options: ParityOptions, sides: Sequence[ModelSide]) -> tuple[ParityOptions, list[str]]:

@@ -4,6 +4,8 @@ In:  the metric sections of a report (``outputs``, ``logits``, ``perplexity``, `
      and :class:`~trtforge.parity.options.Thresholds`.
 Out: a list of :class:`Check` (one per metric and output), each passed or failed with its margin.
      Besides the configurable limits, every output is checked for NaN/Inf on valid positions.
+     Task metrics (``--prompts``) give one check per category (scope ``tasks.<category>``), each
+     against that category's limit (its ``[tasks.<category>]`` override, else the flat limit).
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from trtforge.parity.options import METRICS, Direction, Scope, Thresholds
+from trtforge.parity.options import METRICS, TASK_METRICS, Direction, Scope, Thresholds
+from trtforge.parity.tasks import sample_size_note
 
 
 @dataclass(frozen=True)
@@ -81,8 +84,12 @@ def evaluate(sections: dict[str, Any], thresholds: Thresholds) -> list[Check]:
     outputs: dict[str, dict] = sections.get("outputs") or {}
     for name, m in outputs.items():
         checks.append(_check("nonfinite_candidate", name, m["nonfinite_candidate"], 0, Direction.MAX))
+    if sections.get("tasks"):
+        checks += evaluate_tasks(sections["tasks"], thresholds)
     for key, limit in thresholds.limits.items():
         spec = METRICS[key]
+        if spec.scope == Scope.TASKS:
+            continue  # per category, above
         if spec.scope == Scope.OUTPUT:
             for name, m in outputs.items():
                 checks.append(_check(key, name, m.get(key), limit, spec.direction))
@@ -96,11 +103,57 @@ def evaluate(sections: dict[str, Any], thresholds: Thresholds) -> list[Check]:
     return checks
 
 
+TASK_FIELDS = {"task_agreement": "agreement", "task_accuracy_drop": "accuracy_drop"}
+
+
+def evaluate_tasks(tasks: dict[str, Any], thresholds: Thresholds) -> list[Check]:
+    """One check per (task metric, category) that has a limit; fills in each category's
+    ``limits``, ``passed`` and ``sample_size_note``, then ``order`` (worst first: failed
+    categories, then the lowest agreement, then the largest accuracy drop) and ``worst_category``.
+    Checks come back in that order."""
+    per_cat: dict[str, list[Check]] = {}
+    for cat, st in tasks["categories"].items():
+        cat_checks = []
+        limits: dict[str, Any] = {}
+        for key in TASK_METRICS:
+            limit = thresholds.task_limit(cat, key)
+            if limit is None:
+                continue
+            value = st.get(TASK_FIELDS[key])
+            if key == "task_accuracy_drop" and not st.get("n_with_answer"):
+                continue  # no answers in this category: accuracy is not measured
+            limits[key] = {"limit": limit, "direction": METRICS[key].direction.value}
+            cat_checks.append(_check(key, f"tasks.{cat}", value, limit, METRICS[key].direction))
+        st["limits"] = limits
+        st["passed"] = all(c.passed for c in cat_checks)
+        st["sample_size_note"] = sample_size_note(
+            st["n"], st.get("n_with_answer") or 0, thresholds.task_limit(cat, "task_agreement"),
+            thresholds.task_limit(cat, "task_accuracy_drop"))
+        per_cat[cat] = cat_checks
+
+    def severity(cat: str) -> tuple:
+        st = tasks["categories"][cat]
+        agreement = st["agreement"] if st["agreement"] is not None else 1.0
+        drop = st["accuracy_drop"] if st.get("accuracy_drop") is not None else -math.inf
+        return (st["passed"], agreement, -drop)
+
+    order = sorted(tasks["categories"], key=severity)  # stable: ties keep the file's order
+    tasks["order"] = order
+    tasks["worst_category"] = order[0] if order else None
+    return [c for cat in order for c in per_cat[cat]]
+
+
 def failed(checks: list[Check] | tuple[Check, ...]) -> list[Check]:
-    """Failed checks, task-level ones (logits, perplexity, embeddings) first: they say what a
-    user of the model would notice; per-output failures follow."""
-    return sorted((c for c in checks if not c.passed),
-                  key=lambda c: c.metric not in METRICS or METRICS[c.metric].scope == Scope.OUTPUT)
+    """Failed checks, what a user of the model would notice first: the task categories (worst
+    first, as evaluate_tasks orders them), then the other task-level metrics (logits,
+    perplexity, embeddings), then per-output failures."""
+
+    def group(c: Check) -> int:
+        if c.metric not in METRICS:
+            return 2
+        return {Scope.TASKS: 0, Scope.OUTPUT: 2}.get(METRICS[c.metric].scope, 1)
+
+    return sorted((c for c in checks if not c.passed), key=group)
 
 
 def condensed_checks(checks: list[dict[str, Any]]) -> list[dict[str, Any]]:

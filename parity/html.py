@@ -36,6 +36,8 @@ tr.bad td{background:#ffebe9}.ok{color:#1a7f37;font-weight:600}.ko{color:#cf222e
 code,.mono{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12px;word-break:break-all}
 .warn{background:#fff8c5;border:1px solid #d4a72c;border-radius:6px;padding:8px 12px;margin:0 0 8px}
 .muted{color:#59636e}
+td.text{white-space:pre-wrap;word-break:break-word;font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12px;max-width:380px}
+mark{background:#ffd8b5;padding:0}
 """
 
 
@@ -139,7 +141,9 @@ def render_html(r: dict[str, Any]) -> str:
         body.append(f'<div class="warn">⚠ {_e(w)}</div>')
 
     cards = [("cosine (" + h["output"] + ")", _n(h["cosine_mean"])), ("SNR", _n(h["snr_db"], "dB")),
-             ("max abs error", _n(h["max_abs_err"]))]
+             ("max abs error", _n(h["max_abs_err"]))] if "output" in h else []
+    if h.get("worst_category") is not None:
+        cards.append((f"worst category: {h['worst_category']}", _n(h["worst_category_agreement"])))
     for key, label, unit in (("top1_agreement", "top-1 agreement", ""), ("kl_mean", "KL mean", "nats"),
                              ("ppl_change_pct", "perplexity change", "%"),
                              ("embedding_cosine_mean", "embedding cosine", "")):
@@ -165,13 +169,17 @@ def render_html(r: dict[str, Any]) -> str:
                 + f"<details><summary>all {len(every)} checks</summary>"
                 + _table(head, check_rows(every), [not c["passed"] for c in every], 2) + "</details></section>")
 
+    if r.get("tasks"):
+        body.append(_tasks(r["tasks"]))
+
     cols = ["max_abs_err", "mean_abs_err", "p99_abs_err", "rel_err_mean", "rel_err_p99", "cosine_mean", "cosine_min",
             "snr_db", "num_values", "nonfinite_candidate"]
     rows = [[f"<code>{_e(name)}</code>", *(_n(m.get(c)) for c in cols)] for name, m in r["outputs"].items()]
-    body.append("<section><h2>Every output (valid positions only)</h2>"
-                + _table(["output", *cols], rows)
-                + "<p class='muted'>relative error = |c − r| / max(|r|, floor), floor = 1 % of the reference RMS; "
-                  "cosine per row along the last axis; SNR = 10·log10(Σr² / Σ(c − r)²), capped at ±200 dB.</p></section>")
+    if rows:
+        body.append("<section><h2>Every output (valid positions only)</h2>"
+                    + _table(["output", *cols], rows)
+                    + "<p class='muted'>relative error = |c − r| / max(|r|, floor), floor = 1 % of the reference RMS; "
+                      "cosine per row along the last axis; SNR = 10·log10(Σr² / Σ(c − r)²), capped at ±200 dB.</p></section>")
 
     task_rows = []
     if r.get("logits"):
@@ -201,14 +209,16 @@ def render_html(r: dict[str, Any]) -> str:
     if "one_minus_embedding_cosine" in r["distributions"]:
         plots.append(histogram_svg(r["distributions"]["one_minus_embedding_cosine"], "sentence embeddings: 1 − cosine",
                                    "1 − cosine", "#1a7f37"))
-    body.append("<section><h2>Error distributions</h2><div class='plots'>"
-                + "".join(f"<div class='plot'>{p}</div>" for p in plots) + "</div></section>")
+    if plots:
+        body.append("<section><h2>Error distributions</h2><div class='plots'>"
+                    + "".join(f"<div class='plot'>{p}</div>" for p in plots) + "</div></section>")
 
     pl = r.get("per_layer")
     if pl:
         body.append(_per_layer(pl))
 
-    body.append(_data_section(data))
+    if data is not None:
+        body.append(_data_section(data))
     for side, d in (("Reference", ref), ("Candidate", cand)):
         rt = d["runtime"]
         pairs = [("path", d["path"]), ("kind / stage", f"{d['kind']} / {d['stage']}"), ("precision", d["precision"]),
@@ -249,6 +259,19 @@ def _per_layer(pl: dict[str, Any]) -> str:
     parts = [f"<section><h2>Per-layer error ({_e(pl.get('method', ''))})</h2>"]
     if pl.get("note"):
         parts.append(f"<p class='muted'>{_e(pl['note'])}</p>")
+    tr = pl.get("task_ranking")
+    if tr:
+        parts.append(f"<h3>By agreement on <b>{_e(tr['category'])}</b> ({_n(tr['num_prompts'])} prompts; "
+                     f"{'chosen' if tr.get('chosen') else 'the worst category'})</h3>")
+        parts.append(f"<p>float baseline agreement {_n(tr['baseline_agreement'])}, candidate "
+                     f"{_n(tr['candidate_agreement'])}. <span class='muted'>{_e(tr.get('rule', ''))}</span></p>")
+        if tr.get("note"):
+            parts.append(f"<p class='muted'>{_e(tr['note'])}</p>")
+        rows = [[str(x["rank"]), f"<code>{_e(x['node'])}</code>", _n(x["agreement"]), _n(x["agreement_lost"]),
+                 _n(x["mean_tokens_before_divergence"]), _n(x["tokens_lost"])] for x in tr["layers"][:30]]
+        if rows:
+            parts.append(_table(["rank", "node", "agreement alone", "agreement lost", "tokens before divergence",
+                                 "tokens lost"], rows, num_from=2))
     if layers:
         parts.append(bars_svg([(x["node"], x["share_pct"]) for x in layers], "share of the candidate's output error"))
         rows = [[str(x["rank"]), f"<code>{_e(x['node'])}</code>", f"<code>{_e(x.get('weight') or '')}</code>",
@@ -258,6 +281,64 @@ def _per_layer(pl: dict[str, Any]) -> str:
         ex = pl.get("suggested_exclusions") or []
         parts.append("<p><b>Suggested exclusions:</b> " + (", ".join(f"<code>{_e(n)}</code>" for n in ex) or "none")
                      + f" <span class='muted'>{_e(pl.get('suggestion_rule', ''))}</span></p>")
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def _continuation(text: str, prefix: str, agree: bool) -> str:
+    """The continuation, escaped, with what follows the shared prefix highlighted."""
+    if agree or not text.startswith(prefix):
+        return _e(text)
+    return _e(prefix) + f"<mark>{_e(text[len(prefix):])}</mark>"
+
+
+def _tasks(t: dict[str, Any]) -> str:
+    """Per-category table (worst first) and the prompts that flipped or diverged, side by side."""
+    parts = [f"<section><h2>Tasks: {len(t['categories'])} categories, {t['prompts_file']['num_prompts']} prompts, "
+             f"{_n(t['max_new_tokens'])} greedy tokens</h2>"]
+    rows, bad = [], []
+    for cat in t["order"]:
+        c = t["categories"][cat]
+        lo, hi = c["agreement_ci95"] or (None, None)
+        acc = (f"{_n(100 * c['accuracy_reference'])} → {_n(100 * c['accuracy_candidate'])} %"
+               if c["accuracy_reference"] is not None else "n/a")
+        f = c.get("flips") or {}
+        lim = ", ".join(f"{k} {'≥' if v['direction'] == 'min' else '≤'} {_n(v['limit'])}" for k, v in c["limits"].items())
+        rows.append([_e(cat), _n(c["n"]), _n(c["agreement"]), f"[{_n(lo)}, {_n(hi)}]",
+                     _n(c["mean_tokens_before_divergence"]), acc, _n(c["accuracy_drop"], "points"),
+                     f"{f.get('right_to_wrong', 'n/a')} / {f.get('wrong_to_right', 'n/a')}", _n(c["mcnemar_p"]),
+                     _e(lim or "none"), '<span class="ok">pass</span>' if c["passed"] else '<span class="ko">FAIL</span>'])
+        bad.append(not c["passed"])
+    parts.append(_table(["category", "n", "agreement", "95 % CI", "tokens before divergence", "accuracy ref → cand",
+                         "drop", "flips r→w / w→r", "McNemar p", "limits", ""], rows, bad))
+    notes = [f"<li><b>{_e(cat)}</b>: {_e(t['categories'][cat]['sample_size_note'])}</li>" for cat in t["order"]
+             if t["categories"][cat].get("sample_size_note")]
+    if notes:
+        parts.append("<p class='muted'>Small samples (the gate applies its limits to the estimates):</p><ul class='muted'>"
+                     + "".join(notes) + "</ul>")
+    parts.append(f"<p class='muted'>agreement: the continuation is token-for-token the reference's; answer rule: "
+                 f"{_e(t['answer_rule'])}; McNemar: exact two-sided binomial test on the flips.</p>")
+    by_index = {p["index"]: p for p in t["prompts"]}
+    for cat in t["order"]:
+        c = t["categories"][cat]
+        f = c.get("flips") or {}
+        flipped = [("right → wrong", i) for i in f.get("right_to_wrong_prompts", [])] + [
+            ("wrong → right", i) for i in f.get("wrong_to_right_prompts", [])]
+        seen = {i for _, i in flipped}
+        shown = flipped + [("diverged", i) for i in c["diverged"] if i not in seen]
+        if not shown:
+            continue
+        rows = []
+        for what, i in shown[:25]:
+            p = by_index[i]
+            prompt = _e(p["prompt"]) + (f"<br><span class='muted'>answer: {_e(p['answer'])}</span>" if p["answer"] else "")
+            rows.append([_e(what), prompt, _continuation(p["reference"], p["common_prefix"], p["agree"]),
+                         _continuation(p["candidate"], p["common_prefix"], p["agree"]),
+                         _n(p["tokens_before_divergence"])])
+        more = f" (first 25 of {len(shown)})" if len(shown) > 25 else ""
+        parts.append(f"<h3>{_e(cat)}: flipped and diverging prompts{more}</h3>"
+                     + _table(["", "prompt", "reference continuation", "candidate continuation", "same tokens"], rows,
+                              num_from=4).replace("<td>", "<td class='text'>"))
     parts.append("</section>")
     return "".join(parts)
 

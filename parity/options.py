@@ -11,6 +11,10 @@ A threshold file is flat; unknown keys are rejected so a typo cannot silently di
     preset = "int8"          # optional: start from this preset
     top1_agreement = 0.95    # tighten one limit
     snr_db = false           # false (TOML) or null (JSON) turns a limit off
+    task_agreement = 0.8     # task metrics (--prompts) hold for every category ...
+
+    [tasks.math]             # ... unless a category overrides them (task metrics only)
+    task_accuracy_drop = 2
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class Scope(str, Enum):
     LOGITS = "logits"
     PERPLEXITY = "perplexity"
     EMBEDDINGS = "embeddings"
+    TASKS = "tasks"  # per prompt category (--prompts): one check per category
 
 
 @dataclass(frozen=True)
@@ -67,8 +72,13 @@ METRICS: dict[str, Metric] = {
         Metric("ppl_change_pct", Scope.PERPLEXITY, Direction.MAX, "%", "perplexity increase over the reference"),
         Metric("embedding_cosine_mean", Scope.EMBEDDINGS, Direction.MIN, "", "mean cosine of mean-pooled embeddings"),
         Metric("embedding_cosine_min", Scope.EMBEDDINGS, Direction.MIN, "", "worst cosine of mean-pooled embeddings"),
+        Metric("task_agreement", Scope.TASKS, Direction.MIN, "",
+               "share of prompts whose greedy continuation is token-for-token the reference's, every category"),
+        Metric("task_accuracy_drop", Scope.TASKS, Direction.MAX, "points",
+               "accuracy lost against the reference in points (100 x share), every category with answers"),
     )
 }
+TASK_METRICS = tuple(k for k, m in METRICS.items() if m.scope == Scope.TASKS)
 
 
 class Preset(str, Enum):
@@ -81,35 +91,56 @@ class Preset(str, Enum):
 # Why these numbers: docs/parity.md ("The gate and the threshold presets"). FP16 is rounding
 # only; the quantized presets follow what healthy W8A8 SmoothQuant, FP8 E4M3 and INT4 AWQ models
 # keep, with head-room, so a healthy recipe passes and a broken layer (SNR collapse, arg-max
-# flips) fails.
+# flips) fails. Task limits (docs/parity.md, "Task-level parity"): sequence agreement over 32
+# greedy tokens is about the per-step agreement to the 32nd power, so 0.95 / 0.70 / 0.50 allow
+# ~0.16 % / ~1.1 % / ~2.1 % of steps to flip; accuracy drops are in points per category.
 _PRESETS: dict[Preset, dict[str, float | None]] = {
     Preset.FP16: dict(cosine_mean=0.9999, cosine_min=0.999, snr_db=40.0, top1_agreement=0.99,
                       top5_agreement=0.97, kl_mean=1e-3, ppl_change_pct=0.5,
-                      embedding_cosine_mean=0.9999, embedding_cosine_min=0.999),
+                      embedding_cosine_mean=0.9999, embedding_cosine_min=0.999,
+                      task_agreement=0.95, task_accuracy_drop=2.0),
     Preset.FP8: dict(cosine_mean=0.995, cosine_min=0.92, snr_db=20.0, top1_agreement=0.93,
                      top5_agreement=0.88, kl_mean=0.02, ppl_change_pct=3.0,
-                     embedding_cosine_mean=0.995, embedding_cosine_min=0.98),
+                     embedding_cosine_mean=0.995, embedding_cosine_min=0.98,
+                     task_agreement=0.70, task_accuracy_drop=5.0),
     Preset.INT8: dict(cosine_mean=0.99, cosine_min=0.90, snr_db=20.0, top1_agreement=0.90,
                       top5_agreement=0.85, kl_mean=0.03, ppl_change_pct=5.0,
-                      embedding_cosine_mean=0.99, embedding_cosine_min=0.97),
+                      embedding_cosine_mean=0.99, embedding_cosine_min=0.97,
+                      task_agreement=0.70, task_accuracy_drop=5.0),
     Preset.INT4: dict(cosine_mean=0.98, cosine_min=0.85, snr_db=15.0, top1_agreement=0.85,
                       top5_agreement=0.80, kl_mean=0.1, ppl_change_pct=10.0,
-                      embedding_cosine_mean=0.98, embedding_cosine_min=0.95),
+                      embedding_cosine_mean=0.98, embedding_cosine_min=0.95,
+                      task_agreement=0.50, task_accuracy_drop=10.0),
 }
 
 
 @dataclass(frozen=True)
 class Thresholds:
-    """Limits per metric key (see METRICS); a missing key is not gated."""
+    """Limits per metric key (see METRICS); a missing key is not gated.
+
+    ``tasks`` overrides the task metrics (``TASK_METRICS``) for single prompt categories:
+    ``{"math": {"task_accuracy_drop": 2.0, "task_agreement": None}}`` (None: not gated there).
+    """
 
     name: str
     limits: dict[str, float] = field(default_factory=dict)
     source: str = "preset"  # "preset" or the file it was read from
+    tasks: dict[str, dict[str, float | None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for k in self.limits:
             if k not in METRICS:
                 raise InputError(f"unknown parity metric {k!r}", f"use one of: {', '.join(METRICS)}")
+        for cat, over in self.tasks.items():
+            for k in over:
+                if k not in TASK_METRICS:
+                    raise InputError(f"[tasks.{cat}] sets {k!r}, which is not a task metric",
+                                     f"a category can override {', '.join(TASK_METRICS)}")
+
+    def task_limit(self, category: str, key: str) -> float | None:
+        """The limit of task metric ``key`` for ``category``: its override, else the flat limit."""
+        over = self.tasks.get(category, {})
+        return over[key] if key in over else self.limits.get(key)
 
     @classmethod
     def preset(cls, name: str | Preset) -> Thresholds:
@@ -122,11 +153,15 @@ class Thresholds:
         return cls(p.value, {k: v for k, v in _PRESETS[p].items() if v is not None})
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "name": self.name,
             "source": self.source,
             "limits": {k: {"limit": v, "direction": METRICS[k].direction.value} for k, v in self.limits.items()},
         }
+        if self.tasks:
+            out["tasks"] = {cat: {k: None if v is None else {"limit": v, "direction": METRICS[k].direction.value}
+                                  for k, v in over.items()} for cat, over in self.tasks.items()}
+        return out
 
 
 # The gate each precision of the one vocabulary is held to. 4-bit floats (NVFP4) lose about
@@ -147,10 +182,13 @@ def preset_for_precision(precision: str) -> Preset:
     )
 
 
-def load_thresholds(spec: str | os.PathLike[str] | Thresholds | None, precision: str) -> Thresholds:
-    """A Thresholds object, a preset name, a TOML/JSON file, or None (preset of ``precision``)."""
+def load_thresholds(spec: str | os.PathLike[str] | Thresholds | dict | None, precision: str) -> Thresholds:
+    """A Thresholds object, a preset name, a TOML/JSON file, a table of the same keys as a file
+    (a run recipe's inline ``[parity.thresholds]``), or None (preset of ``precision``)."""
     if isinstance(spec, Thresholds):
         return spec
+    if isinstance(spec, dict):
+        return from_table(dict(spec), precision, "recipe", "recipe")
     if spec is None:
         return Thresholds.preset(preset_for_precision(precision))
     text = os.fspath(spec)
@@ -181,26 +219,49 @@ def _read_file(path: Path, precision: str) -> Thresholds:
         raise InputError(f"thresholds file {path} cannot be parsed: {exc}", "write TOML (.toml) or JSON (.json)") from None
     if not isinstance(data, dict):
         raise InputError(f"thresholds file {path} must hold a table of metric = limit", "see docs/parity.md")
+    return from_table(data, precision, str(path), path.name, what=f"thresholds file {path}")
+
+
+def _limit(value: Any, where: str) -> float | None:
+    if value is None or value is False:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise InputError(f"{where} = {value!r} is not a number", "give a number, or false/null to turn it off")
+
+
+def from_table(data: dict[str, Any], precision: str, source: str, label: str, *, what: str = "thresholds") -> Thresholds:
+    """Thresholds from a parsed file or table: ``preset``, flat ``metric = limit`` and
+    ``[tasks.<category>]`` overrides of the task metrics (module docstring)."""
+    data = dict(data)
     base_name = data.pop("preset", None)
     base = Thresholds.preset(base_name) if base_name is not None else Thresholds.preset(preset_for_precision(precision))
+    tasks_raw = data.pop("tasks", None)
     unknown = sorted(set(data) - set(METRICS))
     if unknown:
-        raise InputError(
-            f"thresholds file {path} has unknown keys: {', '.join(unknown)}",
-            f"allowed: preset, {', '.join(METRICS)}",
-        )
+        raise InputError(f"{what} has unknown keys: {', '.join(unknown)}",
+                         f"allowed: preset, tasks, {', '.join(METRICS)}")
     limits = dict(base.limits)
     for key, value in data.items():
-        if value is None or value is False:
+        v = _limit(value, f"{what}: {key}")
+        if v is None:
             limits.pop(key, None)
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            limits[key] = float(value)
         else:
-            raise InputError(
-                f"thresholds file {path}: {key} = {value!r} is not a number", "give a number, or false/null to turn it off"
-            )
-    name = f"{base.name}+{path.name}" if data else base.name
-    return Thresholds(name, limits, str(path))
+            limits[key] = v
+    tasks: dict[str, dict[str, float | None]] = {}
+    if tasks_raw is not None:
+        if not isinstance(tasks_raw, dict) or not all(isinstance(v, dict) for v in tasks_raw.values()):
+            raise InputError(f"{what}: tasks must be a table of categories ([tasks.math] task_agreement = 0.9)",
+                             "write one [tasks.<category>] table per category")
+        for cat, over in tasks_raw.items():
+            bad = sorted(set(over) - set(TASK_METRICS))
+            if bad:
+                raise InputError(f"{what}: [tasks.{cat}] has unknown keys: {', '.join(bad)}",
+                                 f"a category can override {', '.join(TASK_METRICS)}")
+            tasks[str(cat)] = {k: _limit(v, f"{what}: [tasks.{cat}] {k}") for k, v in over.items()}
+    changed = bool(data) or bool(tasks)
+    name = f"{base.name}+{label}" if changed else base.name
+    return Thresholds(name, limits, source, tasks)
 
 
 @dataclass(frozen=True)
@@ -219,6 +280,9 @@ class ParityOptions:
     save_outputs: bool = True  # Polygraphy's outputs.json beside inputs.json
     per_layer_samples: int = 4  # texts used per quantize-one-layer candidate
     text_field: str = "text"
+    max_new_tokens: int = 32  # --prompts: greedy tokens generated per prompt
+    prompt_batch_size: int = 8  # --prompts: prompts decoded together (left-padded)
+    per_layer_category: str | None = None  # --per-layer with --prompts: rank by this category (None: the worst)
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
@@ -233,6 +297,12 @@ class ParityOptions:
         if self.per_layer_samples < 1:
             raise OptionError("per_layer_samples must be at least 1", "pass a positive number",
                               fields=("per_layer_samples",))
+        if self.max_new_tokens < 1:
+            raise OptionError(f"max_new_tokens must be at least 1 (got {self.max_new_tokens})", "pass a positive number",
+                              fields=("max_new_tokens",))
+        if self.prompt_batch_size < 1:
+            raise OptionError(f"prompt_batch_size must be at least 1 (got {self.prompt_batch_size})",
+                              "pass a positive number", fields=("prompt_batch_size",))
 
     def to_json(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

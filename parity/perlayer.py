@@ -12,6 +12,12 @@ that node quantized (the quantize stage's ``quantize_model(..., only={node})``, 
 recipe and ranges, so smoothing of that node's group is included). A node's excess noise is its
 noise power minus the baseline's; quantization noise of independent layers adds roughly
 linearly, so shares of the sum rank the layers. Runs on the first ``per_layer_samples`` texts.
+
+With prompts (task-level parity), :func:`rank_layers_by_task` ranks the same single-layer
+models by what they do to one category (the chosen one, else the worst): each continues that
+category's prompts greedily, and its agreement with the reference's continuations (and the mean
+number of tokens before the first divergence) is compared with the float baseline's. Layers
+that lose the most agreement, then the most tokens, come first (``per_layer.task_ranking``).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +39,11 @@ from trtforge.manifest import MANIFEST, Manifest, QuantizationInfo, Upstream
 from trtforge.onnx_io import load_model
 from trtforge.ort import session
 from trtforge.parity.data import EvalData
+from trtforge.parity.decode import DecodeLimits, budget, greedy
 from trtforge.parity.models import ModelSide
 from trtforge.parity.options import ParityOptions
+from trtforge.parity.prompts import PromptSet
+from trtforge.parity.tasks import encode_prompts, eos_ids, first_divergence
 from trtforge.requantize import QuantizeOne, layer_quantizer
 from trtforge.vocab import Task
 
@@ -180,6 +190,71 @@ def rank_layers(
     result["suggested_exclusions"] = suggest(layers)
     if total <= 0:
         result["note"] = "quantizing any single layer adds no measurable error on these samples"
+    return result
+
+
+@dataclass(frozen=True)
+class _Side:
+    """What greedy() reads of a side, for a single-layer model run outside Polygraphy's runners list."""
+
+    role: str
+    task: Task
+    input_names: list[str]
+    dims: Any
+    pad_token_id: int
+
+
+def rank_layers_by_task(ref: ModelSide, cand: ModelSide, prompts: PromptSet, tasks: dict[str, Any], category: str,
+                        tokenizer: Any, options: ParityOptions, limits: DecodeLimits) -> dict[str, Any]:
+    """``per_layer.task_ranking``: quantized layers ranked by the agreement they cost on ``category``."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+
+    folder, manifest, q = _quantization_home(cand)
+    nodes = [n for n in q.nodes if n.get("status") == "quantized"]
+    rows = [r for r in tasks["prompts"] if r["category"] == category]
+    result: dict[str, Any] = {"category": category, "chosen": options.per_layer_category is not None,
+                              "num_prompts": len(rows), "candidate_agreement": tasks["categories"][category]["agreement"],
+                              "baseline_agreement": None, "baseline_mean_tokens": None, "layers": []}
+    if not nodes or not rows:
+        result["note"] = "the candidate has no quantized layers" if not nodes else f"no prompts in {category}"
+        return result
+    up = _float_upstream(manifest)
+    float_model = load_model(OnnxArtifact.open(up.folder).model_path, load_external_data=True)
+    _, max_prompt, _ = budget(options.max_new_tokens, ref.dims.max_positions, limits)
+    subset = PromptSet(prompts.path, tuple(prompts.prompts[r["index"]] for r in rows), prompts.sha256)
+    seqs, _ = encode_prompts(tokenizer, subset, max_prompt)
+    want = [r["reference_ids"] for r in rows]
+    steps = tasks["max_new_tokens"]
+    eos = eos_ids(tokenizer)
+
+    def score(model: Any, tmp: Path) -> tuple[float, float]:
+        sess = _session(model, tmp)
+        side = _Side("per-layer", ref.task, [i.name for i in sess.get_inputs()], ref.dims, ref.pad_token_id)
+        with OnnxrtRunner(sess, name="per-layer") as runner:
+            got = greedy(runner, side, seqs, max_new_tokens=steps, eos=eos, batch_size=options.prompt_batch_size)
+        divs = [first_divergence(w, g) for w, g in zip(want, got, strict=True)]
+        agree = sum(d is None for d in divs) / len(divs)
+        mean = sum(len(w) if d is None else d for w, d in zip(want, divs, strict=True)) / len(divs)
+        return agree, mean
+
+    with tempfile.TemporaryDirectory(prefix="trtforge-perlayer-") as tmpdir:
+        tmp = Path(tmpdir)
+        quantize_one = quantizer(folder, manifest, q)
+        base_agree, base_mean = score(float_model, tmp)
+        layers = []
+        for n, entry in enumerate(nodes, 1):
+            log.info("per-layer (%s) %d/%d: %s", category, n, len(nodes), entry["node"])
+            agree, mean = score(quantize_one(float_model, entry["node"]), tmp)
+            layers.append({"node": entry["node"], "weight": entry.get("weight"), "agreement": agree,
+                           "mean_tokens_before_divergence": mean, "agreement_lost": base_agree - agree,
+                           "tokens_lost": base_mean - mean})
+    layers.sort(key=lambda x: (-x["agreement_lost"], -x["tokens_lost"]))
+    for rank, x in enumerate(layers, 1):
+        x["rank"] = rank
+    result.update(baseline_agreement=base_agree, baseline_mean_tokens=base_mean, layers=layers,
+                  rule="largest agreement lost against the float baseline first, then most tokens lost")
+    if all(x["agreement_lost"] <= 0 and x["tokens_lost"] <= 0 for x in layers):
+        result["note"] = f"quantizing any single layer changes no continuation of {category} on these prompts"
     return result
 
 

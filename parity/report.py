@@ -50,13 +50,25 @@ def environment() -> dict[str, Any]:
 
 
 def headline(task: str, sections: dict[str, Any]) -> dict[str, Any]:
-    """The few figures a reviewer looks at first (also what --json prints)."""
-    primary = "last_hidden_state" if task == Task.FEATURE_EXTRACTION else "logits"
-    if primary not in sections["outputs"]:
-        primary = next(iter(sections["outputs"]))
-    out = sections["outputs"][primary]
-    h: dict[str, Any] = {"output": primary, "cosine_mean": out["cosine_mean"], "snr_db": out["snr_db"],
-                         "max_abs_err": out["max_abs_err"]}
+    """The few figures a reviewer looks at first (also what --json prints). A prompts-only run
+    (no text data) has only the task figures."""
+    h: dict[str, Any] = {}
+    if sections["outputs"]:
+        primary = "last_hidden_state" if task == Task.FEATURE_EXTRACTION else "logits"
+        if primary not in sections["outputs"]:
+            primary = next(iter(sections["outputs"]))
+        out = sections["outputs"][primary]
+        h.update({"output": primary, "cosine_mean": out["cosine_mean"], "snr_db": out["snr_db"],
+                  "max_abs_err": out["max_abs_err"]})
+    t = sections.get("tasks")
+    if t:
+        worst = t["worst_category"]
+        h["worst_category"] = worst
+        if worst is not None:
+            w = t["categories"][worst]
+            h["worst_category_agreement"] = w["agreement"]
+            h["worst_category_accuracy_drop"] = w["accuracy_drop"]
+        h["task_agreement_min"] = min((c["agreement"] for c in t["categories"].values()), default=None)
     if sections.get("logits"):
         h.update({k: sections["logits"][k] for k in ("top1_agreement", "top5_agreement", "kl_mean")})
     if sections.get("perplexity"):
@@ -78,6 +90,10 @@ def build_report(
     verdict = "pass" if passed else "fail"
     summary = (f"PASS: {len(checks)}/{len(checks)} checks within {thresholds.name} thresholds" if passed else
                f"FAIL: {len(failures)} of {len(checks)} checks outside {thresholds.name} thresholds; first: {failures[0].message}")
+    tasks = sections.get("tasks")
+    if tasks and not passed and tasks["worst_category"] is not None \
+            and not tasks["categories"][tasks["worst_category"]]["passed"]:
+        summary += f"; worst category: {tasks['worst_category']}"
     q = cand.quantization
     cand_desc = {**cand.describe(), "runtime": cand_runtime}
     if q:
@@ -101,13 +117,15 @@ def build_report(
         "failures": [c.to_json() for c in failures],
         "reference": {**ref.describe(), "runtime": ref_runtime},
         "candidate": cand_desc,
-        "data": {**data.description, "cases": data.cases, "overlap": overlap,
-                 "inputs_file": run_info["inputs_file"], "outputs_file": run_info["outputs_file"]},
+        "data": None if data is None else {
+            **data.description, "cases": data.cases, "overlap": overlap,
+            "inputs_file": run_info["inputs_file"], "outputs_file": run_info["outputs_file"]},
         "outputs": sections["outputs"],
         "logits": sections.get("logits"),
         "perplexity": sections.get("perplexity"),
         "embeddings": sections.get("embeddings"),
         "per_layer": sections.get("per_layer"),
+        "tasks": sections.get("tasks"),
         "distributions": distributions,
         "environment": environment(),
         "options": options.to_json(),
@@ -141,6 +159,7 @@ def render_markdown(content: dict[str, Any]) -> str:
     ok = content["passed"]
     h = content["headline"]
     ref, cand, data = content["reference"], content["candidate"], content["data"]
+    tasks = content.get("tasks")
     lines = [
         f"### {'✅ Parity PASSED' if ok else '❌ Parity FAILED'} — {cand['precision']} candidate vs "
         f"{ref['precision']} reference ({content['task']}, `{content['thresholds']['name']}` thresholds)",
@@ -156,6 +175,8 @@ def render_markdown(content: dict[str, Any]) -> str:
         lines.append(f"| {c['metric']} | {c['scope']} | {_v(c['value'], unit)} | {op} {_v(c['limit'], unit)} | "
                      f"{'✅' if c['passed'] else '❌'} |")
     lines.append("")
+    if tasks:
+        lines += _task_lines(tasks)
     if content.get("perplexity"):
         p = content["perplexity"]
         lines.append(f"Perplexity on {p['num_tokens']} held-out tokens: reference {_v(p['reference'])}, "
@@ -164,18 +185,24 @@ def render_markdown(content: dict[str, Any]) -> str:
         e = content["embeddings"]
         lines.append(f"Mean-pooled embedding cosine over {e['num_sentences']} sentences: mean "
                      f"{_v(e['embedding_cosine_mean'])}, min {_v(e['embedding_cosine_min'])}.")
-    lines.append(f"`{h['output']}`: cosine {_v(h['cosine_mean'])}, SNR {_v(h['snr_db'], 'dB')}, "
-                 f"max abs error {_v(h['max_abs_err'])}.")
+    if "output" in h:
+        lines.append(f"`{h['output']}`: cosine {_v(h['cosine_mean'])}, SNR {_v(h['snr_db'], 'dB')}, "
+                     f"max abs error {_v(h['max_abs_err'])}.")
     pl = content.get("per_layer")
     if pl and pl.get("layers"):
         top = ", ".join(f"`{x['node']}` ({x['share_pct']:.0f} %)" for x in pl["layers"][:3])
         lines.append(f"Largest error contributors: {top}. Suggested exclusions: "
                      + (", ".join(f"`{n}`" for n in pl["suggested_exclusions"]) or "none") + ".")
-    srcs = ", ".join(f"{Path(s['path']).name} ({s['sha256'][:12]})" for s in data["sources"])
+    lines.append("")
+    if data is not None:
+        srcs = ", ".join(f"{Path(s['path']).name} ({s['sha256'][:12]})" for s in data["sources"])
+        lines.append(f"Data: {data['num_samples']} texts, {data['num_tokens']} tokens in {len(data['cases'])} batches "
+                     f"from {srcs}; inputs sha256 {data['feeds_sha256'][:12]}.")
+    if tasks:
+        pf = tasks["prompts_file"]
+        lines.append(f"Prompts: {pf['num_prompts']} in {len(tasks['categories'])} categories from "
+                     f"{Path(pf['path']).name} ({pf['sha256'][:12]}), {tasks['max_new_tokens']} greedy tokens each.")
     lines += [
-        "",
-        f"Data: {data['num_samples']} texts, {data['num_tokens']} tokens in {len(data['cases'])} batches from {srcs}; "
-        f"inputs sha256 {data['feeds_sha256'][:12]}.",
         f"Reference: `{ref['path']}` sha256 {ref['model_sha256'][:12]} — {_runtime_line(ref['runtime'])}.",
         f"Candidate: `{cand['path']}` sha256 {cand['model_sha256'][:12]} — {_runtime_line(cand['runtime'])}.",
     ]
@@ -184,6 +211,25 @@ def render_markdown(content: dict[str, Any]) -> str:
     lines.append("")
     lines.append("Full report: `report.html` (plots, per-output table, environment); machine-readable: `report.json`.")
     return "\n".join(lines) + "\n"
+
+
+def _task_lines(tasks: dict[str, Any]) -> list[str]:
+    """One line per category, worst first."""
+    out = []
+    for cat in tasks["order"]:
+        c = tasks["categories"][cat]
+        lo, hi = c["agreement_ci95"] or (None, None)
+        text = (f"- {'✅' if c['passed'] else '❌'} **{cat}** (n={c['n']}): agreement {_v(c['agreement'])} "
+                f"[{_v(lo)}, {_v(hi)}], {_v(c['mean_tokens_before_divergence'])} tokens before divergence")
+        if c["accuracy_reference"] is not None:
+            f = c["flips"]
+            text += (f"; accuracy {_v(100 * c['accuracy_reference'])} → {_v(100 * c['accuracy_candidate'])} % "
+                     f"({_v(c['accuracy_drop'])} points drop; flips {f['right_to_wrong']} right→wrong, "
+                     f"{f['wrong_to_right']} wrong→right; McNemar p = {_v(c['mcnemar_p'])})")
+        if c.get("sample_size_note"):
+            text += " — small sample"
+        out.append(text)
+    return ["Tasks (worst first):", *out, ""]
 
 
 def _runtime_line(rt: dict[str, Any]) -> str:

@@ -110,3 +110,34 @@ def corrupted_report(llama_fp16, corrupted_llama, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("parity") / "corrupted"
     return check_parity(llama_fp16.path, corrupted_llama, [EVAL_TEXT], None, out, options=fast_options())
+
+
+PROMPTS = DATA.parent / "prompts" / "tasks.jsonl"
+
+
+def write_prompts(path: Path, rows: list[dict]) -> Path:
+    """A prompts JSONL file of these objects, one a line."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def small_prompts(path: Path, per_category: int = 3) -> Path:
+    """The first prompts of each category of examples/prompts/tasks.jsonl (fast to decode)."""
+    rows, seen = [], {}
+    for line in PROMPTS.read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        if seen.get(r["category"], 0) < per_category:
+            seen[r["category"]] = seen.get(r["category"], 0) + 1
+            rows.append(r)
+    return write_prompts(path, rows)
+
+
+@pytest.fixture(scope="session")
+def llama_plain_fp32(exported):
+    """The tiny LLaMA without a KV cache (decoding recomputes the whole sequence)."""
+    return exported("llama", task="causal-lm")
+
+
+@pytest.fixture(scope="session")
+def llama_plain_fp16(exported):
+    return exported("llama", task="causal-lm", dtype="fp16")

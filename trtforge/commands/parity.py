@@ -36,11 +36,19 @@ def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
                    "Default: a few built-in sentences.")
 @click.option("--inputs", "inputs", type=click.Path(path_type=Path),
               help="Repeat a run on the same data: the inputs.json an earlier report saved.")
+@click.option("--prompts", type=click.Path(path_type=Path),
+              help='Task-level parity: a JSONL file of {"prompt", "category", "answer"?} lines; both models '
+                   "continue each prompt greedily, compared per category. Without --data only task metrics are computed.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
+              help="With --prompts: greedy tokens generated per prompt.")
 @click.option("--thresholds", help="A preset (fp16, int8, fp8, int4) or a .toml/.json file. "
                                    "Default: the preset of the candidate's precision.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Report folder.")
 @click.option("--per-layer", is_flag=True, help="Rank quantized layers by their share of the error "
-                                                "(quantizes one layer at a time) and suggest exclusions.")
+                                                "(quantizes one layer at a time) and suggest exclusions; with "
+                                                "--prompts also by the agreement they cost on one category.")
+@click.option("--per-layer-category", help="With --per-layer and --prompts: the category to rank layers by "
+                                           "(default: the worst one).")
 @click.option("--num-samples", type=click.IntRange(min=1), default=24, show_default=True, help="Texts to evaluate.")
 @click.option("--max-len", type=click.IntRange(min=2), default=96, show_default=True, help="Tokens per text at most.")
 @click.option("--batch-sizes", default="1,4,8", show_default=True, callback=_batch_sizes,
@@ -51,13 +59,16 @@ def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.pass_context
 def parity(ctx: click.Context, reference: Path, candidate: Path, data: tuple[Path, ...], inputs: Path | None,
-           thresholds: str | None, out: Path, per_layer: bool, num_samples: int, max_len: int,
-           batch_sizes: tuple[int, ...], seed: int, no_save_outputs: bool, force: bool, as_json: bool) -> None:
-    """Compare a candidate with the FP16 reference on held-out text; exit 1 if the thresholds are missed."""
+           prompts: Path | None, max_new_tokens: int, thresholds: str | None, out: Path, per_layer: bool,
+           per_layer_category: str | None, num_samples: int, max_len: int, batch_sizes: tuple[int, ...], seed: int,
+           no_save_outputs: bool, force: bool, as_json: bool) -> None:
+    """Compare a candidate with the FP16 reference on held-out text and/or task prompts; exit 1 if the
+    thresholds are missed."""
     options = ParityOptions(num_samples=num_samples, max_len=max_len, min_len=min(8, max_len),
-                            batch_sizes=batch_sizes, seed=seed, save_outputs=not no_save_outputs)
+                            batch_sizes=batch_sizes, seed=seed, save_outputs=not no_save_outputs,
+                            max_new_tokens=max_new_tokens, per_layer_category=per_layer_category)
     report = check_parity(reference, candidate, list(data) or None, thresholds, out, per_layer=per_layer,
-                          force=force, options=options, inputs=inputs)
+                          force=force, options=options, inputs=inputs, prompts=prompts)
     emit(report.summary(), as_json, None if as_json else summary_text(report))
     ctx.exit(report.exit_code)
 
@@ -70,14 +81,25 @@ def summary_text(report: ParityReport) -> str:
     if len(report.failures) > 10:
         lines.append(f"  ... and {len(report.failures) - 10} more (see report.md)")
     h = c["headline"]
-    figures = [f"{h['output']} cosine {h['cosine_mean']:.6f}", f"SNR {h['snr_db']:.1f} dB"]
+    figures = [f"{h['output']} cosine {h['cosine_mean']:.6f}", f"SNR {h['snr_db']:.1f} dB"] if "output" in h else []
+    tasks = c.get("tasks")
+    if tasks:
+        for cat in tasks["order"][:6]:
+            t = tasks["categories"][cat]
+            acc = (f", accuracy {100 * t['accuracy_reference']:.0f} -> {100 * t['accuracy_candidate']:.0f} %"
+                   if t["accuracy_reference"] is not None else "")
+            lines.append(f"  {'ok ' if t['passed'] else 'BAD'} {cat}: agreement {t['agreement']:.2f} "
+                         f"(n={t['n']}){acc}")
+        if len(tasks["order"]) > 6:
+            lines.append(f"  ... and {len(tasks['order']) - 6} more categories (see report.md)")
     if "top1_agreement" in h:
         figures.append(f"top-1 {h['top1_agreement']:.3f}")
     if h.get("ppl_change_pct") is not None:
         figures.append(f"perplexity {h['ppl_reference']:.4g} -> {h['ppl_candidate']:.4g} ({h['ppl_change_pct']:+.2f} %)")
     if "embedding_cosine_mean" in h:
         figures.append(f"embedding cosine {h['embedding_cosine_mean']:.6f}")
-    lines.append("  " + ", ".join(figures))
+    if figures:
+        lines.append("  " + ", ".join(figures))
     lines.append(f"report: {report.path / 'report.html'}")
     return "\n".join(lines)
 

@@ -1,0 +1,356 @@
+"""Task-level parity (--prompts): greedy continuations of categorized prompts, compared and gated per category."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from click.testing import CliRunner
+
+from trtforge.cli import main
+from trtforge.errors import InputError, OptionError
+from trtforge.parity import check_parity
+from trtforge.parity.options import ParityOptions, Thresholds, load_thresholds
+from trtforge.parity.prompts import answer_correct, load_prompts, normalize
+from trtforge.parity.tasks import (
+    accuracy_prompts_needed,
+    agreement_prompts_needed,
+    first_divergence,
+    mcnemar_exact,
+    sample_size_note,
+    wilson_interval,
+)
+
+from ..conftest import leftovers  # noqa: TID252
+from ..conftest import one_line_error as _one_line_error
+from .conftest import EVAL_TEXT, PROMPTS, small_prompts, write_prompts
+
+FAST = ParityOptions(max_new_tokens=10, prompt_batch_size=4)
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+@pytest.mark.parametrize(("b", "c", "p"), [
+    (0, 0, 1.0),  # no discordant pairs: no evidence of a difference
+    (0, 6, 2 / 64),  # 6-0: the smallest split significant at 5 %
+    (0, 5, 2 / 32),  # 5-0 is not
+    (1, 5, 2 * (1 + 6) / 64),
+    (5, 1, 2 * (1 + 6) / 64),  # symmetric
+    (2, 8, 2 * (1 + 10 + 45) / 1024),
+    (3, 3, 1.0),  # a tie: the doubled tail passes 1 and is capped
+    (10, 0, 2 / 1024),
+])
+def test_exact_mcnemar_on_known_cases(b, c, p):
+    assert mcnemar_exact(b, c) == pytest.approx(p, rel=1e-12)
+
+
+def test_mcnemar_matches_the_binomial_definition_for_every_small_split():
+    for n in range(1, 16):
+        for b in range(n + 1):
+            k = min(b, n - b)
+            tail = sum(math.comb(n, i) * 0.5**n for i in range(k + 1))
+            assert mcnemar_exact(b, n - b) == pytest.approx(min(1.0, 2 * tail))
+
+
+def test_wilson_interval_known_values_and_bracketing():
+    lo, hi = wilson_interval(8, 10)
+    assert (round(lo, 4), round(hi, 4)) == (0.4902, 0.9433)  # the textbook 8/10 example
+    lo, hi = wilson_interval(0, 8)
+    assert lo == 0.0 and hi == pytest.approx(0.3244, abs=1e-4)
+    lo, hi = wilson_interval(8, 8)
+    assert hi == 1.0 and lo == pytest.approx(8 / (8 + 1.959963984540054**2))
+    assert wilson_interval(0, 0) is None
+    for n in range(1, 40):
+        for k in range(n + 1):
+            lo, hi = wilson_interval(k, n)
+            assert 0.0 <= lo <= k / n <= hi <= 1.0
+
+
+def test_sample_size_notes():
+    assert agreement_prompts_needed(0.95) == 73 and agreement_prompts_needed(0.5) == 4
+    assert agreement_prompts_needed(1.0) is None and agreement_prompts_needed(0.0) is None
+    assert accuracy_prompts_needed(5.0) == 120 and accuracy_prompts_needed(10.0) == 60
+    note = sample_size_note(8, 8, 0.95, 5.0)
+    assert "n = 8" in note and "73 prompts needed" in note and "12.5 points" in note and "120 needed" in note
+    assert sample_size_note(100, 0, 0.95, 5.0) is None  # enough prompts, and no answers to count
+    assert "answered" in sample_size_note(100, 30, 0.95, 5.0)
+    assert sample_size_note(3, 0, None, None) is None
+
+
+def test_answer_rule_and_divergence():
+    assert normalize("  The  Answer\n is 42. ") == "the answer is 42."
+    assert answer_correct(" The answer is\n42.", "42") and answer_correct("MAX(A,  b)", "max(a, b)")
+    assert not answer_correct("forty-two", "42")
+    assert first_divergence([1, 2, 3], [1, 2, 3]) is None
+    assert first_divergence([1, 2, 3], [1, 5, 3]) == 1
+    assert first_divergence([1, 2], [1, 2, 9]) == 2  # one stopped early (end of sequence)
+
+
+# --------------------------------------------------------------------------- prompts files
+
+
+@pytest.mark.parametrize(("content", "needles"), [
+    ('{"prompt": "a", "category": "math"}\n{"prompt": "b", "category": \n', [":2 is not valid JSON"]),
+    ('["a", "math"]\n', [":1 is a JSON list, not an object"]),
+    ('\n{"category": "math"}\n', [":2 has no 'prompt'"]),
+    ('{"prompt": "a"}\n', [":1 has no 'category'"]),
+    ('{"prompt": "a", "category": "  "}\n', [":1: 'category' is empty"]),
+    ('{"prompt": "", "category": "x"}\n', [":1: 'prompt' is empty"]),
+    ('{"prompt": "a", "category": 3}\n', [":1: 'category' is int, not text"]),
+    ('{"prompt": "a", "category": "x", "anwser": "4"}\n', [":1 has unknown key(s) 'anwser'", "allowed keys"]),
+    ('{"prompt": "a", "category": "x", "answer": " "}\n', [":1: 'answer' is empty"]),
+    ('{"prompt": "a", "category": "x", "answer": true}\n', [":1: 'answer' is bool"]),
+    ("\n  \n", ["holds no prompts"]),
+    ("", ["holds no prompts"]),
+])
+def test_malformed_prompt_files_are_one_line_errors_with_the_line(tmp_path, bert, content, needles):
+    path = tmp_path / "p.jsonl"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(InputError) as info:
+        load_prompts(path)
+    for n in needles:
+        assert n in str(info.value)
+    line = _one_line_error(run("parity", "--reference", bert.path, "--candidate", bert.path, "--prompts", path,
+                               "-o", tmp_path / "r"), *needles)
+    assert str(path) in line
+    assert not (tmp_path / "r").exists() and not leftovers(tmp_path)
+
+
+def test_prompt_files_that_load(tmp_path):
+    p = load_prompts(PROMPTS)
+    assert p.categories == ["math", "code", "reasoning", "chat"]
+    assert all(len(p.in_category(c)) == 8 for c in p.categories)
+    assert not any(x.answer for x in p.in_category("chat")) and all(x.answer for x in p.in_category("math"))
+    path = write_prompts(tmp_path / "n.jsonl", [{"prompt": "a", "category": " x ", "answer": 42, "id": 7}])
+    one = load_prompts(path).prompts[0]
+    assert (one.category, one.answer, one.id, one.line) == ("x", "42", "7", 1)  # numbers are text, names stripped
+    with pytest.raises(InputError, match="does not exist"):
+        load_prompts(tmp_path / "gone.jsonl")
+
+
+# --------------------------------------------------------------------------- thresholds
+
+
+def test_task_limits_in_presets_files_and_category_overrides(tmp_path):
+    for name, agree, drop in (("fp16", 0.95, 2.0), ("fp8", 0.7, 5.0), ("int8", 0.7, 5.0), ("int4", 0.5, 10.0)):
+        t = Thresholds.preset(name)
+        assert (t.limits["task_agreement"], t.limits["task_accuracy_drop"]) == (agree, drop)
+    f = tmp_path / "gate.toml"
+    f.write_text('preset = "int8"\ntask_agreement = 0.9\n\n[tasks.math]\ntask_accuracy_drop = 1\n'
+                 "[tasks.chat]\ntask_agreement = false\n")
+    t = load_thresholds(f, "int8")
+    assert t.task_limit("math", "task_agreement") == 0.9 and t.task_limit("math", "task_accuracy_drop") == 1.0
+    assert t.task_limit("chat", "task_agreement") is None and t.task_limit("code", "task_accuracy_drop") == 5.0
+    assert t.to_json()["tasks"] == {"math": {"task_accuracy_drop": {"limit": 1.0, "direction": "max"}},
+                                    "chat": {"task_agreement": None}}
+    assert t.name == "int8+gate.toml"
+    # the same keys as an inline table (a run recipe's [parity.thresholds])
+    assert load_thresholds({"preset": "int4", "tasks": {"code": {"task_agreement": 0.2}}}, "int8").task_limit(
+        "code", "task_agreement") == 0.2
+    for text, match in (("[tasks.math]\nsnr_db = 3\n", r"\[tasks.math\] has unknown keys: snr_db"),
+                        ("[tasks.math]\ntask_agreement = 'high'\n", "is not a number"),
+                        ("tasks = 3\n", "tasks must be a table")):
+        f.write_text(text)
+        with pytest.raises(InputError, match=match):
+            load_thresholds(f, "int8")
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def identical(llama_fp16, tmp_path_factory):
+    """The FP16 export (with KV cache) against itself, prompts only."""
+    root = tmp_path_factory.mktemp("tasks")
+    return check_parity(llama_fp16.path, llama_fp16.path, None, None, root / "same",
+                        prompts=small_prompts(root / "p.jsonl"), options=FAST)
+
+
+def test_identical_models_agree_on_every_prompt_and_pass(identical, validate_report):
+    rep = identical
+    assert rep.passed and rep.exit_code == 0
+    report = validate_report(rep.path)
+    t = report["tasks"]
+    assert t["order"] and set(t["order"]) == {"math", "code", "reasoning", "chat"}
+    for name, c in t["categories"].items():
+        assert c["passed"] and c["agreement"] == 1.0 and c["n"] == 3 and c["diverged"] == []
+        assert c["mean_tokens_before_divergence"] == pytest.approx(
+            sum(len(p["reference_ids"]) for p in t["prompts"] if p["category"] == name) / 3)
+        assert c["agreement_ci95"][0] <= 1.0 == c["agreement_ci95"][1]
+        assert c["sample_size_note"] and "n = 3" in c["sample_size_note"]  # 3 prompts cannot show 0.95
+        if name == "chat":  # no answers: no accuracy, and no accuracy check
+            assert c["n_with_answer"] == 0 and c["accuracy_reference"] is None and "task_accuracy_drop" not in c["limits"]
+        else:
+            assert c["accuracy_drop"] == 0 and c["mcnemar_p"] == 1.0 and c["flips"]["right_to_wrong"] == 0
+    assert all(p["reference_ids"] == p["candidate_ids"] and 0 < len(p["reference_ids"]) <= 10 for p in t["prompts"])
+    # prompts only: the task checks and nothing else
+    assert report["data"] is None and report["outputs"] == {} and report["logits"] is None
+    assert {c["metric"] for c in report["checks"]} == {"task_agreement", "task_accuracy_drop"}
+    assert {c["scope"] for c in report["checks"]} == {f"tasks.{n}" for n in t["order"]}
+    assert report["headline"]["task_agreement_min"] == 1.0
+    md = (rep.path / "report.md").read_text()
+    assert "Tasks (worst first):" in md and "**math** (n=3): agreement 1" in md and len(md.splitlines()) < 40
+    html = (rep.path / "report.html").read_text()
+    assert "Tasks: 4 categories, 12 prompts" in html and "flipped and diverging" not in html
+
+
+def _answered_from_reference(identical, path):
+    """The same prompts with answers the reference gets right: the first words of its continuation
+    (code and chat get none, so both kinds of category are present)."""
+    rows = []
+    for p in identical.content["tasks"]["prompts"]:
+        row = {"prompt": p["prompt"], "category": p["category"]}
+        words = normalize(p["reference"]).split()
+        if p["category"] in ("math", "reasoning") and words:
+            row["answer"] = " ".join(words[:2])
+        rows.append(row)
+    return write_prompts(path, rows)
+
+
+@pytest.fixture(scope="module")
+def broken(identical, llama_fp16, corrupted_llama, tmp_path_factory):
+    """The corrupted LM head (conftest) against the FP16 reference, with answers the reference gets right."""
+    root = tmp_path_factory.mktemp("tasks")
+    prompts = _answered_from_reference(identical, root / "answered.jsonl")
+    return check_parity(llama_fp16.path, corrupted_llama, None, "fp16", root / "broken", prompts=prompts,
+                        options=FAST), prompts
+
+
+def test_a_broken_candidate_diverges_loses_answers_and_fails_naming_the_worst_category(broken, validate_report):
+    rep, _ = broken
+    report = validate_report(rep.path)
+    t = report["tasks"]
+    assert not rep.passed
+    worst = t["worst_category"]
+    assert worst == t["order"][0] and not t["categories"][worst]["passed"]
+    assert rep.failures[0].scope == f"tasks.{worst}" and f"worst category: {worst}" in report["summary"]
+    assert report["summary"].split("first: ")[1].startswith(f"tasks.{worst} ")
+    agreements = [t["categories"][c]["agreement"] for c in t["order"]]
+    assert min(agreements) < 1.0
+    for name, c in t["categories"].items():
+        lo, hi = c["agreement_ci95"]
+        assert lo <= c["agreement"] <= hi  # the intervals bracket the estimates
+        rows = [p for p in t["prompts"] if p["category"] == name]
+        assert c["diverged"] == [p["index"] for p in rows if not p["agree"]]
+        for p in rows:
+            assert p["agree"] == (p["reference_ids"] == p["candidate_ids"])
+            assert p["reference"].startswith(p["common_prefix"])
+        if c["n_with_answer"]:
+            assert c["accuracy_reference"] == 1.0  # the answers were taken from the reference
+            f = c["flips"]
+            assert f["wrong_to_right"] == 0
+            assert f["right_to_wrong_prompts"] == [p["index"] for p in rows if not p["candidate_correct"]]
+            assert c["accuracy_drop"] == pytest.approx(100 * f["right_to_wrong"] / c["n_with_answer"])
+            assert c["mcnemar_p"] == mcnemar_exact(f["right_to_wrong"], f["wrong_to_right"])
+            for key in ("accuracy_reference", "accuracy_candidate"):
+                lo, hi = c[key + "_ci95"]
+                assert lo <= c[key] <= hi
+        else:
+            assert c["accuracy_reference"] is None and c["flips"] is None and c["mcnemar_p"] is None
+    lost = sum(c["flips"]["right_to_wrong"] for c in t["categories"].values() if c["flips"])
+    assert lost > 0, "the corrupted head should lose some of the reference's answers"
+
+
+def test_the_html_shows_flipped_prompts_side_by_side_escaped(broken, tmp_path):
+    from trtforge.parity.html import render_html
+
+    rep, _ = broken
+    html = (rep.path / "report.html").read_text()
+    assert "flipped and diverging prompts" in html and "reference continuation" in html and "<mark>" in html
+    # text from the prompts file and the models is escaped, never markup
+    content = json.loads(json.dumps(rep.content))
+    row = next(p for p in content["tasks"]["prompts"] if not p["agree"])
+    row["prompt"] = "<script>alert(1)</script>"
+    row["candidate"] = row["common_prefix"] + "</td><b>x</b>"
+    page = render_html(content)
+    assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "</td><b>x</b>" not in page and "&lt;/td&gt;&lt;b&gt;x&lt;/b&gt;" in page
+
+
+def test_a_strict_task_agreement_fails_with_exit_1_and_names_the_category(llama_fp16, corrupted_llama, broken,
+                                                                          tmp_path):
+    _, prompts = broken
+    strict = tmp_path / "strict.toml"
+    strict.write_text("task_agreement = 1.0\ntask_accuracy_drop = false\n")
+    r = run("parity", "--reference", llama_fp16.path, "--candidate", corrupted_llama, "--prompts", prompts,
+            "--max-new-tokens", 10, "--thresholds", strict, "-o", tmp_path / "r")
+    assert r.exit_code == 1, r.output
+    first = r.stdout.splitlines()[0]
+    assert first.startswith("FAIL") and "tasks." in first and "task_agreement" in first and "worst category:" in first
+    worst = json.loads((tmp_path / "r" / "report.json").read_text())["tasks"]["worst_category"]
+    assert f"tasks.{worst} task_agreement" in first and f"BAD {worst}:" in r.stdout
+    # turning the failing categories off per category makes the same run pass
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    bad = [c for c, v in report["tasks"]["categories"].items() if not v["passed"]]
+    strict.write_text("task_agreement = 1.0\ntask_accuracy_drop = false\n"
+                      + "".join(f"[tasks.{c}]\ntask_agreement = false\n" for c in bad))
+    r = run("parity", "--reference", llama_fp16.path, "--candidate", corrupted_llama, "--prompts", prompts,
+            "--max-new-tokens", 10, "--thresholds", strict, "-o", tmp_path / "r2", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["passed"] is True
+
+
+def test_the_plain_export_recomputes_and_decodes_what_the_kv_cache_decodes(llama_plain_fp32, llama_fp32, tmp_path,
+                                                                           validate_report):
+    """causal-lm (recomputation) and causal-lm-with-past (KV cache) exports of the same weights give
+    the same greedy tokens, each compared through its own runner; and with --data both kinds of
+    metric are in one report."""
+    prompts = small_prompts(tmp_path / "p.jsonl", per_category=2)
+    plain = check_parity(llama_plain_fp32.path, llama_plain_fp32.path, [EVAL_TEXT], None, tmp_path / "plain",
+                         prompts=prompts, options=ParityOptions(max_new_tokens=8, num_samples=4, max_len=24,
+                                                                batch_sizes=(1, 3), prompt_batch_size=3))
+    cached = check_parity(llama_fp32.path, llama_fp32.path, None, None, tmp_path / "cached", prompts=prompts,
+                          options=ParityOptions(max_new_tokens=8, prompt_batch_size=1))
+    assert plain.passed and cached.passed
+    validate_report(plain.path)
+    a = [p["reference_ids"] for p in plain.content["tasks"]["prompts"]]
+    b = [p["reference_ids"] for p in cached.content["tasks"]["prompts"]]
+    assert a == b and all(len(x) == 8 for x in a)
+    # text metrics and task metrics side by side
+    assert plain.content["logits"]["top1_agreement"] == 1.0 and plain.content["data"]["num_samples"] == 4
+    metrics = {c["metric"] for c in plain.content["checks"]}
+    assert {"task_agreement", "top1_agreement", "snr_db"} <= metrics
+
+
+def test_fp16_against_fp32_with_the_example_prompts(llama_fp16, llama_fp32, tmp_path, validate_report):
+    """The shipped prompt set end to end through the CLI on the two precisions of one model."""
+    r = run("parity", "--reference", llama_fp16.path, "--candidate", llama_fp32.path, "--prompts", PROMPTS,
+            "--max-new-tokens", 6, "-o", tmp_path / "r", "--json")
+    assert r.exit_code in (0, 1), r.output
+    report = validate_report(tmp_path / "r")
+    assert report["thresholds"]["name"] == "fp16" and report["tasks"]["prompts_file"]["num_prompts"] == 32
+    assert report["tasks"]["categories"]["math"]["n_with_answer"] == 8
+    assert report["tasks"]["categories"]["code"]["n_with_answer"] == 7
+    assert json.loads(r.stdout)["headline"]["worst_category"] in ("math", "code", "reasoning", "chat")
+
+
+def test_empty_and_unknown_categories(llama_fp16, tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "One, two, three,", "category": "count"}])
+    gate = tmp_path / "gate.toml"
+    gate.write_text("[tasks.math]\ntask_agreement = 0.5\n")
+    rep = check_parity(llama_fp16.path, llama_fp16.path, None, gate, tmp_path / "r", prompts=prompts,
+                       options=ParityOptions(max_new_tokens=4))
+    assert rep.passed and list(rep.content["tasks"]["categories"]) == ["count"]
+    assert any("categories with no prompts" in w and "math" in w for w in rep.content["warnings"])
+    c = rep.content["tasks"]["categories"]["count"]
+    assert c["n"] == 1 and c["agreement_ci95"][0] < 0.5  # one prompt says little, and the note says so
+    assert "n = 1" in c["sample_size_note"]
+
+
+def test_prompts_need_a_causal_lm_and_per_layer_category_needs_per_layer(bert, llama_fp16, tmp_path):
+    prompts = small_prompts(tmp_path / "p.jsonl", 1)
+    _one_line_error(run("parity", "--reference", bert.path, "--candidate", bert.path, "--prompts", prompts,
+                        "-o", tmp_path / "r"), "--prompts need a causal LM", "feature-extraction")
+    _one_line_error(run("parity", "--reference", llama_fp16.path, "--candidate", llama_fp16.path, "--prompts", prompts,
+                        "--per-layer-category", "math", "-o", tmp_path / "r"), "--per-layer-category", "--per-layer")
+    with pytest.raises(OptionError) as info:
+        ParityOptions(max_new_tokens=0)
+    assert info.value.fields == ("max_new_tokens",)
+    assert run("parity", "--reference", "x", "--candidate", "x", "-o", "y", "--max-new-tokens", "0").exit_code == 2
+    assert not (tmp_path / "r").exists() and not leftovers(tmp_path)
