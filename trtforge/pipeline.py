@@ -12,8 +12,16 @@ Output layout (stable; documented in docs/pipeline.md):
     OUT/.trtforge/                 stage records (cache keys) and the lock
 
 A stage is skipped when its key (a hash of its upstream artifact, its options, its data files
-and the trtforge version) matches the record of a completed earlier run and its folder still
-has the recorded manifest; changing one option reruns only the stages that depend on it.
+and the trtforge version) matches the record of a completed earlier run and its folder is still
+the one recorded: the same manifest, and every file of the manifest's file table with the size and
+modification time recorded (a file whose size or time differs is hashed; ``verify=True`` hashes
+every file). A folder that differs is rebuilt, the log and the stage's ``detail`` say why, and
+the stages after it rerun. Changing one option reruns only the stages that depend on it.
+
+OUT is checked before any work: it must not be, lie inside or hold one of the run's inputs (the
+model folder, data files and folders), it must be writable, and it must be new, empty or an
+earlier run's output whose stage folders hold only what trtforge wrote; a folder of the user's
+own files is refused, never overwritten.
 Every stage writes into a temporary folder renamed when complete, so an interrupted run
 (Ctrl-C, a killed CI job) leaves no half-written artifact and the next run resumes after the
 last completed stage. A lock refuses a second run into the same OUT at the same time.
@@ -38,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from trtforge._version import __version__
-from trtforge.artifacts import hash_files, read_json, sha256_file, sha256_json, write_json
+from trtforge.artifacts import hash_files, os_error, read_json, sha256_file, sha256_json, write_json
 from trtforge.backend import Backend, BuildIntent, backend_for_target
 from trtforge.calibration import quantize
 from trtforge.engines import build
@@ -47,11 +55,11 @@ from trtforge.errors import LockedError, OptionError, RecipeError, TargetError, 
 from trtforge.exporter import DType, ExportOptions, export_onnx, inspect_source
 from trtforge.manifest import MANIFEST, Manifest
 from trtforge.parity import Thresholds, check_parity
+from trtforge.pipeline_out import REPORT, STATE, changed_on_disk, check_out, needs_refresh, with_file_checks
 from trtforge.pipeline_recipe import PipelineRecipe, load_pipeline_recipe
 from trtforge.vocab import Precision, Task
 
 log = logging.getLogger("trtforge.pipeline")
-STATE = ".trtforge"
 
 
 @dataclass
@@ -96,10 +104,13 @@ def lock(out: Path) -> Iterator[None]:
 
 
 class Runner:
-    def __init__(self, recipe: PipelineRecipe, out: Path, *, skip_unavailable_targets: bool = False) -> None:
+    def __init__(self, recipe: PipelineRecipe, out: Path, *, skip_unavailable_targets: bool = False,
+                 verify: bool = False) -> None:
         self.r = recipe
         self.out = out
         self.skip_unavailable = skip_unavailable_targets
+        self.verify = verify  # hash every file of a cached stage, not only those whose size or time changed
+        self.rebuilt: set[str] = set()  # stages rerun because their folder was not the one recorded
         self.stages: list[StageResult] = []
         # (targets to build, targets skipped on request with the reason), decided by preflight
         self.planned: tuple[list[Target], list[tuple[Target, str]]] = ([], [])
@@ -110,28 +121,60 @@ class Runner:
     def _record_path(self, name: str) -> Path:
         return self.out / STATE / "stages" / (name.replace("/", "__") + ".json")
 
+    def _record(self, name: str) -> dict | None:
+        path = self._record_path(name)
+        return read_json(path, "stage record") if path.is_file() else None
+
     def stage(self, name: str, folder: Path, key_parts: dict, fn: Callable[[Path], object],
-              marker: str = MANIFEST) -> StageResult:
-        """Run ``fn(folder)`` unless a completed run with the same key left ``folder/marker`` intact."""
+              marker: str = MANIFEST, after: tuple[str, ...] = ()) -> StageResult:
+        """Run ``fn(folder)`` unless a completed run with the same key left ``folder`` as it recorded it.
+
+        ``after``: the stages this one reads; when one of them was rebuilt because its folder had
+        changed, this one reruns too (what it was made from can no longer be vouched for).
+        """
         key = sha256_json({"stage": name, "trtforge": __version__, **key_parts})
-        rec_path = self._record_path(name)
-        if rec_path.exists() and (folder / marker).exists():
-            rec = read_json(rec_path, "stage record")
-            if rec.get("key") == key and rec.get("manifest_sha256") == sha256_file(folder / marker):
+        rec = self._record(name)
+        why = None
+        if rec is not None and rec.get("key") == key:
+            why = self._changed(name, folder, marker, rec, after)
+            if why is None:
                 res = StageResult(name, folder, "cached", key, manifest_sha256=rec["manifest_sha256"], extra=rec.get("extra", {}))
                 log.info("stage %s: cached (%s)", name, os.path.relpath(folder, self.out), extra={"stage": name, "event": "cached"})
                 self.stages.append(res)
                 return res
-        log.info("stage %s: running", name, extra={"stage": name, "event": "start"})
+            self.rebuilt.add(name)
+            log.warning("stage %s: rebuilding, its folder is not the one recorded: %s", name, why,
+                        extra={"stage": name, "event": "rebuild"})
+        else:
+            log.info("stage %s: running", name, extra={"stage": name, "event": "start"})
         t = time.perf_counter()
         extra = fn(folder) or {}
-        res = StageResult(name, folder, "done", key, time.perf_counter() - t,
+        res = StageResult(name, folder, "done", key, time.perf_counter() - t, detail=f"rebuilt: {why}" if why else "",
                           manifest_sha256=sha256_file(folder / marker), extra=extra if isinstance(extra, dict) else {})
-        rec_path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(rec_path, {"key": key, "manifest_sha256": res.manifest_sha256, "finished": time.time(), "extra": res.extra})
+        self._write_record(name, folder, marker, {"key": key, "manifest_sha256": res.manifest_sha256,
+                                                  "finished": time.time(), "extra": res.extra})
         log.info("stage %s: done in %.1fs", name, res.seconds, extra={"stage": name, "event": "done", "seconds": round(res.seconds, 2)})
         self.stages.append(res)
         return res
+
+    def _write_record(self, name: str, folder: Path, marker: str, rec: dict) -> None:
+        path = self._record_path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, with_file_checks(folder, marker, rec))
+
+    def _changed(self, name: str, folder: Path, marker: str, rec: dict, after: tuple[str, ...]) -> str | None:
+        """Why ``folder`` is not the artifact the record describes (None: it is; a cache hit)."""
+        rel = os.path.relpath(folder, self.out)
+        why = changed_on_disk(folder, marker, rec, rel=rel, deep=self.verify, before_files=True)
+        if why is None:
+            upstream = [a for a in after if a in self.rebuilt]
+            why = f"{upstream[0]}, which it was made from, was rebuilt" if upstream else None
+        if why is None:
+            why = changed_on_disk(folder, marker, rec, rel=rel, deep=self.verify)
+        if why is None and needs_refresh(folder, marker, rec):
+            # the same content with new times (copied, touched): refresh the fast check
+            self._write_record(name, folder, marker, {k: v for k, v in rec.items() if k not in ("stats", "files")})
+        return why
 
     def upstream_key(self, folder: Path) -> str:
         """What a downstream stage depends on: the upstream files' content, not its timestamps."""
@@ -192,6 +235,41 @@ class Runner:
             usable.append(t)
         return usable, skipped
 
+    # ------------------------------------------------------------------ the output folder
+    def folders(self) -> list[tuple[str, Path, str]]:
+        """(stage, folder, marker file) of every stage the plan writes, in order."""
+        r, out = self.r, self.out
+        qname = r.quant.name
+        folders = [("export/fp32", out / "export" / "fp32", MANIFEST)]
+        if r.reference_dtype == Precision.FP16:
+            folders.append(("export/fp16", out / "export" / "fp16", MANIFEST))
+        folders.append((f"quantized/{qname}", out / "quantized" / qname, MANIFEST))
+        reports = [qname] if r.reports in ("all", "quantized") else []
+        for t in self.planned[0]:
+            folders.append((f"engines/{t.name}", out / "engines" / t.name, MANIFEST))
+            if backend_for_target(t).runs_parity and r.reports in ("all", "builds"):
+                reports.append(f"{qname}-{t.name}")
+        return folders + [(f"reports/{n}", out / "reports" / n, REPORT) for n in reports]
+
+    def inputs(self) -> list[tuple[str, Path]]:
+        """What the run reads from outside OUT: (what, path)."""
+        r = self.r
+        found: list[tuple[str, Path]] = [("model folder", r.model_dir)]
+        found += [("calibration data", Path(p)) for p in r.calib_data]
+        found += [("parity data", Path(p)) for p in r.parity_data]
+        if r.ranges:
+            found.append(("ranges file", Path(r.ranges)))
+        if isinstance(r.thresholds, str) and Path(r.thresholds).is_file():
+            found.append(("thresholds file", Path(r.thresholds)))
+        for key in ("reference", "text"):
+            if r.checkpoint.get(key):
+                found.append((f"checkpoint.{key}", Path(r.checkpoint[key])))
+        return found
+
+    def check_out(self) -> None:
+        """Every check of OUT that needs no work (trtforge.pipeline_out.check_out)."""
+        check_out(self.out, self.inputs(), self.folders(), self._record)
+
     # ------------------------------------------------------------------ stages
     def run(self) -> dict:
         r, out = self.r, self.out
@@ -228,10 +306,11 @@ class Runner:
         def quantize_to(folder: Path) -> None:
             quantize(exp32, quant, folder, calib=r.calib_data or None, ranges=r.ranges, force=True)
 
-        self.stage(f"quantized/{quant.name}", qdir, {"upstream": self.upstream_key(exp32), "recipe": quant.to_dict(), **data_key},
-                   quantize_to)
+        qname = f"quantized/{quant.name}"
+        self.stage(qname, qdir, {"upstream": self.upstream_key(exp32), "recipe": quant.to_dict(), **data_key},
+                   quantize_to, after=("export/fp32",))
 
-        built: list[tuple[str, Path]] = []
+        built: list[tuple[str, Path, str]] = []
         for t in targets:
             backend = backend_for_target(t)
             opts = self.options[backend.name]
@@ -243,23 +322,23 @@ class Runner:
                 return {} if backend.runs_parity else {"summary": backend.summary(art)}
 
             self.stage(f"engines/{t.name}", edir, {"upstream": self.upstream_key(qdir), "options": opts.to_json(), "target": t.name},
-                       build_to)
+                       build_to, after=(qname,))
             if backend.runs_parity:
-                built.append((t.name, edir))
+                built.append((t.name, edir, f"engines/{t.name}"))
         for res in self.skipped_stages():
             self.stages.append(res)
             log.warning("stage %s: skipped (%s)", res.name, res.detail, extra={"stage": res.name, "event": "skipped"})
 
-        candidates: list[tuple[str, Path]] = []
+        candidates: list[tuple[str, Path, str]] = []
         if r.reports in ("all", "quantized"):
-            candidates.append((quant.name, qdir))
+            candidates.append((quant.name, qdir, qname))
         if r.reports in ("all", "builds"):
-            candidates += [(f"{quant.name}-{n}", d) for n, d in built]
-        for rep_name, cand in candidates:
-            self._parity(rep_name, ref_dir, cand)
+            candidates += [(f"{quant.name}-{n}", d, stage) for n, d, stage in built]
+        for rep_name, cand, cand_stage in candidates:
+            self._parity(rep_name, ref_dir, cand, after=(f"export/{r.reference_dtype}", cand_stage))
         return self.manifest()
 
-    def _parity(self, name: str, ref: Path, cand: Path) -> None:
+    def _parity(self, name: str, ref: Path, cand: Path, after: tuple[str, ...] = ()) -> None:
         r = self.r
         data_key = {str(p): sha256_file(p) for p in r.parity_data if p.is_file()}
         key = {"reference": self.upstream_key(ref), "candidate": self.upstream_key(cand), "data": data_key,
@@ -275,7 +354,7 @@ class Runner:
             rep = check_parity(ref, cand, r.parity_data or None, thresholds, folder, per_layer=r.per_layer, force=True)
             return {"passed": rep.passed, "failures": [f.to_json() for f in rep.failures][:5]}
 
-        res = self.stage(f"reports/{name}", self.out / "reports" / name, key, run, marker="report.json")
+        res = self.stage(f"reports/{name}", self.out / "reports" / name, key, run, marker=REPORT, after=after)
         if not res.extra.get("passed", False):
             log.warning("parity %s: FAILED (%s)", name, "; ".join(f.get("message", str(f)) for f in res.extra.get("failures", [])[:2]))
 
@@ -329,19 +408,23 @@ class Runner:
 
 
 def run(recipe: str | Path | dict | PipelineRecipe, out: str | Path | None = None, *, sets: list[str] | tuple[str, ...] = (),
-        skip_unavailable_targets: bool = False) -> dict:
+        skip_unavailable_targets: bool = False, verify: bool = False) -> dict:
     """Run the whole build step; returns the top-level manifest (also written to OUT/manifest.json).
 
-    Raises TrtforgeError for problems found before any work; a stage that fails later is
-    recorded in the manifest (verdict "failed", the error) and re-raised.
+    ``verify``: hash every file of every cached stage (default: only files whose size or
+    modification time differs from the record). Raises TrtforgeError for problems found before
+    any work (nothing is written then); a stage that fails later is recorded in the manifest
+    (verdict "failed", the error) and re-raised.
     """
     r = recipe if isinstance(recipe, PipelineRecipe) else load_pipeline_recipe(recipe, sets)
     out_dir = Path(out or r.out or "trtforge-out").expanduser().resolve()
-    runner = Runner(r, out_dir, skip_unavailable_targets=skip_unavailable_targets)
+    runner = Runner(r, out_dir, skip_unavailable_targets=skip_unavailable_targets, verify=verify)
     runner.preflight()  # refusals happen before anything is written
-    if out_dir.exists() and not out_dir.is_dir():
-        raise TrtforgeError(f"output path {out_dir} is a file", "choose another -o")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    runner.check_out()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise os_error(exc, f"creating {out_dir}") from None
     with lock(out_dir):
         try:
             m = runner.run()

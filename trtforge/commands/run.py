@@ -20,13 +20,19 @@ from trtforge.pipeline_recipe import PRESET_DIR, preset_names, preset_path
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a recipe key, e.g. --set quantize.alpha=0.8.")
 @click.option("--skip-unavailable-targets", is_flag=True,
               help="Skip GPU targets this machine cannot build (no TensorRT/GPU) instead of refusing; the manifest lists them.")
+@click.option("--verify", is_flag=True,
+              help="Hash every file of every cached stage before reusing it (default: files whose size or "
+                   "modification time changed); a stage whose files differ from its record is rebuilt.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.pass_context
 def run_cmd(ctx: click.Context, recipe: str, out: Path | None, sets: tuple[str, ...], skip_unavailable_targets: bool,
-            as_json: bool) -> None:
-    """Export, quantize, build and check parity from RECIPE (a TOML file or a preset name)."""
+            verify: bool, as_json: bool) -> None:
+    """Export, quantize, build and check parity from RECIPE (a TOML file or a preset name).
+
+    OUT must be new, empty or an earlier run's output (its stages are reused when unchanged);
+    a folder of other files, or one inside or holding the run's inputs, is refused."""
     try:
-        m = run(recipe, out, sets=sets, skip_unavailable_targets=skip_unavailable_targets)
+        m = run(recipe, out, sets=sets, skip_unavailable_targets=skip_unavailable_targets, verify=verify)
     except KeyboardInterrupt:
         click.echo("interrupted: completed stages are kept; run the same command again to resume", err=True)
         ctx.exit(130)
