@@ -54,7 +54,7 @@ from trtforge.engines.targets import Target, resolve_target
 from trtforge.errors import LockedError, OptionError, RecipeError, TargetError, TrtforgeError
 from trtforge.exporter import DType, ExportOptions, export_onnx, inspect_source
 from trtforge.manifest import MANIFEST, Manifest
-from trtforge.parity import Thresholds, check_parity
+from trtforge.parity import Thresholds, check_parity, load_prompts
 from trtforge.pipeline_out import REPORT, STATE, changed_on_disk, check_out, needs_refresh, with_file_checks
 from trtforge.pipeline_recipe import PipelineRecipe, load_pipeline_recipe
 from trtforge.vocab import Precision, Task
@@ -194,6 +194,8 @@ class Runner:
         for p in [*r.calib_data, *r.parity_data, *([r.ranges] if r.ranges else [])]:
             if not Path(p).exists():
                 raise TrtforgeError(f"data file {p} does not exist", "check calibration.data / parity.data in the recipe")
+        if r.raw.get("parity", {}).get("prompts"):  # every line of [parity] prompts checked before any work
+            load_prompts(r.raw["parity"]["prompts"])
 
     def _recipe_errors(self, backend: Backend, fn: Callable[[], Any]) -> Any:
         """Run ``fn``; option errors name the recipe table and key that set the option."""
@@ -341,8 +343,10 @@ class Runner:
     def _parity(self, name: str, ref: Path, cand: Path, after: tuple[str, ...] = ()) -> None:
         r = self.r
         data_key = {str(p): sha256_file(p) for p in r.parity_data if p.is_file()}
+        prompts = r.raw.get("parity", {}).get("prompts")  # a path, resolved against the recipe's folder
         key = {"reference": self.upstream_key(ref), "candidate": self.upstream_key(cand), "data": data_key,
-               "thresholds": r.thresholds, "per_layer": r.per_layer}
+               "thresholds": r.thresholds, "per_layer": r.per_layer,
+               **({"prompts": sha256_file(prompts)} if prompts and Path(prompts).is_file() else {})}
 
         thresholds = r.thresholds
         if isinstance(thresholds, dict):  # an inline [parity.thresholds] table: preset + limits
@@ -351,7 +355,8 @@ class Runner:
             thresholds = Thresholds(f"{base.name if base else 'recipe'}+recipe", {**(base.limits if base else {}), **limits}, "recipe")
 
         def run(folder: Path) -> dict:
-            rep = check_parity(ref, cand, r.parity_data or None, thresholds, folder, per_layer=r.per_layer, force=True)
+            rep = check_parity(ref, cand, r.parity_data or None, thresholds, folder, per_layer=r.per_layer, force=True,
+                               prompts=prompts)
             return {"passed": rep.passed, "failures": [f.to_json() for f in rep.failures][:5]}
 
         res = self.stage(f"reports/{name}", self.out / "reports" / name, key, run, marker=REPORT, after=after)

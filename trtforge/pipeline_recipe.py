@@ -41,10 +41,11 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     "checkpoint": {"dtype": (str,), "fp8_scheme": (str,), "max_shard_size": (str,), "parity": (bool,),
                    "reference": (str,), "text": (str,), "max_samples": (int,),
                    "max_ppl_change_pct": (int, float)},
-    "parity": {"data": (list, str), "thresholds": (str, dict), "per_layer": (bool,), "reports": (str,)},
+    "parity": {"data": (list, str), "thresholds": (str, dict), "per_layer": (bool,), "reports": (str,),
+               "prompts": (str,)},
     "output": {"dir": (str,)},
 }
-PATH_KEYS = {("model", "path"), ("calibration", "data"), ("calibration", "ranges"), ("parity", "data"), ("output", "dir"),
+PATH_KEYS = {("model", "path"), ("calibration", "data"), ("calibration", "ranges"), ("parity", "data"), ("parity", "prompts"), ("output", "dir"),
              ("checkpoint", "reference"), ("checkpoint", "text")}
 CALIB_TO_RECIPE = {"num_samples": "num_samples", "seq_len": "seq_len", "mode": "calib_mode", "text_field": "text_field",
                    "seed": "seed", "batch_size": "batch_size"}

@@ -354,3 +354,50 @@ def test_prompts_need_a_causal_lm_and_per_layer_category_needs_per_layer(bert, l
     assert info.value.fields == ("max_new_tokens",)
     assert run("parity", "--reference", "x", "--candidate", "x", "-o", "y", "--max-new-tokens", "0").exit_code == 2
     assert not (tmp_path / "r").exists() and not leftovers(tmp_path)
+
+
+def test_a_run_recipe_takes_prompts_relative_to_its_folder(tiny_model, tmp_path):
+    """`[parity] prompts` in a run recipe: resolved against the recipe's folder, checked line by line
+    before any work, and passed to every parity report (prompts only: task metrics)."""
+    import trtforge
+    from trtforge.pipeline_recipe import load_pipeline_recipe
+
+    from ..conftest import DATA  # noqa: TID252
+
+    folder = tmp_path / "recipe"
+    folder.mkdir()
+    small_prompts(folder / "tasks.jsonl", per_category=1)
+    recipe = folder / "r.toml"
+    recipe.write_text(f"""
+[model]
+path = "{tiny_model("llama")}"
+task = "causal-lm-with-past"
+
+[calibration]
+data = ["{DATA / 'calib-mpl-lgpl.txt'}"]
+num_samples = 8
+seq_len = 32
+
+[quantize]
+recipe = "int8-sq"
+
+[parity]
+prompts = "tasks.jsonl"
+reports = "quantized"
+""")
+    assert load_pipeline_recipe(recipe).raw["parity"]["prompts"] == str(folder / "tasks.jsonl")
+    (folder / "bad.jsonl").write_text('{"prompt": "x", "category": "math"}\n{"prompt": "y"}\n')
+    r = run("-q", "run", recipe, "-o", tmp_path / "bad", "--set", "parity.prompts=" + str(folder / "bad.jsonl"))
+    _one_line_error(r, "bad.jsonl:2 has no 'category'")
+    assert not (tmp_path / "bad").exists()
+
+    m = trtforge.run(recipe, tmp_path / "out")
+    report = json.loads((tmp_path / "out" / "reports" / "int8-sq" / "report.json").read_text())
+    assert set(report["tasks"]["categories"]) == {"math", "code", "reasoning", "chat"} and report["data"] is None
+    assert m["exit_code"] == (0 if report["passed"] else 1)
+    # the prompts are part of the report's cache key: other prompts, a new report; nothing else reruns
+    small_prompts(folder / "tasks.jsonl", per_category=2)
+    again = {s["name"]: s["status"] for s in trtforge.run(recipe, tmp_path / "out")["stages"]}
+    assert again["reports/int8-sq"] == "done" and again["quantized/int8-sq"] == "cached"
+    report = json.loads((tmp_path / "out" / "reports" / "int8-sq" / "report.json").read_text())
+    assert report["tasks"]["prompts_file"]["num_prompts"] == 8
