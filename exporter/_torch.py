@@ -276,7 +276,7 @@ def attach_parameters(proto: onnx.ModelProto, wrapper: torch.nn.Module, real_inp
     MatMul's module path in its node name. Shapes must match exactly. Returns False (and changes
     nothing) if any input cannot be resolved.
     """
-    from onnx import numpy_helper
+    from onnx import helper, numpy_helper
 
     # remove_duplicate=False: a tied lm_head is the embedding Parameter under a second name
     named = dict(wrapper.named_parameters(remove_duplicate=False)) | dict(wrapper.named_buffers(remove_duplicate=False))
@@ -305,7 +305,14 @@ def attach_parameters(proto: onnx.ModelProto, wrapper: torch.nn.Module, real_inp
     g = proto.graph
     keep = [i for i in g.input if i.name in real_inputs]
     for name, arr in resolved.items():
-        g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        # Built in place: appending a finished TensorProto copies it once more, and tobytes()
+        # writes a transposed view in C order itself, so no contiguous copy comes first either
+        # (for Gemma 3's tied 262k-token lm_head each of those is 671 MB).
+        t = g.initializer.add()
+        t.name = name
+        t.data_type = helper.np_dtype_to_tensor_dtype(arr.dtype)
+        t.dims.extend(arr.shape)
+        t.raw_data = numpy_helper.tobytes_little_endian(arr)
     del g.input[:]
     g.input.extend(keep)
     return True
