@@ -39,6 +39,7 @@ from trtforge.engines.profiles import derive_profile
 from trtforge.engines.targets import Target, resolve_target
 from trtforge.errors import InputError
 from trtforge.manifest import MANIFEST, Manifest, Upstream
+from trtforge.onnx_io import load_model
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def plan_build(art: OnnxArtifact, target: Target, options: BuildOptions, *,
     """The plan of an ONNX-consuming backend: options, precision vs target, the backend's own
     graph checks (no weights loaded), the shape profile."""
     options.check(target)
-    model = onnx.load(str(art.model_path), load_external_data=False)
+    model = load_model(art.model_path, load_external_data=False)
     info = detect_precision(art.manifest, model)
     check_target(target, info)
     for check in graph_checks:

@@ -125,10 +125,15 @@ def write_json(path: Path, obj: Any) -> None:
     """Write JSON via a temporary file and rename, so readers never see half a file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, default=_json_default, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, default=_json_default, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, Ctrl-C, an object JSON cannot hold: no half file left behind
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def _json_default(o: Any) -> Any:

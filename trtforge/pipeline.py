@@ -86,9 +86,12 @@ class StageResult:
 def lock(out: Path) -> Iterator[None]:
     """Exclusive lock on OUT; a second run into the same folder refuses at once."""
     state = out / STATE
-    state.mkdir(parents=True, exist_ok=True)
     path = state / "lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise os_error(exc, f"creating the lock {path}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -122,8 +125,16 @@ class Runner:
         return self.out / STATE / "stages" / (name.replace("/", "__") + ".json")
 
     def _record(self, name: str) -> dict | None:
+        """The stage's record of an earlier run; a damaged one counts as none (the stage reruns)."""
         path = self._record_path(name)
-        return read_json(path, "stage record") if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            rec = read_json(path, "stage record")
+        except TrtforgeError as exc:
+            log.warning("ignoring the stage record %s: %s", path, exc.problem)
+            return None
+        return rec if isinstance(rec, dict) else None
 
     def stage(self, name: str, folder: Path, key_parts: dict, fn: Callable[[Path], object],
               marker: str = MANIFEST, after: tuple[str, ...] = ()) -> StageResult:
@@ -434,10 +445,26 @@ def run(recipe: str | Path | dict | PipelineRecipe, out: str | Path | None = Non
         try:
             m = runner.run()
         except KeyboardInterrupt:
-            write_json(out_dir / "manifest.json", runner.manifest(interrupted=True))
+            _write_after_failure(out_dir, runner.manifest(interrupted=True))
             raise
         except TrtforgeError as exc:
-            write_json(out_dir / "manifest.json", runner.manifest(error=exc.one_line()))
+            _write_after_failure(out_dir, runner.manifest(error=exc.one_line()))
             raise
-        write_json(out_dir / "manifest.json", m)
+        except OSError as exc:  # a stage record or the lock's folder: a full or read-only disk
+            err = os_error(exc, f"writing {out_dir}")
+            _write_after_failure(out_dir, runner.manifest(error=err.one_line()))
+            raise err from exc
+        try:
+            write_json(out_dir / MANIFEST, m)
+        except OSError as exc:
+            raise os_error(exc, f"writing {out_dir / MANIFEST}") from exc
         return m
+
+
+def _write_after_failure(out_dir: Path, manifest: dict) -> None:
+    """Record how the run ended; on a full or read-only disk that may fail too, and then the
+    error that stopped the run is the one to report (this one is logged)."""
+    try:
+        write_json(out_dir / MANIFEST, manifest)
+    except OSError as exc:
+        log.warning("could not write %s: %s", out_dir / MANIFEST, exc.strerror or exc)

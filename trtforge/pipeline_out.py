@@ -108,7 +108,8 @@ def _foreign(out: Path, folder: Path, marker: str, rec: dict | None) -> str | No
         allowed = None
     if allowed is None:
         return f"{folder} holds files but no {marker} trtforge wrote"
-    allowed |= set((rec or {}).get("files") or {})
+    recorded = (rec or {}).get("files")
+    allowed |= set(recorded) if isinstance(recorded, dict) else set()
     extra = [f for f in files if f not in allowed]
     if extra:
         more = f" (+{len(extra) - 1} more)" if len(extra) > 1 else ""
@@ -127,7 +128,8 @@ def with_file_checks(folder: Path, marker: str, rec: dict) -> dict:
 def _table(folder: Path, marker: str, rec: dict) -> dict[str, str] | None:
     if marker == MANIFEST:
         return Manifest.read(folder / MANIFEST).files
-    return rec.get("files")  # None: a report recorded before file tables were (report.json's hash is all there is)
+    files = rec.get("files")  # None: a report recorded before file tables were (report.json's hash is all there is)
+    return files if isinstance(files, dict) else None
 
 
 def changed_on_disk(folder: Path, marker: str, rec: dict, *, rel: str, deep: bool = False,
@@ -143,7 +145,8 @@ def changed_on_disk(folder: Path, marker: str, rec: dict, *, rel: str, deep: boo
     table = _table(folder, marker, rec)
     if table is None:
         return None
-    problems = verify_files(folder, table, rec.get("stats"), deep=deep)
+    stats = rec.get("stats")
+    problems = verify_files(folder, table, stats if isinstance(stats, dict) else None, deep=deep)
     if problems:
         more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
         return f"{rel}/{problems[0]}{more}"

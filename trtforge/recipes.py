@@ -27,9 +27,11 @@ else:  # pragma: no cover
 def read_recipe_file(path: str | Path) -> tuple[dict, str]:
     """Parse a TOML or YAML file; returns (data, text). Syntax errors name file and line."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise RecipeError(f"recipe file {path} is a folder", "pass the recipe file (TOML or YAML), or name a preset")
     if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist", "check the path, or name a preset")
-    text = path.read_text(encoding="utf-8")
+    text = _recipe_text(path)
     if path.suffix.lower() in (".yaml", ".yml"):
         yaml = require("yaml")
         try:
@@ -46,6 +48,23 @@ def read_recipe_file(path: str | Path) -> tuple[dict, str]:
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: the top level must be a table of keys", "write key = value lines")
     return data, text
+
+
+_BOMS = ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+
+
+def _recipe_text(path: Path) -> str:
+    """The recipe as text: UTF-8, or what its byte-order mark says; one-line errors otherwise."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RecipeError(f"recipe file {path} cannot be read: {exc.strerror or exc}", "check its permissions") from None
+    codec = next((c for bom, c in _BOMS if data.startswith(bom)), "utf-8")
+    try:
+        return data.decode(codec)
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"recipe file {path} is not {codec.upper()} text (byte 0x{data[exc.start]:02x} at offset "
+                          f"{exc.start})", f"re-save it as UTF-8, e.g. iconv -f latin1 -t utf-8 {path.name}") from None
 
 
 def key_line(text: str, key: str, table: str | None = None) -> int | None:

@@ -185,6 +185,16 @@ def test_a_changed_report_or_a_missing_file_is_rebuilt(finished, tmp_path, recip
     assert set(statuses(m).values()) == {"cached"}
 
 
+def test_a_damaged_stage_record_counts_as_none(finished, tmp_path, recipe):
+    out = copy_of(finished, tmp_path)
+    (out / ".trtforge" / "stages" / "export__fp32.json").write_text("{not json")
+    r = CliRunner().invoke(main, ["run", str(recipe), "-o", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    assert "ignoring the stage record" in r.stderr
+    assert statuses(json.loads(r.stdout))["export/fp32"] == "done"
+    assert set(statuses(trtforge.run(recipe, out)).values()) == {"cached"}
+
+
 def test_refusals_are_input_errors(recipe, tmp_path):
     out = tmp_path / "o"
     out.mkdir()

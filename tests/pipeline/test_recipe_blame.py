@@ -80,3 +80,9 @@ def test_quantize_recipe_files_and_set(tmp_path):
     with pytest.raises(RecipeError, match=r"^--set alpha=high: alpha must be a number"):
         load_quant_recipe("int8-sq", ["alpha=high"])
     assert load_quant_recipe(str(f), ["alpha=0.7"]).alpha == 0.7
+
+
+def test_a_utf16_recipe_is_read_by_its_byte_order_mark(tmp_path):
+    p = tmp_path / "r.toml"
+    p.write_bytes(RECIPE.format(calib="", quant="alpha = 0.7").encode("utf-16"))
+    assert load_pipeline_recipe(p).quant.alpha == 0.7
