@@ -193,11 +193,60 @@ def fold_plus_one_norms(model: torch.nn.Module) -> int:
     return len(targets)
 
 
+class LongRopeRotary(torch.nn.Module):
+    """``longrope`` rotary embeddings (Phi-3 128k, Phi-3.5-mini, Phi-4-mini) without the in-place
+    buffer update transformers does (``inv_freq.copy_(...)``, which ONNX cannot express).
+
+    transformers picks the long or the short frequencies from ``max(position_ids) + 1`` of the
+    current call; so does this, with ``torch.where`` in the graph (cached keys keep the rotation
+    they were computed with, as in transformers).
+    """
+
+    def __init__(self, rotary: torch.nn.Module, long_inv_freq: torch.Tensor, original_max: int) -> None:
+        super().__init__()
+        self.register_buffer("short_inv_freq", rotary.original_inv_freq.detach().clone().float(), persistent=False)
+        self.register_buffer("long_inv_freq", long_inv_freq.detach().clone().float(), persistent=False)
+        self.original_max = int(original_max)
+        self.attention_scaling = float(rotary.attention_scaling)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seq_len = torch.max(position_ids) + 1
+        inv_freq = torch.where(seq_len > self.original_max, self.long_inv_freq, self.short_inv_freq)
+        freqs = position_ids[..., None].float() * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+
+
+def replace_longrope(model: torch.nn.Module) -> int:
+    """Swap every single-kind ``longrope`` rotary module for :class:`LongRopeRotary`, each checked
+    against the original below and above ``original_max_position_embeddings``."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    targets = [(n, m) for n, m in model.named_modules()
+               if getattr(m, "rope_type", None) == "longrope" and hasattr(m, "original_inv_freq")]
+    for name, mod in targets:
+        original_max = mod.config.rope_parameters["original_max_position_embeddings"]
+        long_inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](mod.config, None, seq_len=original_max + 1)
+        new = LongRopeRotary(mod, long_inv_freq, original_max)
+        x = torch.zeros(1, 1, 1)
+        with torch.no_grad():
+            for n in (original_max // 2, original_max + 8):
+                pos = torch.arange(n)[None]
+                if not all(torch.allclose(a, b, rtol=1e-6, atol=1e-6) for a, b in zip(mod(x, pos), new(x, pos))):
+                    raise ExportError(f"rotary embedding {name} ({type(mod).__name__}) does not match trtforge's "
+                                      "traceable longrope", "report this with the model's config.json")
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
+    return len(targets)
+
+
 def build_wrapper(model: torch.nn.Module, arch: Architecture, task: Task, input_names: list[str],
                   num_layers: int) -> torch.nn.Module:
     """The architecture's export wrapper (``Architecture.wrapper``) around the loaded model."""
     if arch.norm == NormKind.RMSNORM_PLUS_ONE:
         log.debug("folded %d (1 + w) norms into weight_plus_one parameters", fold_plus_one_norms(model))
+    if arch.is_decoder and replace_longrope(model):
+        log.debug("longrope rotary embeddings replaced by a traceable equivalent")
     if arch.wrapper == "causal-lm":
         w: torch.nn.Module = CausalLMWrapper(model, num_layers, task == Task.CAUSAL_LM_WITH_PAST)
     elif arch.wrapper == "encoder":

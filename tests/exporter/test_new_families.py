@@ -85,6 +85,24 @@ def test_greedy_decoding_through_the_cache_equals_generate(exported, tiny_model,
     assert (got.tokens == want.tokens).all()
 
 
+@pytest.mark.parametrize("prompt_len", [28, 40])  # crosses the 32-position switch while decoding / in the prompt
+def test_phi3_longrope_switches_frequencies_like_transformers(exported, tiny_model, prompt_len):
+    """Phi-4-mini's longrope: transformers updates a buffer in place (no ONNX op); the export's
+    equivalent picks short or long frequencies from max(position_ids) in the graph."""
+    art = exported("phi3-longrope")
+    tok = transformers.AutoTokenizer.from_pretrained(str(art.path))
+    text = " ".join(TEXTS * 8)
+    ids = np.array([tok(text)["input_ids"][:prompt_len]])
+    assert ids.shape[1] == prompt_len
+    mask = np.ones_like(ids)
+    model = _torch_model(tiny_model("phi3-longrope"))
+    want = torch_greedy(model, ids, mask, STEPS, art.manifest["io"]["pad_token_id"])
+    got = onnx_greedy(_session(art), ids, mask, STEPS)
+    for step in range(STEPS):
+        np.testing.assert_allclose(got.logits[step], want.logits[step], atol=1e-4, rtol=1e-4, err_msg=f"step {step}")
+    assert (got.tokens == want.tokens).all()
+
+
 def test_gemma_window_is_applied_and_the_exported_cache_is_full_length(exported, tiny_model):
     """The tiny window changes the model's output (so the decoding test above tests it), and the
     export keeps every position of a sliding layer where transformers' cache keeps window - 1."""

@@ -4,8 +4,10 @@ Attention reads one fused ``self_attn.qkv_proj`` GEMM whose output is sliced int
 (q first, then k, then v: ``[heads*hd | kv_heads*hd | kv_heads*hd]``); the MLP reads one fused
 ``mlp.gate_up_proj`` GEMM whose output is split in half (gate first, then up) and combined as
 ``up * silu(gate)``. Each is one GEMM reading one norm, so each smoothing group is one weight.
-Partial rotary embeddings (Phi-4-mini: 0.75 of head_dim) and a config ``sliding_window`` (the
-window as a mask in the graph, cache at full length) are exported as transformers computes them.
+Partial rotary embeddings (Phi-4-mini: 0.75 of head_dim), ``longrope`` scaling (a traceable
+equivalent of transformers' in-place frequency switch, exporter/_torch.py) and a config
+``sliding_window`` (the window as a mask in the graph, cache at full length) are exported as
+transformers computes them.
 """
 
 from __future__ import annotations

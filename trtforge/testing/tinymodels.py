@@ -47,6 +47,16 @@ PRESETS: dict[str, tuple[str, dict, str]] = {
                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                            "partial_rotary_factor": 0.75},
                           tie_word_embeddings=False), "lm"),
+    # Phi-4-mini's rotary: longrope (short factors up to original_max_position_embeddings, long ones
+    # past it; here 32 positions, so test prompts cross it) on 0.75 of head_dim
+    "phi3-longrope": ("phi3", dict(hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=6,
+                                   num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0,
+                                   rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                                    "partial_rotary_factor": 0.75,
+                                                    "original_max_position_embeddings": 32,
+                                                    "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0],
+                                                    "short_factor": [1.0, 1.0, 1.1, 1.2, 1.3, 1.4]},
+                                   tie_word_embeddings=False), "lm"),
     # Gemma 3's layer mix in small: a 4-token window (so test prompts run past it), sliding and
     # full layers with their own RoPE bases, head_dim 32 with query_pre_attn_scalar 24 (the
     # attention scale is not head_dim ** -0.5), (1 + w) norms, QK-norm, scaled tied embeddings
