@@ -203,7 +203,16 @@ def _norm(sentence: str) -> str:
 
 
 def calibration_overlap(data: EvalData, candidate: ModelSide) -> dict[str, Any]:
-    """Compare the evaluation data with the calibration data the candidate records."""
+    """Compare the evaluation data with the calibration data the candidate records (its own
+    manifest or, for a build, the quantize manifest it came from).
+
+    By content first: the calibration record's ``files`` (absolute path and sha256 of every file
+    read, written since the quantize stage records them) are compared by hash with the
+    evaluation files, so neither a different working folder (relative paths) nor a copy under
+    another name hides an overlap. Then by text: calibration files that can be read here are
+    split into sentences, and 5 % or more of the evaluation sentences in one file is an
+    overlap. Older records list only ``sources`` (paths as given, maybe relative): those are
+    read relative to this folder when they exist, else reported as not compared."""
     q = candidate.quantization
     if not q:
         return {"checked": False, "overlaps": False, "reasons": [], "note": "the candidate is not quantized"}
@@ -214,42 +223,56 @@ def calibration_overlap(data: EvalData, candidate: ModelSide) -> dict[str, Any]:
     ours = {s["sha256"]: s["path"] for s in data.description["sources"]}
     our_paths = {s["path"] for s in data.description["sources"]}
     ours_norm = {_norm(s) for s in data.sentences if len(s.split()) >= 5}
-    unreadable = []
-    for entry in calib.get("sources") or []:
-        raw = entry.get("path") if isinstance(entry, dict) else entry
-        if not isinstance(raw, str):
-            continue
-        recorded = entry.get("sha256") if isinstance(entry, dict) else None
-        given = Path(raw.split(":")[0]).expanduser()  # JSONL sources are recorded as path:line
-        if not given.exists():
+    readable: list[Path] = []
+    unreadable: list[str] = []
+    files = [f for f in calib.get("files") or [] if isinstance(f, dict) and f.get("sha256")]
+    for f in files:
+        path = Path(str(f.get("path")))
+        if str(path) in our_paths:
+            reasons.append(f"{path} is both calibration and evaluation data")
+        elif f["sha256"] in ours:
+            reasons.append(f"evaluation file {ours[f['sha256']]} has the same content as calibration file {path}")
+        elif path.is_file():
+            readable.append(path)
+        else:
+            unreadable.append(str(path))
+    if not files:  # an older record: paths as given to the quantize stage
+        for entry in calib.get("sources") or []:
+            raw = entry.get("path") if isinstance(entry, dict) else entry
+            if not isinstance(raw, str):
+                continue
+            recorded = entry.get("sha256") if isinstance(entry, dict) else None
+            given = Path(raw.split(":")[0]).expanduser()  # JSONL sources are recorded as path:line
             if recorded and recorded in ours:
                 reasons.append(f"evaluation file {ours[recorded]} has the same content as calibration file {given}")
+            elif given.exists():
+                readable += _expand([given])
             else:
                 unreadable.append(str(given))
+    for path in readable:
+        if str(path.resolve()) in our_paths:
+            reasons.append(f"{path} is both calibration and evaluation data")
             continue
-        for path in _expand([given]):
-            if str(path.resolve()) in our_paths:
-                reasons.append(f"{path} is both calibration and evaluation data")
-                continue
-            digest = sha256_file(path)
-            if digest in ours:
-                reasons.append(f"evaluation file {ours[digest]} has the same content as calibration file {path}")
-                continue
-            if not ours_norm:
-                continue
-            try:
-                theirs = {_norm(s) for d in read_documents([path]) for s in split_sentences(d.text)}
-            except InputError:
-                continue
-            shared = len(ours_norm & theirs)
-            if shared and shared / len(ours_norm) >= 0.05:
-                reasons.append(f"{shared} of {len(ours_norm)} evaluation sentences also appear in calibration file {path}")
-    out: dict[str, Any] = {"checked": True, "overlaps": bool(reasons), "reasons": reasons,
+        digest = sha256_file(path)
+        if digest in ours:
+            reasons.append(f"evaluation file {ours[digest]} has the same content as calibration file {path}")
+            continue
+        if not ours_norm:
+            continue
+        try:
+            theirs = {_norm(s) for d in read_documents([path]) for s in split_sentences(d.text)}
+        except InputError:
+            continue
+        shared = len(ours_norm & theirs)
+        if shared and shared / len(ours_norm) >= 0.05:
+            reasons.append(f"{shared} of {len(ours_norm)} evaluation sentences also appear in calibration file {path}")
+    out: dict[str, Any] = {"checked": True, "overlaps": bool(reasons), "reasons": list(dict.fromkeys(reasons)),
                            "calibration_sha256": calib.get("sha256"),
                            "calibration_sources": [e.get("path") if isinstance(e, dict) else e
                                                    for e in calib.get("sources") or []]}
     if unreadable:
-        out["note"] = f"calibration file(s) not found here, compared by hash only: {', '.join(unreadable)}"
-    for r in reasons:
+        how = "compared by content hash only" if files else "not compared (no content hash recorded)"
+        out["note"] = f"calibration file(s) not found here, {how}: {', '.join(unreadable)}"
+    for r in out["reasons"]:
         log.warning("evaluation data overlaps calibration data: %s", r)
     return out

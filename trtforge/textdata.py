@@ -43,6 +43,9 @@ class Samples:
     sources: list[str]
     notes: list[str] = field(default_factory=list)
     token_type_ids: list[np.ndarray] | None = None
+    # every text file read, absolute path and sha256: lets parity recognise its evaluation data
+    # as calibration data by content, whatever folder either ran from
+    files: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def sha256(self) -> str:
@@ -66,6 +69,7 @@ class Samples:
             "max_len": max(lengths) if lengths else 0,
             "sha256": self.sha256,
             "sources": self.sources,
+            "files": self.files,
             "notes": self.notes,
         }
 
@@ -74,8 +78,8 @@ class Samples:
         k = max(0, len(self.ids) - holdout)
         tt = self.token_type_ids
         return (
-            Samples(self.ids[:k], self.mode, self.sources, self.notes, tt[:k] if tt else None),
-            Samples(self.ids[k:], self.mode, self.sources, self.notes, tt[k:] if tt else None),
+            Samples(self.ids[:k], self.mode, self.sources, self.notes, tt[:k] if tt else None, self.files),
+            Samples(self.ids[k:], self.mode, self.sources, self.notes, tt[k:] if tt else None, self.files),
         )
 
 
@@ -223,6 +227,7 @@ def build_samples(
         log.warning(notes[-1])
         seq_len = max_positions
     sources = sorted({d.source.split(":")[0] for d in docs})
+    files = [{"path": str(Path(x).resolve()), "sha256": _sha256(Path(x))} for x in sources]
     if mode == "windows":
         stream: list[int] = []
         sep = tokenizer.eos_token_id
@@ -245,7 +250,7 @@ def build_samples(
         else:
             picks = np.sort(rng.choice(chunks, size=num_samples, replace=False))
         arr = np.asarray(stream, dtype=np.int64)
-        return Samples([arr[i * seq_len : (i + 1) * seq_len] for i in picks], mode, sources, notes)
+        return Samples([arr[i * seq_len : (i + 1) * seq_len] for i in picks], mode, sources, notes, files=files)
     if mode != "sentences":
         raise InputError(f"unknown calibration mode {mode!r}", "use windows or sentences")
     sentences = [s for d in docs for s in split_sentences(d.text)]
@@ -266,7 +271,15 @@ def build_samples(
     if truncated:
         notes.append(f"{truncated} sentences longer than {seq_len} tokens were truncated")
         log.warning(notes[-1])
-    return Samples(ids, mode, sources, notes, types)
+    return Samples(ids, mode, sources, notes, types, files)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _take(rows: list[np.ndarray], n: int, seed: int, s: Samples, mode: str) -> Samples:
@@ -275,7 +288,7 @@ def _take(rows: list[np.ndarray], n: int, seed: int, s: Samples, mode: str) -> S
         rows = [rows[i] for i in np.sort(rng.choice(len(rows), n, replace=False))]
     elif len(rows) < n:
         s.notes.append(f"the .npz holds {len(rows)} samples, fewer than the {n} asked for; using all")
-    return Samples(rows, mode, s.sources, s.notes)
+    return Samples(rows, mode, s.sources, s.notes, files=s.files)
 
 
 def load_tokenizer(folder: Path):

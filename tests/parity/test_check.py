@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
+from trtforge.cli import main
 from trtforge.parity import check_parity
 
-from .conftest import EVAL_TEXT, copy_artifact, edit_manifest, fast_options
+from ..conftest import leftovers, one_line_error  # noqa: TID252
+from .conftest import EVAL_TEXT, copy_artifact, edit_manifest, fast_options, write_prompts
 
 
 def test_identical_candidate_passes_with_zero_error(bert, tmp_path, validate_report):
@@ -155,3 +159,94 @@ def test_sequence_classification_compares_one_row_per_text(exported, tmp_path, v
     assert lg["num_rows"] == 7 and lg["vocab_size"] == 3 and lg["top1_agreement"] == 1.0
     assert lg["top5_agreement"] is None and not any(c["metric"] == "top5_agreement" for c in report["checks"])
     assert report["perplexity"] is None and report["embeddings"] is None and rep.passed
+
+
+@pytest.fixture(scope="module")
+def bert_calibrated_on_eval_text(bert, tmp_path_factory):
+    """INT8 of the tiny BERT calibrated on a copy of the evaluation text, given by a relative path
+    from a folder of its own (as a user in another shell would), then built for the CPU."""
+    import os
+
+    from trtforge.calibration import get_preset, quantize
+    from trtforge.engines import build
+
+    root = tmp_path_factory.mktemp("calib-cwd")
+    (root / "data").mkdir()
+    (root / "data" / "text.txt").write_text(EVAL_TEXT.read_text())
+    old = os.getcwd()
+    os.chdir(root)
+    try:
+        q = quantize(bert, get_preset("int8").replace(num_samples=8, seq_len=32), root / "q", calib=["data/text.txt"])
+    finally:
+        os.chdir(old)
+    return q, build(q, "cpu", root / "cpu")
+
+
+@pytest.mark.parametrize("side", ["quantized", "build"])
+def test_overlap_is_found_by_content_from_another_folder_and_through_a_build(bert, bert_calibrated_on_eval_text,
+                                                                            tmp_path, monkeypatch, side):
+    """Issue 12: the calibration record's relative path does not resolve here, and a build's own
+    manifest is not the quantize manifest; the content hashes the record keeps still match."""
+    q, cpu = bert_calibrated_on_eval_text
+    assert q.manifest["quantization"]["calibration"]["sources"] == ["data/text.txt"]  # as given: relative
+    files = q.manifest["quantization"]["calibration"]["files"]
+    assert files[0]["path"].endswith("data/text.txt") and len(files[0]["sha256"]) == 64
+    monkeypatch.chdir(tmp_path)  # another folder: data/text.txt does not exist here
+    cand = q.path if side == "quantized" else cpu.path
+    rep = check_parity(bert.path, cand, [EVAL_TEXT], "int8", tmp_path / "r", options=fast_options(num_samples=4))
+    ov = rep.content["data"]["overlap"]
+    assert ov["overlaps"] and "has the same content as calibration file" in ov["reasons"][0], ov
+    assert any("overlaps calibration" in w for w in rep.content["warnings"])
+    # the calibration file moved away: its hash is still compared
+    moved = tmp_path / "moved"
+    copy_artifact(Path(cand), moved)
+    edit_manifest(moved, lambda m: m["quantization"]["calibration"]["files"][0].update(path="/nonexistent/text.txt"))
+    rep = check_parity(bert.path, moved, [EVAL_TEXT], "int8", tmp_path / "r2", options=fast_options(num_samples=4))
+    ov = rep.content["data"]["overlap"]
+    assert ov["overlaps"] and "compared by content hash only" not in ov.get("note", "")
+    # an older record without hashes, from another folder: said, not silently passed
+    edit_manifest(moved, lambda m: m["quantization"]["calibration"].pop("files"))
+    rep = check_parity(bert.path, moved, [EVAL_TEXT], "int8", tmp_path / "r3", options=fast_options(num_samples=4))
+    ov = rep.content["data"]["overlap"]
+    assert not ov["overlaps"] and "not compared (no content hash recorded): data/text.txt" in ov["note"]
+
+
+def test_a_full_disk_while_writing_is_one_line_and_leaves_nothing(bert, llama_fp16, tmp_path, monkeypatch):
+    """Issue 12: ENOSPC from Polygraphy's saved inputs/outputs or from the report files is a one-line
+    error, not a traceback, and the report folder is not left half-written."""
+    import errno
+
+    import polygraphy.util as putil
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    args = ["parity", "--reference", str(bert.path), "--candidate", str(bert.path), "--data", str(EVAL_TEXT),
+            "--num-samples", "4", "--max-len", "24", "--batch-sizes", "1,3"]
+    with monkeypatch.context() as m:
+        m.setattr(putil, "save_file", full)  # Polygraphy's inputs.json / outputs.json
+        line = one_line_error(CliRunner().invoke(main, [*args, "-o", str(tmp_path / "r")]), "No space left on device")
+    assert "free disk space" in line
+    with monkeypatch.context() as m:
+        m.setattr("trtforge.parity.report.render_html", lambda c: full())  # the report files
+        line = one_line_error(CliRunner().invoke(main, [*args, "-o", str(tmp_path / "r")]), "No space left on device")
+    assert "report" in line
+    prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": "One, two,", "category": "count"}])
+    with monkeypatch.context() as m:  # prompts only: no Polygraphy files, the report alone
+        m.setattr("trtforge.parity.report.write_json", full)
+        one_line_error(CliRunner().invoke(main, ["parity", "--reference", str(llama_fp16.path), "--candidate",
+                                                 str(llama_fp16.path), "--prompts", str(prompts), "--max-new-tokens", "2",
+                                                 "-o", str(tmp_path / "r")]), "No space left on device")
+    assert not (tmp_path / "r").exists() and not leftovers(tmp_path)
+
+
+def test_the_report_folder_cannot_be_inside_either_artifact(bert, llama_fp16, tmp_path):
+    """Issue 12: writing the report into (or around) an artifact would mix it with the model's files."""
+    ref = copy_artifact(bert.path, tmp_path / "ref")
+    for out, needle in ((ref / "report", "is inside the input artifact"), (ref, "is the stage's own input"),
+                        (tmp_path, "holds the input artifact")):
+        for role in ("--reference", "--candidate"):
+            other = "--candidate" if role == "--reference" else "--reference"
+            r = CliRunner().invoke(main, ["parity", role, str(ref), other, str(bert.path), "-o", str(out), "--force"])
+            one_line_error(r, needle)
+    assert sorted(p.name for p in ref.iterdir()) == sorted(p.name for p in bert.path.iterdir())
