@@ -31,6 +31,7 @@ from trtforge.parity.decode import DecodeLimits
 from trtforge.parity.gate import Check, evaluate, evaluate_tasks, failed
 from trtforge.parity.models import ModelSide, check_compatible, make_runner, open_side, profile_limits
 from trtforge.parity.options import ParityOptions, Thresholds, load_thresholds
+from trtforge.parity.perlayer import METHOD as PER_LAYER_METHOD
 from trtforge.parity.perlayer import preflight, rank_layers, rank_layers_by_task
 from trtforge.parity.prompts import PromptSet, load_prompts
 from trtforge.parity.report import build_report, write_report
@@ -218,7 +219,7 @@ def _per_layer(ref: ModelSide, cand: ModelSide, ev: Any, ref_outputs: Any, promp
     if ev is not None:
         section = rank_layers(ref, cand, ev, ref_outputs, options)
     else:
-        section = {"method": "quantize one layer at a time", "output": "logits", "num_samples": 0,
+        section = {"method": PER_LAYER_METHOD, "output": "logits", "num_samples": 0,
                    "baseline_snr_db": None, "layers": [], "suggested_exclusions": [],
                    "note": "no text data: layers are ranked by the prompts' task agreement only (task_ranking)"}
     if prompts is not None and tasks is not None:
@@ -235,7 +236,9 @@ def decode_limits(sides: Sequence[ModelSide]) -> DecodeLimits:
     for side in sides:
         lim = profile_limits(side)
         total = lim.get("total_sequence") or lim.get("sequence")  # with a past: the mask's axis
-        for key, rng in (("batch", lim.get("batch")), ("total", total), ("prompt", lim.get("sequence"))):
+        past = lim.get("past_sequence")  # the last step feeds a past of total - 1 tokens
+        for key, rng in (("batch", lim.get("batch")), ("total", total), ("prompt", lim.get("sequence")),
+                         ("total", (past[0], past[1] + 1) if past else None)):
             if rng:
                 found[key] = min(found.get(key, rng[1]), rng[1])
     return DecodeLimits(found.get("batch"), found.get("total"), found.get("prompt"))

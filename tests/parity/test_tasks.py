@@ -401,3 +401,134 @@ reports = "quantized"
     assert again["reports/int8-sq"] == "done" and again["quantized/int8-sq"] == "cached"
     report = json.loads((tmp_path / "out" / "reports" / "int8-sq" / "report.json").read_text())
     assert report["tasks"]["prompts_file"]["num_prompts"] == 8
+
+
+@pytest.fixture(scope="module")
+def int8_with_past(exported, tmp_path_factory):
+    """Plain INT8 (no SmoothQuant) of the tiny LLaMA with outlier channels, KV cache kept: its
+    reference, and the quantized candidate with its saved ranges."""
+    from trtforge.calibration import get_preset, quantize
+
+    from .conftest import CALIB_TEXT
+
+    ref = exported("llama", task="causal-lm-with-past", dtype="fp16", outliers=True)
+    fp32 = exported("llama", task="causal-lm-with-past", outliers=True)
+    recipe = get_preset("int8").replace(num_samples=16, seq_len=64)
+    return ref, quantize(fp32, recipe, tmp_path_factory.mktemp("q") / "int8", calib=[CALIB_TEXT])
+
+
+def test_per_layer_ranks_layers_by_agreement_on_a_category(int8_with_past, tmp_path, validate_report):
+    ref, cand = int8_with_past
+    prompts = small_prompts(tmp_path / "p.jsonl", per_category=2)
+    opts = ParityOptions(max_new_tokens=8, per_layer_category="reasoning", num_samples=4, max_len=24, batch_sizes=(1, 3))
+    rep = check_parity(ref.path, cand.path, [EVAL_TEXT], None, tmp_path / "r", per_layer=True, prompts=prompts,
+                       options=opts)
+    report = validate_report(rep.path)
+    pl = report["per_layer"]
+    quantized = report["candidate"]["quantization"]["quantized_nodes"]
+    assert len(pl["layers"]) == quantized  # the text ranking is still there
+    tr = pl["task_ranking"]
+    assert tr["category"] == "reasoning" and tr["chosen"] is True and tr["num_prompts"] == 2
+    assert len(tr["layers"]) == quantized and [x["rank"] for x in tr["layers"]] == list(range(1, quantized + 1))
+    keys = [(-x["agreement_lost"], -x["tokens_lost"]) for x in tr["layers"]]
+    assert keys == sorted(keys)
+    for x in tr["layers"]:
+        assert x["agreement_lost"] == pytest.approx(tr["baseline_agreement"] - x["agreement"])
+        assert 0 <= x["mean_tokens_before_divergence"] <= 8
+    assert tr["candidate_agreement"] == report["tasks"]["categories"]["reasoning"]["agreement"]
+    assert "By agreement on <b>reasoning</b>" in (rep.path / "report.html").read_text()
+
+    # without text data and without a chosen category: the worst category, and no text ranking
+    rep = check_parity(ref.path, cand.path, None, None, tmp_path / "r2", per_layer=True, prompts=prompts,
+                       options=ParityOptions(max_new_tokens=8))
+    pl = validate_report(rep.path)["per_layer"]
+    assert pl["layers"] == [] and "task agreement only" in pl["note"]
+    assert pl["task_ranking"]["category"] == rep.content["tasks"]["worst_category"]
+    assert pl["task_ranking"]["chosen"] is False
+
+
+def test_per_layer_category_must_be_a_category(int8_with_past, tmp_path):
+    ref, cand = int8_with_past
+    prompts = small_prompts(tmp_path / "p.jsonl", per_category=1)
+    _one_line_error(run("parity", "--reference", ref.path, "--candidate", cand.path, "--prompts", prompts, "--per-layer",
+                        "--per-layer-category", "poetry", "-o", tmp_path / "r"),
+                    "--per-layer-category 'poetry' is not a category", "math, code, reasoning, chat")
+    assert not (tmp_path / "r").exists()
+
+
+class _CountingRunner:
+    """A stand-in Polygraphy runner: the next token is the last real token + 1 (mod 50), the way an
+    engine's TrtRunner is driven (infer() per step, outputs in reused buffers)."""
+
+    def __init__(self, with_past: bool):
+        import numpy as np
+
+        self.np, self.with_past, self.calls = np, with_past, []
+        self.present = np.zeros((1, 1, 0, 2), np.float16)
+
+    def get_input_metadata(self, use_numpy_dtypes=True):
+        from types import SimpleNamespace
+
+        np = self.np
+        meta = {"input_ids": np.int64, "attention_mask": np.int64, "position_ids": np.int64}
+        if self.with_past:
+            meta["past_key_values.0.key"] = np.float16
+        return {k: SimpleNamespace(dtype=np.dtype(v)) for k, v in meta.items()}
+
+    def infer(self, feeds):
+        np = self.np
+        ids = feeds["input_ids"]
+        self.calls.append({k: v.shape for k, v in feeds.items()})
+        assert ids.dtype == np.int64 and feeds["attention_mask"].shape[1] >= ids.shape[1]
+        logits = np.zeros((*ids.shape, 50), np.float32)
+        nxt = (ids[:, -1] + 1) % 50
+        logits[np.arange(ids.shape[0]), -1, nxt] = 1.0
+        out = {"logits": logits}
+        if self.with_past:
+            past = feeds["past_key_values.0.key"]
+            assert past.dtype == np.float16 and past.shape[2] == feeds["attention_mask"].shape[1] - ids.shape[1]
+            self.present = np.concatenate([past, np.zeros((ids.shape[0], 1, ids.shape[1], 2), np.float16)], axis=2)
+            out["present.0.key"] = self.present
+        return out
+
+
+@pytest.mark.parametrize("with_past", [True, False])
+def test_greedy_batches_pads_left_and_stops_at_end_of_sequence(with_past):
+    from types import SimpleNamespace
+
+    from trtforge.parity.decode import DecodeLimits, greedy
+    from trtforge.vocab import Task
+
+    task = Task.CAUSAL_LM_WITH_PAST if with_past else Task.CAUSAL_LM
+    names = ["input_ids", "attention_mask", "position_ids"] + (["past_key_values.0.key"] if with_past else [])
+    side = SimpleNamespace(role="candidate", task=task, input_names=names, pad_token_id=0,
+                           dims=SimpleNamespace(num_kv_heads=1, head_dim=2))
+    runner = _CountingRunner(with_past)
+    prompts = [[5, 6, 7], [40], [1, 2], [47, 48, 49, 3]]
+    got = greedy(runner, side, prompts, max_new_tokens=5, eos={46}, batch_size=3, limits=DecodeLimits(max_batch=2))
+    assert got == [[8, 9, 10, 11, 12], [41, 42, 43, 44, 45], [3, 4, 5, 6, 7], [4, 5, 6, 7, 8]]
+    got = greedy(runner, side, [[44]], max_new_tokens=6, eos={46}, batch_size=8)
+    assert got == [[45]]  # cut before the end-of-sequence token, and decoding stopped there
+    assert len(runner.calls) and max(c["input_ids"][0] for c in runner.calls) <= 2  # max_batch 2 was kept
+    if with_past:  # after the prefill, one token a step
+        assert all(c["input_ids"][1] == 1 for c in runner.calls[1:3])
+
+
+def test_an_engines_shape_profile_limits_the_decoding():
+    """What a TensorRT engine accepts (its manifest's profile) caps batch, prompt and total length."""
+    from types import SimpleNamespace
+
+    from trtforge.parity.check import decode_limits
+    from trtforge.parity.decode import DecodeLimits, budget
+
+    def engine(**symbols):
+        return SimpleNamespace(kind="engine", manifest=SimpleNamespace(section=lambda name: {"symbols": symbols}))
+
+    onnx = SimpleNamespace(kind="onnx")
+    lim = decode_limits([onnx, engine(batch=[1, 4, 8], sequence=[1, 64, 128], past_sequence=[0, 64, 99],
+                                      total_sequence=[1, 128, 256])])
+    assert lim == DecodeLimits(max_batch=8, max_total=100, max_prompt=128)
+    assert decode_limits([onnx, onnx]) == DecodeLimits()
+    assert budget(8, 40, DecodeLimits(max_total=30, max_prompt=16)) == (8, 16, [])
+    steps, prompt, notes = budget(32, 40, DecodeLimits(max_total=30))
+    assert (steps, prompt) == (15, 15) and "leaves no room" in notes[0]
