@@ -285,11 +285,16 @@ def _per_layer(pl: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def _text(text: str) -> str:
+    """Model or prompt text, escaped, line breaks kept and shown."""
+    return _e(text).replace("\n", "<span class='muted'>↵</span>\n")
+
+
 def _continuation(text: str, prefix: str, agree: bool) -> str:
     """The continuation, escaped, with what follows the shared prefix highlighted."""
     if agree or not text.startswith(prefix):
-        return _e(text)
-    return _e(prefix) + f"<mark>{_e(text[len(prefix):])}</mark>"
+        return _text(text)
+    return _text(prefix) + f"<mark>{_text(text[len(prefix):])}</mark>"
 
 
 def _tasks(t: dict[str, Any]) -> str:
@@ -331,14 +336,16 @@ def _tasks(t: dict[str, Any]) -> str:
         rows = []
         for what, i in shown[:25]:
             p = by_index[i]
-            prompt = _e(p["prompt"]) + (f"<br><span class='muted'>answer: {_e(p['answer'])}</span>" if p["answer"] else "")
-            rows.append([_e(what), prompt, _continuation(p["reference"], p["common_prefix"], p["agree"]),
-                         _continuation(p["candidate"], p["common_prefix"], p["agree"]),
-                         _n(p["tokens_before_divergence"])])
+            answer = f"<br><span class='muted'>answer: {_e(p['answer'])}</span>" if p["answer"] else ""
+            rows.append(f"<tr><td>{_e(what)}</td><td class='text'>{_text(p['prompt'])}{answer}</td>"
+                        f"<td class='text'>{_continuation(p['reference'], p['common_prefix'], p['agree'])}</td>"
+                        f"<td class='text'>{_continuation(p['candidate'], p['common_prefix'], p['agree'])}</td>"
+                        f"<td class='num'>{_n(p['tokens_before_divergence'])}</td></tr>")
         more = f" (first 25 of {len(shown)})" if len(shown) > 25 else ""
+        head = "".join(f"<th>{x}</th>" for x in ("", "prompt", "reference continuation", "candidate continuation",
+                                                 "same tokens"))
         parts.append(f"<h3>{_e(cat)}: flipped and diverging prompts{more}</h3>"
-                     + _table(["", "prompt", "reference continuation", "candidate continuation", "same tokens"], rows,
-                              num_from=4).replace("<td>", "<td class='text'>"))
+                     f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
     parts.append("</section>")
     return "".join(parts)
 
