@@ -214,9 +214,9 @@ def render_markdown(content: dict[str, Any]) -> str:
 
 
 def _task_lines(tasks: dict[str, Any]) -> list[str]:
-    """One line per category, worst first."""
+    """One line per category, worst first (the first eight: the comment stays short)."""
     out = []
-    for cat in tasks["order"]:
+    for cat in tasks["order"][:8]:
         c = tasks["categories"][cat]
         lo, hi = c["agreement_ci95"] or (None, None)
         text = (f"- {'✅' if c['passed'] else '❌'} **{cat}** (n={c['n']}): agreement {_v(c['agreement'])} "
@@ -229,6 +229,8 @@ def _task_lines(tasks: dict[str, Any]) -> list[str]:
         if c.get("sample_size_note"):
             text += " — small sample"
         out.append(text)
+    if len(tasks["order"]) > 8:
+        out.append(f"- ... and {len(tasks['order']) - 8} more categories (report.html)")
     return ["Tasks (worst first):", *out, ""]
 
 
