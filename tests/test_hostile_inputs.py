@@ -332,3 +332,14 @@ def test_a_recipe_that_is_not_text(content, tmp_path):
     refused(invoke(["run", str(p), "-o", str(tmp_path / "out")]), "recipe file")
     refused(invoke(["quantize", str(tmp_path), "--recipe", str(p), "-o", str(tmp_path / "q")]), "recipe file")
     assert snapshot(tmp_path) == before
+
+
+def test_a_checkpoint_into_its_float_reference_is_refused(world, tiny_model):
+    ref = world["root"] / "float-ref"
+    if not ref.exists():
+        shutil.copytree(tiny_model("llama"), ref)
+    before = snapshot(world["root"])
+    for out, extra in ((ref, ["--force"]), (ref / "ck", [])):
+        args = ["export-checkpoint", str(world["fp8"]), "-o", str(out), "--reference", str(ref), *extra]
+        refused(invoke(args), "float reference")
+    assert snapshot(world["root"]) == before

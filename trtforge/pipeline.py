@@ -99,8 +99,11 @@ def lock(out: Path) -> Iterator[None]:
             other = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             raise LockedError(f"{out} is being written by another trtforge run (pid {other})",
                               "wait for it to finish, or write to another -o") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        except OSError as exc:
+            raise os_error(exc, f"writing the lock {path}") from None
         yield
     finally:
         os.close(fd)  # closing releases the lock

@@ -29,10 +29,12 @@ from trtforge.artifacts import atomic_output_dir, check_output_dir, file_table
 from trtforge.errors import InputError
 from trtforge.manifest import MANIFEST, Manifest
 
+Input = str | os.PathLike[str] | tuple[str, str | os.PathLike[str]]
+
 
 class StageOutput:
     def __init__(self, out: str | os.PathLike[str], *, stage: str, kind: str, force: bool = False,
-                 inputs: Iterable[str | os.PathLike[str]] = (), what: str = "output folder") -> None:
+                 inputs: Iterable[Input] = (), what: str = "output folder") -> None:
         # the inputs first: "-o INPUT" must not be answered with "pass --force" (which would then be refused)
         check_not_an_input(Path(out), inputs, what=what)
         self.path = check_output_dir(Path(out), force=force, what=what)
@@ -67,17 +69,19 @@ class StageOutput:
         self.dir = None
 
 
-def check_not_an_input(out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str]], *,
+def check_not_an_input(out: str | os.PathLike[str], inputs: Iterable[Input], *,
                        what: str = "output folder") -> Path:
     """Refuse an output folder that is one of ``inputs``, lies inside one, or holds one: writing it
-    would replace or mix with what the stage reads. Returns the resolved output path."""
+    would replace or mix with what the stage reads. An input is a path (named "input artifact" in
+    the error) or ``(label, path)``, e.g. ``("held-out data", folder)``. Returns the resolved output."""
     path = Path(out).expanduser().resolve()
-    for src in inputs:
+    for item in inputs:
+        label, src = item if isinstance(item, tuple) else ("input artifact", item)
         src = Path(src).expanduser().resolve()
         if path == src:
-            raise InputError(f"{what} {path} is the stage's own input artifact", "write the result to another folder")
+            raise InputError(f"{what} {path} is the stage's own {label}", "write the result to another folder")
         if src in path.parents:
-            raise InputError(f"{what} {path} is inside the input artifact {src}", "write the result outside the input folder")
+            raise InputError(f"{what} {path} is inside the {label} {src}", "write the result outside the input folder")
         if path in src.parents:
-            raise InputError(f"{what} {path} holds the input artifact {src}", "write the result to a folder of its own")
+            raise InputError(f"{what} {path} holds the {label} {src}", "write the result to a folder of its own")
     return path

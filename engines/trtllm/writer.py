@@ -68,7 +68,8 @@ def export_checkpoint(
     art = quantized if isinstance(quantized, OnnxArtifact) else OnnxArtifact.open(quantized)
     # the output is neither the quantized artifact nor the float reference and holds neither
     stage = StageOutput(out, stage=STAGE, kind=MANIFEST_KIND, force=force,
-                        inputs=[art.path, *([options.reference] if options.reference else [])])
+                        inputs=[art.path, *([("float reference", options.reference)] if options.reference else []),
+                                *([("held-out text", options.text)] if options.text else [])])
     out = stage.path
     p = plan(art, options)
     hashes = _source_hashes(art)
