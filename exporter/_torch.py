@@ -43,19 +43,8 @@ def load_model(folder: Path, arch: Architecture, task: Task) -> torch.nn.Module:
                 local_files_only=True,
                 output_loading_info=True,
             )
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(
-            f"the weights in {folder} failed to load: {first}",
-            "check that the folder holds complete model.safetensors (or pytorch_model.bin) files for this config",
-        ) from exc
-    except Exception as exc:  # safetensors raises its own error types for truncated files
-        if type(exc).__name__ in ("SafetensorError", "HeaderTooLarge", "UnpicklingError"):
-            raise InputError(
-                f"the weights in {folder} failed to load: {exc}",
-                "the weight files look truncated or corrupt; copy them again",
-            ) from exc
-        raise
+    except Exception as exc:
+        raise _load_error(folder, exc) from None
     missing = [k for k in info.get("missing_keys", []) if not _benign_missing(k)]
     if missing:
         raise InputError(
@@ -65,7 +54,47 @@ def load_model(folder: Path, arch: Architecture, task: Task) -> torch.nn.Module:
     if task == Task.SEQUENCE_CLASSIFICATION and any("classifier" in k or "score" in k for k in info.get("missing_keys", [])):
         raise InputError(f"{folder} has no classification head weights", "use --task feature-extraction")
     model.eval()
+    check_finite(model)
     return model
+
+
+def _load_error(folder: Path, exc: BaseException) -> InputError:
+    """One line for a failed from_pretrained; never PyTorch's advice to set weights_only=False."""
+    text = str(exc).strip()
+    chain = text + " " + " ".join(str(c) for c in (exc.__cause__, exc.__context__) if c)
+    if type(exc).__name__ == "UnpicklingError" or "weights_only" in chain or "Unpickl" in chain:
+        return InputError(
+            f"the weights in {folder} are a pickle holding Python objects that safe loading (torch.load with "
+            "weights_only=True) refuses, so trtforge will not load them",
+            "convert the checkpoint to safetensors with a tool you trust, in an environment you trust "
+            "(e.g. from_pretrained(...).save_pretrained(dir, safe_serialization=True)), and export that folder",
+        )
+    if isinstance(exc, (OSError, ValueError, RuntimeError, KeyError)) or type(exc).__name__ in (
+            "SafetensorError", "HeaderTooLarge"):
+        first = text.splitlines()[0] if text else type(exc).__name__
+        truncated = type(exc).__name__ in ("SafetensorError", "HeaderTooLarge") or "incomplete" in first.lower()
+        return InputError(
+            f"the weights in {folder} failed to load: {first[:300]}",
+            "the weight files look truncated or corrupt; copy them again" if truncated else
+            "check that the folder holds complete model.safetensors (or pytorch_model.bin) files for this config",
+        )
+    raise exc
+
+
+def check_finite(model: torch.nn.Module) -> None:
+    """Refuse weights with NaN or Inf values, naming the first such tensor (one pass, no copies)."""
+    bad = []
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad.append((name, int(torch.isnan(t).sum()), int(torch.isinf(t).sum())))
+    if bad:
+        name, nans, infs = bad[0]
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise InputError(
+            f"the model's weights are not finite: {name} has {nans} NaN and {infs} Inf values{more}",
+            "the checkpoint is damaged or was saved from a diverged run; use an intact copy of the weights",
+        )
 
 
 def load_tokenizer(folder: Path):

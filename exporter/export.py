@@ -181,6 +181,10 @@ def export_onnx(
 
     dims = ModelDims.from_config(src.config)
     tokenizer = _torch.load_tokenizer(src.folder)
+    if tokenizer is None:
+        log.warning("%s has no usable tokenizer: validation uses random token ids, and quantize and parity cannot "
+                    "tokenize text for this artifact (they need pre-tokenized .npz data); copy the tokenizer files "
+                    "into the model folder to fix it", src.folder)
     with_tt = (
         "token_type_ids" in getattr(tokenizer, "model_input_names", [])
         if tokenizer is not None

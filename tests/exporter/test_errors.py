@@ -120,3 +120,53 @@ def test_json_output(tiny_model, tmp_path):
     r = CliRunner().invoke(main, ["-q", "export", str(tiny_model("bert")), "-o", str(tmp_path / "o"), "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["source"]["model_type"] == "bert"
+
+
+def _copy_model(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_non_finite_weights_name_the_tensor_even_without_validation(tiny_model, tmp_path):
+    """Issue 12: a NaN weight is the checkpoint's fault, not 'an export bug', and --no-validate must not hide it."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    m = _copy_model(tiny_model("llama"), tmp_path / "m")
+    sd = load_file(str(m / "model.safetensors"))
+    name = next(k for k in sd if k.endswith("mlp.up_proj.weight"))
+    sd[name] = sd[name].clone()
+    sd[name][0, :3] = torch.tensor([float("nan"), float("inf"), float("nan")])
+    save_file(sd, str(m / "model.safetensors"), metadata={"format": "pt"})
+    for extra in ((), ("--no-validate",)):
+        line = _one_line_error(run("export", str(m), "-o", str(tmp_path / "out"), *extra), "not finite", name)
+        assert "2 NaN and 1 Inf" in line and "export bug" not in line and "--no-validate" not in line
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_pickle_that_safe_loading_refuses_is_named_so_and_never_advises_weights_only_false(tiny_model, tmp_path):
+    import pickle
+
+    m = _copy_model(tiny_model("llama"), tmp_path / "m")
+    (m / "model.safetensors").unlink()
+
+    class Payload:  # an object a weights_only unpickler refuses (never executed: the load is refused)
+        def __reduce__(self):
+            return (print, ("pickled code ran",))
+
+    (m / "pytorch_model.bin").write_bytes(pickle.dumps({"model.embed_tokens.weight": Payload()}))
+    r = run("export", str(m), "-o", str(tmp_path / "out"))
+    line = _one_line_error(r, "safe loading", "safetensors")
+    assert "weights_only=False" not in line and "truncated" not in line
+    assert "pickled code ran" not in r.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_without_tokenizer_files_exports_with_a_warning(tiny_model, tmp_path):
+    m = _copy_model(tiny_model("llama"), tmp_path / "m")
+    for p in m.iterdir():
+        if p.name.startswith(("tokenizer", "vocab", "merges", "special_tokens")):
+            p.unlink()
+    r = run("export", str(m), "-o", str(tmp_path / "out"))
+    assert r.exit_code == 0, r.output
+    assert "no usable tokenizer" in r.stderr and "pre-tokenized .npz" in r.stderr
