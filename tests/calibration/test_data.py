@@ -93,3 +93,36 @@ def test_bad_text_files(tok, tmp_path, content, match):
 def test_missing_file(tok, tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         _build(tok, [tmp_path / "nope.txt"])
+
+
+@pytest.mark.parametrize("codec", ["utf-16", "utf-16-be", "utf-32", "utf-8-sig"])
+def test_text_with_a_byte_order_mark_is_decoded_by_it(tmp_path, codec):
+    """Issue 12: Windows editors save UTF-16 with a BOM; it is text, not a Latin-1 problem."""
+    text = "Première ligne de texte.\nZweite Zeile: Grüße."
+    data = text.encode(codec)
+    if codec == "utf-16-be":
+        data = b"\xfe\xff" + data
+    p = tmp_path / "bom.txt"
+    p.write_bytes(data)
+    assert read_documents([p])[0].text == text
+
+
+def test_broken_utf16_names_the_encoding_not_latin1(tmp_path):
+    p = tmp_path / "bad.txt"
+    p.write_bytes(b"\xff\xfe" + "ok".encode("utf-16-le") + b"\x00\xd8")  # a lone surrogate
+    with pytest.raises(InputError) as e:
+        read_documents([p])
+    line = e.value.one_line()
+    assert "UTF-16 byte-order mark" in line and "iconv -f utf-16 -t utf-8" in line and "latin1" not in line
+
+
+def test_jsonl_without_the_field_gives_the_key_each_command_accepts(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps({"content": "Some text here."}) + "\n")
+    with pytest.raises(InputError) as e:
+        read_documents([p])
+    line = e.value.one_line()
+    assert "d.jsonl:1 has no field 'text' (has: content)" in line
+    # quantize takes recipe fields with --set; run takes [calibration] keys
+    assert "--set text_field=KEY" in line and "--set calibration.text_field=KEY" in line
+    assert "calib.text_field" not in line
