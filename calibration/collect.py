@@ -9,7 +9,6 @@ Out: ActivationRanges, saved as ``ranges.json`` (statistics) plus ``ranges.sampl
 from __future__ import annotations
 
 import logging
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,13 +22,15 @@ from trtforge.errors import CalibrationError, InputError
 from trtforge.graph import tensor_types
 from trtforge.inputs import make_feeds
 from trtforge.manifest import ModelDims
-from trtforge.onnx_io import EXTERNAL_DATA_THRESHOLD
-from trtforge.ort import session
+from trtforge.ort import graph_session
 from trtforge.progress import progress
 from trtforge.textdata import Samples
 
 log = logging.getLogger(__name__)
 RANGES_VERSION = 1
+# The probe returns every watched activation of a batch at once; batches are cut to keep that
+# under this (a 1.1B LLaMA returns 270 MB for one 256-token sequence).
+OUTPUT_BUDGET = 512 << 20
 
 
 @dataclass
@@ -88,17 +89,41 @@ def model_key(model: onnx.ModelProto, watched: list[str]) -> str:
     })
 
 
-def batches(samples: Samples, batch_size: int):
-    """Group equal-length samples so no batch needs padding (statistics never see pad tokens)."""
+def batches(samples: Samples, batch_size: int, sample_bytes=None):
+    """Group equal-length samples so no batch needs padding (statistics never see pad tokens).
+
+    ``sample_bytes(length)``: what the probe returns for one sample of that length; batches are
+    cut so that a batch's outputs stay under OUTPUT_BUDGET (big models: one sequence at a time)."""
     by_len: dict[int, list[int]] = {}
     for i, a in enumerate(samples.ids):
         by_len.setdefault(len(a), []).append(i)
     out = []
     for length in sorted(by_len):
         idx = by_len[length]
-        for k in range(0, len(idx), batch_size):
-            out.append(idx[k : k + batch_size])
+        size = batch_size
+        if sample_bytes is not None:
+            size = max(1, min(batch_size, OUTPUT_BUDGET // max(sample_bytes(length), 1)))
+        for k in range(0, len(idx), size):
+            out.append(idx[k : k + size])
     return out
+
+
+def _output_bytes(run, ids: np.ndarray):
+    """``bytes(length)`` of the probe's outputs for one sample, fitted as ``a L + c L^2`` (the
+    attention scores grow with L^2) on two short prefixes of a calibration sample; the runs only
+    measure and are not counted. None where the prefixes cannot run."""
+    n = len(ids)
+    l1, l2 = max(1, min(4, n // 2)), max(1, min(8, n))
+    try:
+        b1 = sum(x.nbytes for x in run(ids[None, :l1]))
+        b2 = sum(x.nbytes for x in run(ids[None, :l2])) if l2 > l1 else b1
+    except Exception:  # noqa: BLE001 - onnxruntime's own types; the budget is only an optimisation
+        return None
+    if l2 <= l1:
+        return lambda length: b1 * length / l1
+    c = max((b2 / l2 - b1 / l1) / (l2 - l1), 0.0)
+    a = b1 / l1 - c * l1
+    return lambda length: max(a * length + c * length * length, b2 * length / l2)
 
 
 def collect_ranges(
@@ -113,33 +138,41 @@ def collect_ranges(
     seed: int = 0,
     providers: list[str] | None = None,
     per_tensor: set[str] | None = None,
+    base_dir: str | Path | None = None,
 ) -> ActivationRanges:
     """``per_tensor`` tensors (attention BMM inputs, whose last axis may be the sequence) get
-    per-tensor statistics only and no kept rows."""
+    per-tensor statistics only and no kept rows. ``base_dir``: where the model's external data
+    is (a graph loaded without it); the probe reads the weights from there, never copying them."""
     if not samples.ids:
         raise CalibrationError("no calibration samples", "pass calibration text")
     types = tensor_types(model)
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    existing = {o.name for o in probe.graph.output}
+    # The probe is the model itself with the watched tensors as extra outputs, for as long as
+    # ONNX Runtime takes to load it: no copy of the graph, let alone of its weights.
+    graph_outputs = model.graph.output
+    n_out = len(graph_outputs)
+    existing = {o.name for o in graph_outputs}
     for name in watched:
         if name not in existing:
-            probe.graph.output.append(helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None))
+            graph_outputs.append(helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None))
+    try:
+        sess = graph_session(model, base_dir, providers=providers)
+    finally:
+        del graph_outputs[n_out:]
     input_names = [i.name for i in model.graph.input]
     float_dtype = np.float16 if any(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for i in model.graph.input) else np.float32
-    with tempfile.TemporaryDirectory(prefix="trtforge-calib-") as tmp:
-        path = Path(tmp) / "probe.onnx"
-        large = probe.ByteSize() > EXTERNAL_DATA_THRESHOLD if probe.ByteSize() < 2**31 else True
-        onnx.save_model(probe, str(path), save_as_external_data=large, all_tensors_to_one_file=True, location="probe.data")
-        del probe
-        sess = session(path, providers=providers)
     stats: dict[str, TensorStats] = {}
-    groups = batches(samples, batch_size)
+
+    def run(ids: np.ndarray, tt: np.ndarray | None = None) -> list[np.ndarray]:
+        return sess.run(watched, make_feeds(ids, input_names, dims, float_dtype, tt))
+
+    cost = _output_bytes(run, np.asarray(samples.ids[0])) if len(samples.ids) > 1 and batch_size > 1 else None
+    groups = batches(samples, batch_size, cost)
     for bi, idx in enumerate(progress(groups, len(groups), "calibration")):
         ids = np.stack([samples.ids[i] for i in idx])
         tt = np.stack([samples.token_type_ids[i] for i in idx]) if samples.token_type_ids else None
-        outs = sess.run(watched, make_feeds(ids, input_names, dims, float_dtype, tt))
-        for name, x in zip(watched, outs):
+        outs = run(ids, tt)
+        for k, name in enumerate(watched):
+            x, outs[k] = outs[k], None  # each batch output freed once counted
             st = stats.get(name)
             if st is None:
                 flat = per_tensor is not None and name in per_tensor

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
 
 from trtforge.graph import GraphIndex, NormMatch, find_norms
 
@@ -41,7 +41,7 @@ class Gemm:
     bias_add: str | None = None  # that Add's node name (MatMul case)
 
     def weight_kn(self, model_idx: GraphIndex) -> np.ndarray:
-        w = numpy_helper.to_array(model_idx.initializers[self.weight]).astype(np.float32)
+        w = model_idx.array(self.weight).astype(np.float32)
         return w.T if self.trans_b else w
 
 

@@ -34,6 +34,8 @@ from trtforge.numerics import (
     quantize,
     weight_scales,
 )
+from trtforge.onnx_io import Weights
+from trtforge.progress import progress
 from trtforge.vocab import Granularity, Precision
 
 ZP_TYPE = {Precision.INT8: TensorProto.INT8, Precision.FP8: TensorProto.FLOAT8E4M3FN}
@@ -115,15 +117,15 @@ def quantize_weights(
     and who reads each weight: unchanged by activation Q/DQ).
     """
     idx = idx or GraphIndex(model)
+    weights = idx.weights or Weights(model)
     _, np_dtype = float_type(model)
-    inits = {t.name: t for t in model.graph.initializer}
     nodes = {n.name: n for n in model.graph.node}
     inserts: dict[str, list[onnx.NodeProto]] = {}
     info: dict[str, dict] = {}
     dropped: set[str] = set()
-    for plan in plans:
+    for plan in progress(plans, len(plans), f"{precision.value} weights"):
         g = plan.gemm
-        w = numpy_helper.to_array(inits[g.weight]).astype(np.float32)
+        w = idx.array(g.weight).astype(np.float32)
         w_kn = w.T if g.trans_b else w
         if plan.weight is not None:
             w_kn = plan.weight.astype(np.float32)
@@ -154,11 +156,12 @@ def quantize_weights(
                 axis = 0 if g.trans_b else 1
                 attrs = {"axis": axis}
                 deq = q.astype(np.float32) * (scales[:, None] if g.trans_b else scales[None, :]).astype(np.float32)
-        model.graph.initializer.append(numpy_helper.from_array(q, qname))
+        # written as produced (to the output's data file, when the stage has one)
+        model.graph.initializer.append(weights.put(q, qname))
         # keep a per-tensor scale 0-d: a [1] scale reads as per-axis (np.ascontiguousarray makes 0-d arrays 1-d)
         scale_arr = np.asarray(scales, np_dtype)
         scale_arr = scale_arr.copy() if scale_arr.ndim == 0 else np.ascontiguousarray(scale_arr)
-        model.graph.initializer.append(numpy_helper.from_array(scale_arr, sname))
+        model.graph.initializer.append(weights.put(scale_arr, sname))
         out = idx.unique(f"{base}_dequantized")
         dq = helper.make_node("DequantizeLinear", [qname, sname], [out], name=idx.unique(f"{base}_DequantizeLinear"), **attrs)
         node = nodes[g.node]
@@ -166,7 +169,9 @@ def quantize_weights(
         inserts.setdefault(g.node, []).append(dq)
         if len(idx.consumers.get(g.weight, [])) <= 1:
             dropped.add(g.weight)
+            weights.drop(g.weight)
         err = float(np.abs(deq - w).max() / max(np.abs(w).max(), 1e-12))
+        del w, w_kn, deq, q
         info[g.node] = {
             "weight_dtype": {Precision.INT8: "int8", Precision.FP8: "float8_e4m3fn", Precision.INT4: "int4"}[precision],
             "scale_shape": list(scales.shape),

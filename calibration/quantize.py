@@ -19,6 +19,7 @@ import fnmatch
 import logging
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 
 from trtforge.calibration.collect import ActivationRanges
@@ -37,10 +38,13 @@ from trtforge.calibration.smoothing import Smoothing, apply_smoothing
 from trtforge.fp16 import convert_to_fp16
 from trtforge.graph import GraphIndex, inline_identity_initializers
 from trtforge.manifest import ModelDims
+from trtforge.onnx_io import Weights
+from trtforge.progress import progress
 from trtforge.vocab import Precision
 
 log = logging.getLogger(__name__)
 RANGES_FILE = "ranges.json"
+_MAX16 = float(np.finfo(np.float16).max)
 
 __all__ = [
     "RANGES_FILE", "Decision", "Prepared", "attention_bmm_inputs", "finish", "needs_rows", "prepare",
@@ -58,6 +62,7 @@ class Prepared:
     smoothings: dict[str, Smoothing] = field(default_factory=dict)  # by group act
     dtype: str = Precision.FP32.value
     methods: Methods | None = None
+    weights: Weights | None = None  # the model's initializer values (external data, recorded edits)
 
 
 def _decide(gemms: list[Gemm], recipe: QuantRecipe, only: set[str] | None, methods: Methods) -> dict[str, Decision]:
@@ -79,41 +84,62 @@ def _decide(gemms: list[Gemm], recipe: QuantRecipe, only: set[str] | None, metho
 
 def prepare(
     model: onnx.ModelProto, recipe: QuantRecipe, ranges: ActivationRanges, dims: ModelDims | dict | None,
-    *, only: set[str] | None = None,
+    *, only: set[str] | None = None, weights: Weights | None = None,
 ) -> Prepared:
-    """Exclusions and the smoothing method's factors, folded into a copy of the float model."""
+    """Exclusions and the smoothing method's factors, folded into the float model.
+
+    Without ``weights``, into a copy of ``model`` (an in-memory model the caller keeps: parity's
+    per-layer ranking quantizes it once per GEMM). With ``weights`` (bound to ``model``: the
+    quantize stage's graph, loaded without its external data), ``model`` itself is edited and
+    its weights stay where they are: rescaled weights are recorded edits (onnx_io.Weights)."""
     methods = methods_for(recipe)
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)  # the passes edit in place; the caller's model stays untouched
-    model = inline_identity_initializers(copy)
-    idx = GraphIndex(model)
+    if weights is None:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)  # the passes edit in place; the caller's model stays untouched
+        model, weights = copy, Weights(copy)
+    elif weights.model is not model:
+        raise ValueError("prepare: weights must belong to the model being prepared")
+    model = inline_identity_initializers(model, weights)
+    idx = GraphIndex(model, weights)
     gemms = find_gemms(model, idx)
     decisions = _decide(gemms, recipe, only, methods)
     groups = find_groups(model, dims or {}, idx)
     ctx = PlanContext(model, idx, recipe, ranges, {g.node: g for g in gemms}, decisions, groups)
     smoothings: dict[str, Smoothing] = {}
     if methods.smoothing is not None:
-        for grp in groups:
-            if any(decisions[n].quantize for n in grp.gemms):
-                sm = methods.smoothing.smooth(ctx, grp)
-                if sm is not None:
-                    smoothings[grp.act] = sm
+        todo = [grp for grp in groups if any(decisions[n].quantize for n in grp.gemms)]
+        for grp in progress(todo, len(todo), f"{methods.smoothing.name} search (groups)"):
+            sm = methods.smoothing.smooth(ctx, grp)
+            if sm is not None:
+                smoothings[grp.act] = sm
     if smoothings:
         model = apply_smoothing(model, list(smoothings.values()), idx, ctx.gemms)
     f16 = any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer if len(t.dims) == 2)
     dtype = (Precision.FP16 if f16 else Precision.FP32).value
-    return Prepared(model, recipe, ranges, decisions, groups, smoothings, dtype, methods)
+    return Prepared(model, recipe, ranges, decisions, groups, smoothings, dtype, methods, weights)
+
+
+def _to_fp16(weights: Weights):
+    """convert_to_fp16's initializer cast, through the weights (recorded for external data)."""
+    def cast(t: onnx.TensorProto) -> None:
+        weights.transform(t, lambda a: np.clip(a, -_MAX16, _MAX16), np.float16)
+    return cast
 
 
 def finish(prep: Prepared, *, dtype: str) -> tuple[onnx.ModelProto, dict]:
-    """FP16 conversion of the rest (if asked), opset, Q/DQ and weight compression."""
+    """FP16 conversion of the rest (if asked), opset, Q/DQ and weight compression.
+
+    Quantized weights go through ``prep.weights.put``: straight to the output's data file when
+    the stage opened one, so they are written as they are produced and never held together."""
     recipe, precision = prep.recipe, prep.recipe.precision
     methods = prep.methods or methods_for(recipe)
     model = prep.model
+    weights = prep.weights or Weights(model)
     if dtype == Precision.FP16 and prep.dtype == Precision.FP32:
-        model = convert_to_fp16(model)
+        model = convert_to_fp16(model, initializer_to16=_to_fp16(weights))
     model = ensure_opset(model, precision, fp16=Precision.FP16 in (dtype, prep.dtype))
-    idx = GraphIndex(model)  # the one index of this pass: planning reads it, insertion names with it
+    weights.rebind(model)
+    idx = GraphIndex(model, weights)  # the one index of this pass: planning reads it, insertion names with it
     current = {g.node: g for g in find_gemms(model, idx)}
     ctx = PlanContext(model, idx, recipe, prep.ranges, current, prep.decisions, prep.groups, prep.smoothings)
     plans = methods.weights.plan_weights(ctx)  # reads the weights, which activation Q/DQ leaves alone

@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from trtforge.calibration.patterns import Gemm, Group
 from trtforge.errors import QuantizationError
 from trtforge.graph import GraphIndex
+from trtforge.onnx_io import Weights
 
 
 @dataclass
@@ -70,8 +71,13 @@ def apply_smoothing(model: onnx.ModelProto, smoothings: list[Smoothing], idx: Gr
                     gemms: dict[str, Gemm]) -> onnx.ModelProto:
     """Rescale weights and fold 1/s, editing ``model`` in place (prepare's private copy: one copy
     of the weights, never two); returns it. ``idx`` and ``gemms`` describe ``model`` as it is on
-    entry and are stale afterwards. The function the model computes is unchanged."""
+    entry and are stale afterwards. The function the model computes is unchanged.
+
+    Weights are rescaled through ``idx.weights`` (trtforge.onnx_io.Weights): in place where the
+    graph holds them, as recorded edits applied when they are written where they are in
+    external data, so smoothing a 10 GB model holds no second copy of its weights."""
     out = model
+    weights = idx.weights or Weights(model)
     inits = {t.name: t for t in out.graph.initializer}
     uses = {name: len(idx.consumers.get(name, [])) for name in inits}
     new_nodes: list[tuple[str, onnx.NodeProto]] = []  # (insert before node name, node)
@@ -81,10 +87,7 @@ def apply_smoothing(model: onnx.ModelProto, smoothings: list[Smoothing], idx: Gr
         t = inits[name]
         if uses.get(name, 1) <= 1:
             return t
-        clone = onnx.TensorProto()
-        clone.CopyFrom(t)
-        clone.name = idx.unique(f"{name}_{user.strip('/').replace('/', '_')}")
-        out.graph.initializer.append(clone)
+        clone = weights.clone(t, idx.unique(f"{name}_{user.strip('/').replace('/', '_')}"))
         inits[clone.name] = clone
         uses[name] -= 1
         uses[clone.name] = 1
@@ -95,8 +98,7 @@ def apply_smoothing(model: onnx.ModelProto, smoothings: list[Smoothing], idx: Gr
         return clone
 
     def scale_tensor(t: onnx.TensorProto, fn) -> None:
-        arr = numpy_helper.to_array(t)
-        t.CopyFrom(numpy_helper.from_array(fn(arr.astype(np.float64)).astype(arr.dtype), t.name))
+        weights.transform(t, fn)
 
     for sm in smoothings:
         grp, s = sm.group, sm.s

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import tempfile
+import shutil
 import time
 from pathlib import Path
 
@@ -28,13 +28,17 @@ from trtforge.inputs import make_feeds
 from trtforge.manifest import MANIFEST, ModelDims, ModelFile, QuantizationInfo, TensorInfo, Upstream
 from trtforge.onnx_io import (
     DATA_FILE,
-    EXTERNAL_DATA_THRESHOLD,
     MODEL_FILE,
+    DataFile,
+    Weights,
     check_onnx,
+    has_external_data,
     load_model,
-    save_model,
+    needs_external,
+    weight_bytes,
+    write_model,
 )
-from trtforge.ort import session
+from trtforge.ort import graph_session, session
 from trtforge.sample_text import SENTENCES
 from trtforge.stage import StageOutput
 from trtforge.textdata import build_samples, load_tokenizer
@@ -74,8 +78,12 @@ def quantize(
     timings = output.manifest.timings
 
     t = time.perf_counter()
-    model = inline_identity_initializers(art.load())
-    idx = GraphIndex(model)
+    # The graph without its weights: they stay in the export's files and are read tensor by
+    # tensor (onnx_io.Weights); nothing below copies or serializes the model with its weights.
+    model = art.load(load_external_data=False)
+    weights = Weights(model, art.path)
+    inline_identity_initializers(model, weights)
+    idx = GraphIndex(model, weights)
     watched = watched_tensors(model, idx)
     key = model_key(model, watched)
     if ranges:
@@ -99,19 +107,33 @@ def quantize(
         with output.timed("calibrate_s"):
             r = collect_ranges(model, watched, samples, dims, batch_size=recipe.batch_size,
                                bins=recipe.histogram_bins, keep=recipe.keep_tokens, seed=recipe.seed,
-                               providers=providers, per_tensor=set(attention_bmm_inputs(model, idx)))
+                               providers=providers, per_tensor=set(attention_bmm_inputs(model, idx)),
+                               base_dir=art.path)
         samples_info = r.calibration
+    del idx
+    # a forced-external export stays external; a big one is external anyway
+    external = art.manifest.model.external_data is not None or needs_external(weight_bytes(model))
 
     with output.open() as tmp:
-        with output.timed("prepare_s"):
-            prep = prepare(model, recipe, r, dims)
-        smooth_check = _check_same_function(model, prep.model, art, dims) if prep.smoothings else None
-        with output.timed("quantize_s"):
-            qmodel, report = finish(prep, dtype=dtype)
-        external = save_model(qmodel, tmp / MODEL_FILE, stage=STAGE)
-        del qmodel, prep
-        check_onnx(tmp / MODEL_FILE, stage=STAGE)
-        quick = _quick_check(model, tmp / MODEL_FILE, art, dims)
+        data = weights.out = DataFile(tmp / DATA_FILE) if external else None
+        try:
+            with output.timed("prepare_s"):
+                prep = prepare(model, recipe, r, dims, weights=weights)
+            smooth_check = None
+            if prep.smoothings:
+                with output.timed("smoothing_check_s"):
+                    smooth_check = _check_same_function(art, prep.model, weights, tmp, dims)
+            with output.timed("quantize_s"):
+                qmodel, report = finish(prep, dtype=dtype)
+            with output.timed("write_s"):
+                write_model(qmodel, tmp / MODEL_FILE, weights, external=external, data=data)
+        finally:
+            if data is not None:
+                data.close()
+        del qmodel, prep, model, weights
+        with output.timed("check_s"):
+            check_onnx(tmp / MODEL_FILE, stage=STAGE)
+            quick = _quick_check(tmp / MODEL_FILE, art, dims)
         r.save(tmp / RANGES_FILE)
         copy_side_files(art.path, tmp)
         _write_manifest(output, art, tmp, recipe, dtype, external, samples_info, smooth_check, quick, report)
@@ -173,13 +195,10 @@ def _check_cases(art: OnnxArtifact, dims: ModelDims) -> list[dict]:
     return cases
 
 
-def _run(model_or_path, cases: list[dict]) -> list[dict[str, np.ndarray]]:
+def _run(model_or_path, cases: list[dict], base_dir: Path | None = None) -> list[dict[str, np.ndarray]]:
+    """Run a model file, or an in-memory graph (``base_dir``: where its external data is)."""
     if isinstance(model_or_path, onnx.ModelProto):
-        with tempfile.TemporaryDirectory(prefix="trtforge-check-") as d:
-            p = Path(d) / "m.onnx"
-            big = model_or_path.ByteSize() > EXTERNAL_DATA_THRESHOLD
-            onnx.save_model(model_or_path, str(p), save_as_external_data=big, all_tensors_to_one_file=True, location="m.data")
-            sess = session(p)
+        sess = graph_session(model_or_path, base_dir)
     else:
         sess = session(model_or_path)
     names = [o.name for o in sess.get_outputs()]
@@ -196,10 +215,22 @@ def _run(model_or_path, cases: list[dict]) -> list[dict[str, np.ndarray]]:
     return [dict(zip(names, sess.run(None, adapt(c)))) for c in cases]
 
 
-def _check_same_function(before: onnx.ModelProto, after: onnx.ModelProto, art: OnnxArtifact, dims: ModelDims) -> dict:
-    """Smoothing must not change the float function; a difference here is a trtforge bug."""
+def _check_same_function(art: OnnxArtifact, smoothed: onnx.ModelProto, weights: Weights, tmp: Path,
+                         dims: ModelDims) -> dict:
+    """Smoothing must not change the float function; a difference here is a trtforge bug.
+
+    The smoothed float graph is written to a scratch folder in the output (its rescaled weights
+    only; the untouched ones through a hard link of the export's data file) and run after the
+    export, one session at a time."""
     cases = _check_cases(art, dims)[:2]
-    a, b = _run(before, cases), _run(after, cases)
+    a = _run(art.model_path, cases)
+    scratch = tmp / "_smoothed"
+    scratch.mkdir()
+    try:
+        write_model(smoothed, scratch / MODEL_FILE, weights, external=has_external_data(smoothed), link=True)
+        b = _run(scratch / MODEL_FILE, cases)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     worst = 0.0
     for ra, rb in zip(a, b):
         for k in ra:
@@ -214,15 +245,16 @@ def _check_same_function(before: onnx.ModelProto, after: onnx.ModelProto, art: O
     return {"max_rel_err": worst, "tolerance": tol, "cases": len(cases)}
 
 
-def _quick_check(model: onnx.ModelProto, qpath: Path, art: OnnxArtifact, dims: ModelDims) -> dict:
-    """The quantized file loads and runs in ONNX Runtime; rough agreement with the float model."""
+def _quick_check(qpath: Path, art: OnnxArtifact, dims: ModelDims) -> dict:
+    """The quantized file loads and runs in ONNX Runtime; rough agreement with the float model
+    (the export, run after it: one model in memory at a time)."""
     cases = _check_cases(art, dims)
     try:
         got = _run(qpath, cases)
     except Exception as exc:  # onnxruntime raises its own exception types
         raise QuantizationError(f"the quantized model does not run in ONNX Runtime: {str(exc).splitlines()[0]}",
                                 "report this with the recipe and the export's manifest") from exc
-    ref = _run(model, cases)
+    ref = _run(art.model_path, cases)
     out_name = art.outputs[0].name
     cos = []
     for rr, gg in zip(ref, got):

@@ -50,13 +50,16 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from trtforge._deps import require
 from trtforge.engines.feeds import synthetic_feeds
 from trtforge.engines.precision import PrecisionInfo
 from trtforge.engines.profiles import BATCH, PAST, SEQ, TOTAL, ShapeProfile
 from trtforge.engines.qdq_fold import fold_weight_dequantize
 from trtforge.engines.qdq_u8 import int8_weights_to_uint8, symmetric_int8_to_uint8
 from trtforge.engines.targets import FP8, FP32, INT8
+from trtforge.env import cpu_name
 from trtforge.errors import BuildError
+from trtforge.onnx_io import DATA_FILE, DataFile, Weights, load_model, write_model
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +128,6 @@ def _level(ort, name: str):
 def session(path: Path, runtime: CpuRuntime, *, level: str | None = None, optimized_to: Path | None = None,
             external_data: str | None = None, threads: int | None = None):
     """An ONNX Runtime session with the runtime's options (optionally writing the optimized model)."""
-    from trtforge._deps import require
-
     ort = require("onnxruntime")
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -186,8 +187,6 @@ def probe_int8_gemm() -> dict[str, float]:
     """
     from onnx import TensorProto, helper, numpy_helper
 
-    from trtforge._deps import require
-
     ort = require("onnxruntime")
     rng = np.random.default_rng(0)
     m, k, n = 4, 64, 16
@@ -216,8 +215,6 @@ def probe_int8_gemm() -> dict[str, float]:
 
 
 def _int8_gemm_record(weights_u8: int, types: dict[str, int]) -> dict:
-    from trtforge.env import cpu_name
-
     probe = probe_int8_gemm()
     if probe["u8u8_max_rel_err"] != 0.0:
         raise BuildError(f"ONNX Runtime's U8U8 integer GEMM is not exact on this CPU ({cpu_name()}): max error "
@@ -256,15 +253,16 @@ def _identical(source: Path, rewritten: Path, manifest: dict, profile: ShapeProf
 
 def self_check(source: Path, built: Path, runtime: CpuRuntime, manifest: dict, profile: ShapeProfile,
                info: PrecisionInfo) -> dict:
-    """Run the input model (plain ONNX semantics) and the built artifact on the same inputs."""
+    """Run the input model (plain ONNX semantics) and the built artifact on the same inputs,
+    one session at a time (a model over 2 GB is in memory once, never twice)."""
     plain = CpuRuntime({"session.qdq_matmulnbits_accuracy_level": "0"})
-    ref_sess = session(source, plain, level="ORT_DISABLE_ALL")
-    new_sess = session(built, runtime)
     sizes = _self_check_sizes(profile)
     feeds = synthetic_feeds(manifest, sizes, seed=1)
+    ref_sess = session(source, plain, level="ORT_DISABLE_ALL")
     names = [o.name for o in ref_sess.get_outputs()]
     ref = ref_sess.run(names, feeds)
-    got = new_sess.run(names, feeds)
+    del ref_sess
+    got = session(built, runtime).run(names, feeds)
     worst, rms = 0.0, 0.0
     for a, b in zip(got, ref, strict=True):
         a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -294,31 +292,36 @@ def build_cpu(source_model: Path, source_manifest: dict, work: Path, dest: Path,
     """Write the optimized model to ``dest``; returns the manifest's ``runtime`` and ``build`` parts.
 
     ``work`` is a scratch folder inside the temporary output folder (removed by the caller).
+    The input's weights are never loaded whole: the graph is read without its external data, the
+    rewrites read the weights they change one at a time and write the new ones to a scratch data
+    file, and the staged graphs read the untouched weights through a hard link of the input's
+    data file (copied only across file systems). ONNX Runtime alone holds the model in memory.
     """
-    from trtforge.onnx_io import DATA_FILE, save_model
-
     t0 = time.perf_counter()
-    model = onnx.load(str(source_model), load_external_data=True)
-    before = op_counts(model)
-    rewritten, pairs = symmetric_int8_to_uint8(model) if INT8 in info.needs else (model, 0)
-    del model
-    weights_u8 = 0  # INT8 GEMM weights -> UINT8 + 128 (U8U8 kernel), unless they are folded to float
-    if INT8 in info.needs and onnx.TensorProto.INT8 not in fold_types(info):
-        rewritten, weights_u8 = int8_weights_to_uint8(rewritten)
     work.mkdir(parents=True, exist_ok=True)
-    rewrite_check = None
-    if pairs or weights_u8:
-        # The UINT8 rewrite must not change a single value: run both graphs unoptimized (same
-        # kernels apart from the Q/DQ types) and demand identical outputs.
-        (work / "u8").mkdir()
-        u8 = work / "u8" / "model.onnx"
-        if save_model(rewritten, u8, force_external=external):
-            rewritten = onnx.load(str(u8), load_external_data=True)  # saving moved the weights out of the proto
-        rewrite_check = _identical(source_model, u8, source_manifest, profile)
-    rewritten, folded = fold_weight_dequantize(rewritten, fold_types(info))
-    staged = work / "model.onnx"
-    save_model(rewritten, staged, force_external=external)
-    del rewritten
+    model = load_model(source_model, load_external_data=False)
+    data = DataFile(work / "rewritten.data") if external else None
+    weights = Weights(model, source_model.parent, out=data)
+    try:
+        before = op_counts(model)
+        pairs = symmetric_int8_to_uint8(model, weights=weights)[1] if INT8 in info.needs else 0
+        weights_u8 = 0  # INT8 GEMM weights -> UINT8 + 128 (U8U8 kernel), unless they are folded to float
+        if INT8 in info.needs and onnx.TensorProto.INT8 not in fold_types(info):
+            weights_u8 = int8_weights_to_uint8(model, weights=weights)[1]
+        rewrite_check = None
+        if pairs or weights_u8:
+            # The UINT8 rewrite must not change a single value: run both graphs unoptimized (same
+            # kernels apart from the Q/DQ types) and demand identical outputs.
+            u8 = work / "u8.onnx"
+            write_model(model, u8, weights, external=external, data=data, link=True)
+            rewrite_check = _identical(source_model, u8, source_manifest, profile)
+        folded = fold_weight_dequantize(model, fold_types(info), weights=weights)[1]
+        staged = work / "model.onnx"
+        write_model(model, staged, weights, external=external, data=data, link=True)
+    finally:
+        if data is not None:
+            data.close()
+    del model, weights
     runtime = runtime_for(info)
     t1 = time.perf_counter()
     dest.parent.mkdir(parents=True, exist_ok=True)

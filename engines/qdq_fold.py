@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
+
+from trtforge.onnx_io import Weights
 
 FOLDABLE = {TensorProto.FLOAT8E4M3FN: "fp8", TensorProto.INT8: "int8"}
 
@@ -39,9 +41,19 @@ def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
     return default
 
 
-def fold_weight_dequantize(model: onnx.ModelProto, types: set[int]) -> tuple[onnx.ModelProto, int]:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+def fold_weight_dequantize(model: onnx.ModelProto, types: set[int], *,
+                           weights: Weights | None = None) -> tuple[onnx.ModelProto, int]:
+    """Returns the folded graph (a copy of an in-memory model, or, given ``weights`` bound to
+    ``model``, ``model`` itself: each weight read from its file and its float value written
+    through ``weights.put`` as it is folded) and the number of nodes folded."""
+    if weights is None:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        weights = Weights(out)
+    elif weights.model is not model:
+        raise ValueError("weights must belong to the model being folded")
+    else:
+        out = model
     g = out.graph
     inits = {t.name: t for t in g.initializer}
     keep, new_inits, folded = [], [], 0
@@ -50,12 +62,12 @@ def fold_weight_dequantize(model: onnx.ModelProto, types: set[int]) -> tuple[onn
               and inits[node.input[0]].data_type in types and _attr(node, "block_size", 0) == 0)
         if ok and len(node.input) > 2 and node.input[2]:
             zp = inits.get(node.input[2])
-            ok = zp is not None and not np.any(numpy_helper.to_array(zp).astype(np.float32) != 0)
+            ok = zp is not None and not np.any(weights.array(zp).astype(np.float32) != 0)
         if not ok:
             keep.append(node)
             continue
-        q = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
-        s = numpy_helper.to_array(inits[node.input[1]])
+        q = weights.array(inits[node.input[0]]).astype(np.float32)
+        s = weights.array(inits[node.input[1]])
         s32 = s.astype(np.float32)
         if s32.ndim == 1 and s32.size > 1:
             axis = _attr(node, "axis", 1) % q.ndim
@@ -64,7 +76,8 @@ def fold_weight_dequantize(model: onnx.ModelProto, types: set[int]) -> tuple[onn
             s32 = s32.reshape(shape)
         out_type = _attr(node, "output_dtype", 0) or inits[node.input[1]].data_type
         value = (q * s32).astype(helper.tensor_dtype_to_np_dtype(out_type))
-        new_inits.append(numpy_helper.from_array(value, node.output[0]))
+        new_inits.append(weights.put(value, node.output[0]))
+        del q, value
         folded += 1
     if not folded:
         return out, 0

@@ -32,22 +32,34 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from trtforge.onnx_io import Weights
+
 U8_SUFFIX = "_u8zp128"
 U8_WEIGHT_SUFFIX = "_u8"
 GEMM_WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1}
 
 
-def _array(t: onnx.TensorProto) -> np.ndarray | None:
-    if t.data_location == TensorProto.EXTERNAL:
-        return None
-    return numpy_helper.to_array(t)
+def _target(model: onnx.ModelProto, weights: Weights | None) -> tuple[onnx.ModelProto, Weights]:
+    """The graph a pass edits: a copy of an in-memory model (pure pass), or, given ``weights``
+    (bound to ``model``, whose data may be external), ``model`` itself: no copy of the weights."""
+    if weights is None:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        return out, Weights(out)
+    if weights.model is not model:
+        raise ValueError("weights must belong to the model being rewritten")
+    return model, weights
 
 
-def symmetric_int8_to_uint8(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """Pure pass: returns a rewritten copy and the number of Q/DQ groups changed."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+def symmetric_int8_to_uint8(model: onnx.ModelProto, *, weights: Weights | None = None) -> tuple[onnx.ModelProto, int]:
+    """Returns the rewritten graph (a copy, or ``model`` itself when ``weights`` is given) and
+    the number of Q/DQ groups changed."""
+    out, weights = _target(model, weights)
     g = out.graph
+
+    def _array(t: onnx.TensorProto) -> np.ndarray:
+        return weights.array(t)
+
     inits = {t.name: t for t in g.initializer}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for n in g.node:
@@ -91,17 +103,22 @@ def symmetric_int8_to_uint8(model: onnx.ModelProto) -> tuple[onnx.ModelProto, in
     return out, changed
 
 
-def int8_weights_to_uint8(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """Pure pass: constant INT8 GEMM weights (zero point 0) become UINT8 ``w + 128`` with zero point 128.
+def int8_weights_to_uint8(model: onnx.ModelProto, *, weights: Weights | None = None) -> tuple[onnx.ModelProto, int]:
+    """Constant INT8 GEMM weights (zero point 0) become UINT8 ``w + 128`` with zero point 128.
 
     A weight qualifies when it is an initializer read only by DequantizeLinear nodes (per tensor
     or per axis, not blocked) with no or an all-zero INT8 zero point, each of whose outputs feeds
-    only the weight input of MatMul/Gemm nodes. Returns the rewritten copy and the number of
-    DequantizeLinear nodes changed.
+    only the weight input of MatMul/Gemm nodes. Returns the rewritten graph (a copy, or ``model``
+    itself when ``weights`` is given: the weights are then read from their files one at a time
+    and the new ones written through ``weights.put``) and the number of DequantizeLinear nodes
+    changed.
     """
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out, weights = _target(model, weights)
     g = out.graph
+
+    def _array(t: onnx.TensorProto) -> np.ndarray:
+        return weights.array(t)
+
     inits = {t.name: t for t in g.initializer}
     consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
     for n in g.node:
@@ -131,10 +148,9 @@ def int8_weights_to_uint8(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]
         if len(consumers.get(name, [])) != len(dqs) or name in outputs:
             continue  # the int8 tensor is also read as int8 elsewhere
         q = _array(inits[name])
-        if q is None:  # external data not loaded: leave it
-            continue
         u8 = name + U8_WEIGHT_SUFFIX
-        new_inits.append(numpy_helper.from_array((q.astype(np.int16) + 128).astype(np.uint8), u8))
+        new_inits.append(weights.put((q.astype(np.int16) + 128).astype(np.uint8), u8))
+        del q
         for dq in dqs:
             zp_name = f"{dq.name or dq.output[0]}_zp{U8_SUFFIX}"  # shaped like the scale (per tensor or axis)
             new_inits.append(numpy_helper.from_array(np.full(tuple(inits[dq.input[1]].dims), 128, np.uint8), zp_name))

@@ -94,7 +94,9 @@ def _to16(arr: np.ndarray) -> np.ndarray:
     return np.clip(arr, -_MAX16, _MAX16).astype(np.float16)
 
 
-def convert_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+def convert_to_fp16(model: onnx.ModelProto, *, initializer_to16=None) -> onnx.ModelProto:
+    """``initializer_to16(t)``: casts one FP32 initializer in place (default: from its embedded data;
+    the quantize stage passes one that records the cast for weights left in external data)."""
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node for a in n.attribute):
         raise NotImplementedError("FP16 conversion of graphs with subgraphs (If/Loop) is not supported")
     idx = GraphIndex(model)
@@ -122,8 +124,7 @@ def convert_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
             if users and all(u.name in keep32 for u in users):
                 home[t.name] = F32
             else:
-                arr = numpy_helper.to_array(t)
-                t.CopyFrom(numpy_helper.from_array(_to16(arr), t.name))
+                (initializer_to16 or _initializer_to16)(t)
                 home[t.name] = F16
 
     # Nodes: retype attributes of FP16 nodes, then insert boundary casts.
@@ -169,6 +170,10 @@ def convert_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     g.node.extend(new_nodes)
     del g.value_info[:]  # stale FP32 types; re-inferred by whoever needs them
     return topological_sort(model)
+
+
+def _initializer_to16(t: onnx.TensorProto) -> None:
+    t.CopyFrom(numpy_helper.from_array(_to16(numpy_helper.to_array(t)), t.name))
 
 
 def _cast_to(node: onnx.NodeProto) -> int | None:

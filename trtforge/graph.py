@@ -16,13 +16,20 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from trtforge.errors import InputError
+from trtforge.onnx_io import Weights, is_external
+
 
 class GraphIndex:
-    """Producer/consumer maps of a graph. Rebuild it after structural edits."""
+    """Producer/consumer maps of a graph. Rebuild it after structural edits.
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    ``weights`` reads initializer values (trtforge.onnx_io.Weights): needed for graphs whose
+    weights are in external data; without it, an external initializer has no known value."""
+
+    def __init__(self, model: onnx.ModelProto, weights: Weights | None = None) -> None:
         g = model.graph
         self.model = model
+        self.weights = weights
         self.graph = g
         self.producer: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
@@ -37,10 +44,23 @@ class GraphIndex:
         self.graph_outputs = {o.name for o in g.output}
         self._names = {n.name for n in g.node} | set(self.producer) | set(self.initializers) | self.graph_inputs
 
+    def array(self, name: str) -> np.ndarray:
+        """An initializer's value, read through ``weights`` (from external data, edits applied)."""
+        t = self.initializers[name]
+        if self.weights is not None:
+            return self.weights.array(t)
+        if is_external(t):
+            raise InputError(f"initializer {name} is in external data and this pass was given no folder to read it from",
+                             "report this trtforge bug")
+        return numpy_helper.to_array(t)
+
     def const_value(self, name: str) -> np.ndarray | None:
-        """Value of an initializer or Constant node output, else None."""
+        """Value of an initializer or Constant node output, else None (also for an external
+        initializer when the index has no ``weights`` to read it)."""
         if name in self.initializers:
-            return numpy_helper.to_array(self.initializers[name])
+            if self.weights is None and is_external(self.initializers[name]):
+                return None
+            return self.array(name)
         node = self.producer.get(name)
         if node is not None and node.op_type == "Constant":
             for a in node.attribute:
@@ -59,7 +79,13 @@ class GraphIndex:
         return None
 
     def is_const(self, name: str) -> bool:
-        return self.const_value(name) is not None
+        """Whether ``name`` is a constant (never reads an initializer's data)."""
+        if name in self.initializers:
+            return True
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Identity":
+            return self.is_const(node.input[0])
+        return node is not None and node.op_type == "Constant" and self.const_value(name) is not None
 
     def unique(self, base: str) -> str:
         name, k = base, 0
@@ -244,33 +270,31 @@ def _is_per_head(idx: GraphIndex, x: str, scale: str | None) -> bool:
     return False
 
 
-def inline_identity_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+def inline_identity_initializers(model: onnx.ModelProto, weights: Weights | None = None) -> onnx.ModelProto:
     """Point consumers of ``Identity(initializer)`` at a private copy of the initializer.
 
     The TorchScript exporter deduplicates equal initializers (e.g. the all-ones norm scales of
     a freshly initialized model) behind Identity nodes. Passes that rewrite one layer's weights
     (SmoothQuant, AWQ) must not change another's, so every consumer gets its own tensor.
+    Edits ``model`` in place and returns it; an external tensor's copy is a second reference
+    to the same bytes (``weights`` carries its recorded edits over), never a copy of the data.
     """
+    weights = weights or Weights(model)
     idx = GraphIndex(model)
     keep = []
-    new_inits = []
+    found = []
     for node in model.graph.node:
         if node.op_type == "Identity" and node.input[0] in idx.initializers and node.output[0] not in idx.graph_outputs:
-            src = idx.initializers[node.input[0]]
-            t = TensorProto()
-            t.CopyFrom(src)
-            t.name = node.output[0]
-            new_inits.append(t)
+            found.append(node)
             continue
         keep.append(node)
-    if not new_inits:
+    if not found:
         return model
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    del out.graph.node[:]
-    out.graph.node.extend(keep)
-    out.graph.initializer.extend(new_inits)
-    return out
+    for node in found:
+        weights.clone(idx.initializers[node.input[0]], node.output[0])
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return model
 
 
 def set_initializer(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:

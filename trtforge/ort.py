@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
+
+import onnx
 
 from trtforge._deps import require
 from trtforge.errors import InputError
+from trtforge.onnx_io import Weights, embedded_bytes, has_external_data, save_streaming, write_model
 
 # ONNX Runtime fuses DequantizeLinear(int4, block) + MatMul into MatMulNBits and, at its default
 # accuracy level 4, quantizes the activations to int8 on the fly: W4A16 would then be measured
 # as W4A8 (max error 0.6 instead of 2e-5 on a 96x40 test GEMM). Level 0 keeps the activations in
 # float, which is what TensorRT's weight-only GEMMs compute.
-EMULATION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "0"}
+#
+# Q/DQ graphs are run as what they say (DequantizeLinear, then float GEMMs): with its QDQ fusion
+# ONNX Runtime would instead run INT8 GEMMs in its integer kernels, whose U8S8 path saturates
+# int16 pair sums on x86 CPUs without VNNI (an AVX2 EPYC: 18% error on uniform int8 operands,
+# engines/cpu.py). Emulation must be exact on every CPU; the CPU target's own fused artifact is
+# a separate, self-checked build.
+EMULATION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "0", "session.disable_quant_qdq": "1"}
+# where a model given as bytes finds its external data (ONNX Runtime refuses absolute locations,
+# and locations outside the model's folder, symbolic links included)
+EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"
+# a graph with more embedded data than this is written to a file instead of serialized in memory
+_SERIALIZE_LIMIT = 64 << 20
 
 
 def session(
@@ -48,6 +63,28 @@ def session(
             raise InputError(f"ONNX Runtime cannot load {where} ({kind}: {first})",
                              "the file is truncated, corrupt or not ONNX; re-run the stage that wrote it") from None
         raise
+
+
+def graph_session(model: onnx.ModelProto, base_dir: str | Path | None = None, **kw):
+    """A session over an in-memory graph whose weights stay where they are.
+
+    A graph loaded without its external data (``base_dir``: the folder its data locations are
+    relative to) is handed to ONNX Runtime as its own small serialization, and ONNX Runtime reads
+    the weights from their files; the weights are never copied. A graph that holds its weights
+    is written to a temporary file tensor by tensor (no whole-model serialization) and loaded
+    from there. ``kw``: as for :func:`session`.
+    """
+    external = has_external_data(model)
+    if external and base_dir is not None and embedded_bytes(model) <= _SERIALIZE_LIMIT:
+        config = {**(kw.pop("config", None) or {}), EXTERNAL_FOLDER: str(Path(base_dir).resolve())}
+        return session(model.SerializeToString(), config=config, **kw)
+    with tempfile.TemporaryDirectory(prefix="trtforge-graph-") as d:
+        path = Path(d) / "model.onnx"
+        if external:
+            write_model(model, path, Weights(model, base_dir), external=True, link=True)
+        else:
+            save_streaming(model, path)
+        return session(path, **kw)
 
 
 def _unreadable(msg: str) -> bool:

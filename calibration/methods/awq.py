@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from trtforge.calibration.methods.base import Decision, PlanContext, Role, Stat
+from trtforge.calibration.methods.base import Decision, PlanContext, Role, Stat, weight_granularity
 from trtforge.calibration.methods.rtn import RoundToNearest
 from trtforge.calibration.patterns import Group
 from trtforge.calibration.qdq import WeightPlan
@@ -23,6 +23,7 @@ from trtforge.calibration.recipe import Int4Method, QuantRecipe
 from trtforge.calibration.smoothing import Smoothing, tie_shared_columns
 from trtforge.errors import QuantizationError
 from trtforge.numerics import int4_fake
+from trtforge.progress import progress
 from trtforge.registry import QUANT_METHODS
 from trtforge.vocab import Granularity, Precision
 
@@ -111,6 +112,13 @@ class AWQ(RoundToNearest):
         x_absmean = tie_shared_columns(group, st.channel_absmean, "mean")
         s, ratio, err = awq_scale(st.sample, x_absmean, ws, q[0].block, ctx.recipe.awq_grid)
         return Smoothing(group, s, ratio, err) if ratio > 0 else None
+
+    def plan_weights(self, ctx: PlanContext) -> list[WeightPlan]:
+        if not ctx.recipe.awq_clip:
+            return super().plan_weights(ctx)
+        todo = ctx.quantized()  # INT4 blocks: no shared per-tensor amax
+        return [self.plan_weight(ctx, d, weight_granularity(ctx.recipe), None)
+                for d in progress(todo, len(todo), "awq clip search (GEMMs)")]
 
     def plan_weight(self, ctx: PlanContext, d: Decision, granularity: Granularity,
                     shared_amax: float | None) -> WeightPlan:

@@ -133,9 +133,9 @@ def test_one_graph_index_per_pass(monkeypatch, preset):
     built = []
     init = GraphIndex.__init__
 
-    def counting(self, model):
+    def counting(self, model, *args, **kwargs):
         built.append(1)
-        init(self, model)
+        init(self, model, *args, **kwargs)
 
     monkeypatch.setattr(GraphIndex, "__init__", counting)
     model = _graph()
