@@ -91,26 +91,27 @@ class Preset(str, Enum):
 # Why these numbers: docs/parity.md ("The gate and the threshold presets"). FP16 is rounding
 # only; the quantized presets follow what healthy W8A8 SmoothQuant, FP8 E4M3 and INT4 AWQ models
 # keep, with head-room, so a healthy recipe passes and a broken layer (SNR collapse, arg-max
-# flips) fails. Task limits (docs/parity.md, "Task-level parity"): sequence agreement over 32
-# greedy tokens is about the per-step agreement to the 32nd power, so 0.95 / 0.70 / 0.50 allow
-# ~0.16 % / ~1.1 % / ~2.1 % of steps to flip; accuracy drops are in points per category.
+# flips) fails. Task limits (docs/parity.md, "Task-level parity"): agreement over 32 greedy
+# tokens is about the per-step agreement to the 32nd power, so 0.75 / 0.5 / 0.3 allow about one
+# flipped step in 110 / 47 / 27 (FP16 vs FP32 of Gemma 3 270M measured one in 230; its broken
+# INT8 one in 11); accuracy drops are in points per category.
 _PRESETS: dict[Preset, dict[str, float | None]] = {
     Preset.FP16: dict(cosine_mean=0.9999, cosine_min=0.999, snr_db=40.0, top1_agreement=0.99,
                       top5_agreement=0.97, kl_mean=1e-3, ppl_change_pct=0.5,
                       embedding_cosine_mean=0.9999, embedding_cosine_min=0.999,
-                      task_agreement=0.95, task_accuracy_drop=2.0),
+                      task_agreement=0.75, task_accuracy_drop=2.0),
     Preset.FP8: dict(cosine_mean=0.995, cosine_min=0.92, snr_db=20.0, top1_agreement=0.93,
                      top5_agreement=0.88, kl_mean=0.02, ppl_change_pct=3.0,
                      embedding_cosine_mean=0.995, embedding_cosine_min=0.98,
-                     task_agreement=0.70, task_accuracy_drop=5.0),
+                     task_agreement=0.50, task_accuracy_drop=5.0),
     Preset.INT8: dict(cosine_mean=0.99, cosine_min=0.90, snr_db=20.0, top1_agreement=0.90,
                       top5_agreement=0.85, kl_mean=0.03, ppl_change_pct=5.0,
                       embedding_cosine_mean=0.99, embedding_cosine_min=0.97,
-                      task_agreement=0.70, task_accuracy_drop=5.0),
+                      task_agreement=0.50, task_accuracy_drop=5.0),
     Preset.INT4: dict(cosine_mean=0.98, cosine_min=0.85, snr_db=15.0, top1_agreement=0.85,
                       top5_agreement=0.80, kl_mean=0.1, ppl_change_pct=10.0,
                       embedding_cosine_mean=0.98, embedding_cosine_min=0.95,
-                      task_agreement=0.50, task_accuracy_drop=10.0),
+                      task_agreement=0.30, task_accuracy_drop=10.0),
 }
 
 
