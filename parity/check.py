@@ -109,6 +109,9 @@ def check_parity(
     thr = load_thresholds(thresholds, cand.precision)
     warnings = check_compatible(ref, cand)
     tokenizer = None
+    if options.per_layer_category is not None and prompt_set is None:
+        raise OptionError("per_layer_category needs prompts (its categories)", "add prompts: a JSONL file of categorized prompts",
+                          fields=("per_layer_category", "prompts"))
     if prompt_set is not None:
         tokenizer = _prompt_tokenizer(ref, prompt_set, options, per_layer)
         warnings += _unused_overrides(thr, prompt_set)
@@ -191,7 +194,7 @@ def _prompt_tokenizer(ref: ModelSide, prompts: PromptSet, options: ParityOptions
     cat = options.per_layer_category
     if cat is not None:
         if not per_layer:
-            raise OptionError("per_layer_category is set without per_layer", "add per_layer (--per-layer)",
+            raise OptionError("per_layer_category is set without per_layer", "add per_layer, or drop per_layer_category",
                               fields=("per_layer_category",))
         if cat not in prompts.categories:
             raise OptionError(f"per_layer_category {cat!r} is not a category of {prompts.path.name}",

@@ -349,6 +349,9 @@ def test_prompts_need_a_causal_lm_and_per_layer_category_needs_per_layer(bert, l
                         "-o", tmp_path / "r"), "--prompts need a causal LM", "feature-extraction")
     _one_line_error(run("parity", "--reference", llama_fp16.path, "--candidate", llama_fp16.path, "--prompts", prompts,
                         "--per-layer-category", "math", "-o", tmp_path / "r"), "--per-layer-category", "--per-layer")
+    _one_line_error(run("parity", "--reference", llama_fp16.path, "--candidate", llama_fp16.path, "--per-layer",
+                        "--per-layer-category", "math", "-o", tmp_path / "r"), "--per-layer-category needs --prompts",
+                    "add --prompts: a JSONL file")
     with pytest.raises(OptionError) as info:
         ParityOptions(max_new_tokens=0)
     assert info.value.fields == ("max_new_tokens",)
