@@ -363,7 +363,9 @@ class Runner:
                **({"prompts": sha256_file(prompts)} if prompts and Path(prompts).is_file() else {})}
 
         thresholds = r.thresholds
-        if isinstance(thresholds, dict):  # an inline [parity.thresholds] table: preset + limits
+        if isinstance(thresholds, dict) and "tasks" not in thresholds:  # inline [parity.thresholds]: preset + limits
+            # (with a [parity.thresholds.tasks] subtable the table goes to the parity stage whole: its
+            # loader reads per-category overrides the way it reads a thresholds file)
             limits = {k: float(v) for k, v in thresholds.items() if k != "preset" and v not in (None, False)}
             base = Thresholds.preset(thresholds["preset"]) if "preset" in thresholds else None
             thresholds = Thresholds(f"{base.name if base else 'recipe'}+recipe", {**(base.limits if base else {}), **limits}, "recipe")

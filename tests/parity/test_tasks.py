@@ -404,6 +404,21 @@ reports = "quantized"
     assert again["reports/int8-sq"] == "done" and again["quantized/int8-sq"] == "cached"
     report = json.loads((tmp_path / "out" / "reports" / "int8-sq" / "report.json").read_text())
     assert report["tasks"]["prompts_file"]["num_prompts"] == 8
+    # an inline [parity.thresholds] table with per-category overrides goes to the parity stage whole
+    inline = folder / "inline.toml"
+    inline.write_text(recipe.read_text() + """
+[parity.thresholds]
+preset = "int8"
+task_agreement = 0.0
+
+[parity.thresholds.tasks.math]
+task_agreement = 0.99
+""")
+    m = trtforge.run(inline, tmp_path / "out")
+    report = json.loads((tmp_path / "out" / "reports" / "int8-sq" / "report.json").read_text())
+    cats = report["tasks"]["categories"]
+    assert all(c["passed"] for name, c in cats.items() if name != "math")
+    assert cats["math"]["passed"] == (cats["math"]["agreement"] >= 0.99)
 
 
 @pytest.fixture(scope="module")
