@@ -97,7 +97,10 @@ def check_parity(
 ) -> ParityReport:
     """Run both models, measure, gate, and write the report folder (see module docstring)."""
     out_dir = StageOutput(out, stage="parity", kind=REPORT_KIND, force=force, what="report folder",
-                          inputs=[_path_of(reference), _path_of(candidate)])
+                          inputs=[_path_of(reference), _path_of(candidate),
+                                  # a report inside a data folder would be read as text next time
+                                  *(("held-out data", Path(p)) for p in (data or ()) if Path(p).exists()),
+                                  *([("saved inputs", Path(inputs))] if inputs else [])])
     timings = out_dir.manifest.timings  # filled by out_dir.timed(); written into report.json, not a manifest
     if data and inputs:
         raise OptionError("both data and inputs given", "pass held-out text with data, or the input file an earlier report saved with inputs",

@@ -250,3 +250,15 @@ def test_the_report_folder_cannot_be_inside_either_artifact(bert, llama_fp16, tm
             r = CliRunner().invoke(main, ["parity", role, str(ref), other, str(bert.path), "-o", str(out), "--force"])
             one_line_error(r, needle)
     assert sorted(p.name for p in ref.iterdir()) == sorted(p.name for p in bert.path.iterdir())
+
+
+def test_a_report_folder_inside_the_data_folder_is_refused(bert, tmp_path):
+    """Issue 12: the next parity run over that folder would read the report as evaluation text."""
+    from trtforge.errors import InputError
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "eval.txt").write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    with pytest.raises(InputError, match="inside the held-out data"):
+        check_parity(bert.path, bert.path, [data], None, data / "report")
+    assert sorted(p.name for p in data.iterdir()) == ["eval.txt"]
