@@ -66,7 +66,9 @@ def quantize(
         raise InputError(f"{art.path} is already quantized ({art.precision})", "quantize the export artifact instead")
     if src.stage != "export":
         raise InputError(f"{art.path} is a {src.stage} artifact", "quantize the folder written by 'trtforge export'")
-    output = StageOutput(out, stage=STAGE, kind="onnx", force=force, inputs=[art.path])
+    # not --ranges: quantize --ranges Q/ranges.json -o Q --force re-quantizes from saved ranges
+    output = StageOutput(out, stage=STAGE, kind="onnx", force=force,
+                         inputs=[art.path, *(("calibration data", Path(p)) for p in (calib or ()) if Path(p).exists())])
     dtype = art.dtype if recipe.dtype == "auto" else recipe.dtype
     if art.dtype == Precision.FP16 and dtype == Precision.FP32:
         raise InputError("an FP16 export cannot be quantized into an FP32 graph",

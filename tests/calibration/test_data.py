@@ -126,3 +126,15 @@ def test_jsonl_without_the_field_gives_the_key_each_command_accepts(tmp_path):
     # quantize takes recipe fields with --set; run takes [calibration] keys
     assert "--set text_field=KEY" in line and "--set calibration.text_field=KEY" in line
     assert "calib.text_field" not in line
+
+
+def test_quantize_output_inside_the_calibration_data_folder_is_refused(exported, tmp_path):
+    """Issue 12: a quantized artifact written into the data folder would be read as data next time."""
+    from trtforge.calibration import get_preset, quantize
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "calib.txt").write_text((DATA / "calib-mpl-lgpl.txt").read_text(encoding="utf-8"), encoding="utf-8")
+    with pytest.raises(InputError, match="inside the calibration data"):
+        quantize(exported("llama"), get_preset("int8-sq"), data / "q", calib=[data])
+    assert [p.name for p in data.iterdir()] == ["calib.txt"]
