@@ -19,18 +19,19 @@ from onnx import helper
 from trtforge.artifacts import read_json, sha256_json, write_json
 from trtforge.calibration.stats import TensorStats
 from trtforge.errors import CalibrationError, InputError
-from trtforge.graph import tensor_types
+from trtforge.graph import needed_subgraph, tensor_types
 from trtforge.inputs import make_feeds
 from trtforge.manifest import ModelDims
-from trtforge.ort import graph_session
+from trtforge.onnx_io import has_external_data
+from trtforge.ort import NO_PREPACKING, graph_session, release_memory
 from trtforge.progress import progress
 from trtforge.textdata import Samples
 
 log = logging.getLogger(__name__)
 RANGES_VERSION = 1
 # The probe returns every watched activation of a batch at once; batches are cut to keep that
-# under this (a 1.1B LLaMA returns 270 MB for one 256-token sequence).
-OUTPUT_BUDGET = 512 << 20
+# under this (a 1.1B LLaMA returns 580 MB for one 256-token sequence, GEMM and attention inputs).
+OUTPUT_BUDGET = 256 << 20
 
 
 @dataclass
@@ -102,7 +103,7 @@ def batches(samples: Samples, batch_size: int, sample_bytes=None):
         idx = by_len[length]
         size = batch_size
         if sample_bytes is not None:
-            size = max(1, min(batch_size, OUTPUT_BUDGET // max(sample_bytes(length), 1)))
+            size = max(1, min(batch_size, int(OUTPUT_BUDGET // max(sample_bytes(length), 1))))
         for k in range(0, len(idx), size):
             out.append(idx[k : k + size])
     return out
@@ -126,6 +127,34 @@ def _output_bytes(run, ids: np.ndarray):
     return lambda length: max(a * length + c * length * length, b2 * length / l2)
 
 
+def _probe_session(model: onnx.ModelProto, watched: list[str], types: dict[str, int],
+                   base_dir: str | Path | None, providers: list[str] | None):
+    """ONNX Runtime on the model with the watched tensors as its only outputs, weights read where
+    they are (memory-mapped, no packed copy), no memory arena to keep a batch's outputs.
+
+    A graph with external data gets a probe of its own holding only the nodes and the weight
+    references the watched tensors need: its own outputs (logits, the KV cache) and what only they
+    read (the lm_head GEMM and its weight) are left out, and the probe is a few megabytes however
+    large the model. A graph holding its weights is probed as itself (its outputs swapped for the
+    watched tensors while ONNX Runtime loads it), never copied."""
+    def outputs(into, known):
+        for name in watched:
+            into.append(known.get(name) or helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None))
+
+    kw = {"providers": providers, "arena": False, "config": NO_PREPACKING}
+    if has_external_data(model) and base_dir is not None:
+        return graph_session(needed_subgraph(model, watched, outputs), base_dir, **kw)
+    graph_outputs = model.graph.output
+    saved = [onnx.ValueInfoProto.FromString(o.SerializeToString()) for o in graph_outputs]
+    del graph_outputs[:]
+    outputs(graph_outputs, {o.name: o for o in saved})
+    try:
+        return graph_session(model, base_dir, **kw)
+    finally:
+        del graph_outputs[:]
+        graph_outputs.extend(saved)
+
+
 def collect_ranges(
     model: onnx.ModelProto,
     watched: list[str],
@@ -146,18 +175,7 @@ def collect_ranges(
     if not samples.ids:
         raise CalibrationError("no calibration samples", "pass calibration text")
     types = tensor_types(model)
-    # The probe is the model itself with the watched tensors as extra outputs, for as long as
-    # ONNX Runtime takes to load it: no copy of the graph, let alone of its weights.
-    graph_outputs = model.graph.output
-    n_out = len(graph_outputs)
-    existing = {o.name for o in graph_outputs}
-    for name in watched:
-        if name not in existing:
-            graph_outputs.append(helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None))
-    try:
-        sess = graph_session(model, base_dir, providers=providers)
-    finally:
-        del graph_outputs[n_out:]
+    sess = _probe_session(model, watched, types, base_dir, providers)
     input_names = [i.name for i in model.graph.input]
     float_dtype = np.float16 if any(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for i in model.graph.input) else np.float32
     stats: dict[str, TensorStats] = {}
@@ -193,4 +211,6 @@ def collect_ranges(
         "kept_rows_per_tensor": keep,
         "providers": list(sess.get_providers()),
     }
+    sess = run = None  # noqa: F841 - the session goes now, not when the caller is done
+    release_memory()  # the probe's weights and activations, back to the system before the next step
     return ActivationRanges(model_key(model, watched), stats, samples.describe(), meta)

@@ -33,12 +33,13 @@ from trtforge.onnx_io import (
     Weights,
     check_onnx,
     has_external_data,
+    load_graph,
     load_model,
     needs_external,
     weight_bytes,
     write_model,
 )
-from trtforge.ort import graph_session, session
+from trtforge.ort import NO_PREPACKING, graph_session, release_memory, session
 from trtforge.sample_text import SENTENCES
 from trtforge.stage import StageOutput
 from trtforge.textdata import build_samples, load_tokenizer
@@ -80,9 +81,10 @@ def quantize(
     timings = output.manifest.timings
 
     t = time.perf_counter()
-    # The graph without its weights: they stay in the export's files and are read tensor by
-    # tensor (onnx_io.Weights); nothing below copies or serializes the model with its weights.
-    model = art.load(load_external_data=False)
+    # The graph without its weights: they stay in the export's files (its external data, or
+    # model.onnx itself) and are read tensor by tensor (onnx_io.Weights); nothing below copies
+    # or serializes the model with its weights.
+    model = load_graph(art.model_path)
     weights = Weights(model, art.path)
     inline_identity_initializers(model, weights)
     idx = GraphIndex(model, weights)
@@ -116,6 +118,7 @@ def quantize(
     # a forced-external export stays external; a big one is external anyway
     external = art.manifest.model.external_data is not None or needs_external(weight_bytes(model))
 
+    checks = _Reference(art, dims)
     with output.open() as tmp:
         data = weights.out = DataFile(tmp / DATA_FILE) if external else None
         try:
@@ -124,7 +127,7 @@ def quantize(
             smooth_check = None
             if prep.smoothings:
                 with output.timed("smoothing_check_s"):
-                    smooth_check = _check_same_function(art, prep.model, weights, tmp, dims)
+                    smooth_check = _check_same_function(art, prep.model, weights, tmp, checks)
             with output.timed("quantize_s"):
                 qmodel, report = finish(prep, dtype=dtype)
             with output.timed("write_s"):
@@ -135,7 +138,7 @@ def quantize(
         del qmodel, prep, model, weights
         with output.timed("check_s"):
             check_onnx(tmp / MODEL_FILE, stage=STAGE)
-            quick = _quick_check(tmp / MODEL_FILE, art, dims)
+            quick = _quick_check(tmp / MODEL_FILE, art, checks)
         r.save(tmp / RANGES_FILE)
         copy_side_files(art.path, tmp)
         _write_manifest(output, art, tmp, recipe, dtype, external, samples_info, smooth_check, quick, report)
@@ -200,9 +203,9 @@ def _check_cases(art: OnnxArtifact, dims: ModelDims) -> list[dict]:
 def _run(model_or_path, cases: list[dict], base_dir: Path | None = None) -> list[dict[str, np.ndarray]]:
     """Run a model file, or an in-memory graph (``base_dir``: where its external data is)."""
     if isinstance(model_or_path, onnx.ModelProto):
-        sess = graph_session(model_or_path, base_dir)
+        sess = graph_session(model_or_path, base_dir, config=NO_PREPACKING)
     else:
-        sess = session(model_or_path)
+        sess = session(model_or_path, config=NO_PREPACKING)
     names = [o.name for o in sess.get_outputs()]
     want = {i.name: i.type for i in sess.get_inputs()}
 
@@ -214,18 +217,34 @@ def _run(model_or_path, cases: list[dict], base_dir: Path | None = None) -> list
             out[k] = v
         return out
 
-    return [dict(zip(names, sess.run(None, adapt(c)))) for c in cases]
+    outs = [dict(zip(names, sess.run(None, adapt(c)))) for c in cases]
+    del sess
+    release_memory()  # one model in memory at a time: this one is gone before the next opens
+    return outs
+
+
+class _Reference:
+    """The held-out check cases and the export's outputs on them, run once for both checks."""
+
+    def __init__(self, art: OnnxArtifact, dims: ModelDims) -> None:
+        self.art, self.cases = art, _check_cases(art, dims)
+        self._outputs: list[dict[str, np.ndarray]] | None = None
+
+    def outputs(self) -> list[dict[str, np.ndarray]]:
+        if self._outputs is None:
+            self._outputs = _run(self.art.model_path, self.cases)
+        return self._outputs
 
 
 def _check_same_function(art: OnnxArtifact, smoothed: onnx.ModelProto, weights: Weights, tmp: Path,
-                         dims: ModelDims) -> dict:
+                         reference: _Reference) -> dict:
     """Smoothing must not change the float function; a difference here is a trtforge bug.
 
     The smoothed float graph is written to a scratch folder in the output (its rescaled weights
     only; the untouched ones through a hard link of the export's data file) and run after the
     export, one session at a time."""
-    cases = _check_cases(art, dims)[:2]
-    a = _run(art.model_path, cases)
+    cases = reference.cases[:2]
+    a = reference.outputs()[:2]
     scratch = tmp / "_smoothed"
     scratch.mkdir()
     try:
@@ -247,16 +266,16 @@ def _check_same_function(art: OnnxArtifact, smoothed: onnx.ModelProto, weights: 
     return {"max_rel_err": worst, "tolerance": tol, "cases": len(cases)}
 
 
-def _quick_check(qpath: Path, art: OnnxArtifact, dims: ModelDims) -> dict:
+def _quick_check(qpath: Path, art: OnnxArtifact, reference: _Reference) -> dict:
     """The quantized file loads and runs in ONNX Runtime; rough agreement with the float model
     (the export, run after it: one model in memory at a time)."""
-    cases = _check_cases(art, dims)
+    cases = reference.cases
     try:
         got = _run(qpath, cases)
     except Exception as exc:  # onnxruntime raises its own exception types
         raise QuantizationError(f"the quantized model does not run in ONNX Runtime: {str(exc).splitlines()[0]}",
                                 "report this with the recipe and the export's manifest") from exc
-    ref = _run(art.model_path, cases)
+    ref = reference.outputs()
     out_name = art.outputs[0].name
     cos = []
     for rr, gg in zip(ref, got):

@@ -59,7 +59,7 @@ from trtforge.engines.qdq_u8 import int8_weights_to_uint8, symmetric_int8_to_uin
 from trtforge.engines.targets import FP8, FP32, INT8
 from trtforge.env import cpu_name
 from trtforge.errors import BuildError
-from trtforge.onnx_io import DATA_FILE, DataFile, Weights, load_model, write_model
+from trtforge.onnx_io import DATA_FILE, DataFile, Weights, load_graph, write_model
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +299,7 @@ def build_cpu(source_model: Path, source_manifest: dict, work: Path, dest: Path,
     """
     t0 = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
-    model = load_model(source_model, load_external_data=False)
+    model = load_graph(source_model)  # weights held in model.onnx become references into it
     data = DataFile(work / "rewritten.data") if external else None
     weights = Weights(model, source_model.parent, out=data)
     try:

@@ -17,7 +17,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from trtforge.errors import InputError
-from trtforge.onnx_io import Weights, is_external
+from trtforge.onnx_io import Weights, copy_fields, is_external
 
 
 class GraphIndex:
@@ -374,6 +374,32 @@ def topological_sort(model: onnx.ModelProto) -> onnx.ModelProto:
     del g.node[:]
     g.node.extend(sorted_nodes)
     return model
+
+
+def needed_subgraph(model: onnx.ModelProto, outputs: list[str], make_outputs) -> onnx.ModelProto:
+    """A new model computing only ``outputs``: the nodes they depend on and the initializers those
+    read (copied as they are: for a graph loaded without its external data, references to the
+    same bytes, never the data). ``make_outputs(repeated, known)`` fills the new graph's outputs
+    (``known``: the model's own output infos by name). Graph inputs are all kept."""
+    g = model.graph
+    producer = {o: k for k, n in enumerate(g.node) for o in n.output}
+    keep: set[int] = set()
+    stack = [producer[o] for o in outputs if o in producer]
+    while stack:
+        k = stack.pop()
+        if k in keep:
+            continue
+        keep.add(k)
+        stack += [producer[i] for i in _all_inputs(g.node[k]) if i in producer and producer[i] not in keep]
+    nodes = [g.node[k] for k in sorted(keep)]
+    used = {i for n in nodes for i in _all_inputs(n)}
+    out = onnx.ModelProto()
+    copy_fields(model, out, skip="graph")
+    copy_fields(g, out.graph, skip=("node", "initializer", "output", "value_info"))
+    out.graph.node.extend(nodes)
+    out.graph.initializer.extend(t for t in g.initializer if t.name in used)
+    make_outputs(out.graph.output, {o.name: o for o in g.output})
+    return out
 
 
 def _all_inputs(node: onnx.NodeProto) -> list[str]:

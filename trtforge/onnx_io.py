@@ -95,12 +95,12 @@ def _write_streaming(model: onnx.ModelProto, path: str | os.PathLike[str], inits
     """``model`` with ``inits`` as its graph's initializers, serialized one tensor at a time."""
     graph = model.graph
     shell_graph = onnx.GraphProto()
-    _copy_fields(graph, shell_graph, skip="initializer")
+    copy_fields(graph, shell_graph, skip="initializer")
     graph_head = shell_graph.SerializeToString()
     sizes = [t.ByteSize() for t in inits]
     graph_len = len(graph_head) + sum(len(_key(_INIT_FIELD)) + len(_varint(s)) + s for s in sizes)
     shell_model = onnx.ModelProto()
-    _copy_fields(model, shell_model, skip="graph")
+    copy_fields(model, shell_model, skip="graph")
     with open(Path(path), "wb") as f:
         f.write(shell_model.SerializeToString())
         f.write(_key(_GRAPH_FIELD) + _varint(graph_len))
@@ -110,10 +110,11 @@ def _write_streaming(model: onnx.ModelProto, path: str | os.PathLike[str], inits
             f.write(t.SerializeToString())
 
 
-def _copy_fields(src, dst, skip: str) -> None:
-    """Shallow copy of every set field of a message except ``skip``."""
+def copy_fields(src, dst, skip: str | tuple[str, ...]) -> None:
+    """Shallow copy of every set field of a message except ``skip`` (a name or names)."""
+    skip = (skip,) if isinstance(skip, str) else skip
     for field, value in src.ListFields():
-        if field.name == skip:
+        if field.name in skip:
             continue
         if isinstance(value, (list, tuple)) or hasattr(value, "extend"):  # repeated
             getattr(dst, field.name).extend(value)
@@ -396,9 +397,10 @@ def write_model(model: onnx.ModelProto, path: str | os.PathLike[str], weights: W
 
     ``external``: tensors of ``EMBED_BELOW`` bytes or more go to ``data`` (default: a new
     ``model.onnx.data`` beside ``path``; tensors :meth:`Weights.put` already wrote there stay),
-    else everything is held in the file (the caller keeps that under 2 GB). ``link``: untouched
-    external tensors are read from a hard link of their file placed beside ``path`` instead of
-    being copied (for scratch models; falls back to copying across file systems).
+    else everything is held in the file (the caller keeps that under 2 GB). ``link`` (with
+    ``external``): untouched external tensors are read from a hard link of their file placed
+    beside ``path`` instead of being copied (for scratch models; falls back to copying across
+    file systems).
     """
     path = Path(path)
     folder = path.parent
@@ -432,7 +434,7 @@ def _written(t: TensorProto, weights: Weights, data: DataFile | None, folder: Pa
             return t
         c = TensorProto()
         c.CopyFrom(t)
-        if links is not None and (name := _link(ref.path, folder, links)) is not None:
+        if data is not None and links is not None and (name := _link(ref.path, folder, links)) is not None:
             set_external(c, name, ref.offset, ref.length)
         elif data is not None:
             set_external(c, data.name, *data.copy(ref.path, ref.offset, ref.length))
@@ -464,6 +466,112 @@ def save_model(model: onnx.ModelProto, path: Path, *, force_external: bool = Fal
         raise TrtforgeError(f"{stage}: writing {path} failed: {exc.strerror or exc}",
                             "check free disk space and permissions") from exc
     return external
+
+
+def _varint_at(buf, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(buf, start: int, end: int):
+    """(field number, wire type, field start, value start, value end) of each field in buf[start:end]."""
+    pos = start
+    while pos < end:
+        first = pos
+        key, pos = _varint_at(buf, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            _, after = _varint_at(buf, pos)
+            yield field, wire, first, pos, after
+        elif wire == 1:
+            yield field, wire, first, pos, pos + 8
+            after = pos + 8
+        elif wire == 2:
+            n, pos = _varint_at(buf, pos)
+            after = pos + n
+            yield field, wire, first, pos, after
+        elif wire == 5:
+            yield field, wire, first, pos, pos + 4
+            after = pos + 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        pos = after
+
+
+_RAW_DATA_FIELD = 9  # TensorProto.raw_data
+# load_graph parses model files smaller than this whole (their weights are then held in the proto)
+PARSE_WHOLE_BELOW = 64 << 20
+
+
+def load_graph(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """The model at ``path`` without its weights' data, whether they are in external data or in
+    the file itself: a tensor held in ``model.onnx`` becomes a reference to its bytes there
+    (location ``model.onnx``), so a model saved as one file is handled like one with external
+    data (``Weights`` reads a tensor when needed, ONNX Runtime reads them from the file) instead
+    of being parsed into memory whole. Protobuf's wire format is walked over a memory map and the
+    weight bytes are skipped, never read."""
+    import mmap
+
+    path = Path(path)
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        raise InputError(f"{path} does not exist", "re-run the stage that wrote it") from None
+    try:
+        size = path.stat().st_size
+        if size < PARSE_WHOLE_BELOW:  # small: parsing it whole costs nothing
+            return load_model(path, load_external_data=False)
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            return _load_graph(buf, size, path.name)
+        except (ValueError, IndexError) as exc:
+            raise InputError(f"{path} is not a readable ONNX model ({exc})",
+                             "the file is truncated or corrupt; re-run the stage that wrote it") from None
+        finally:
+            buf.close()
+    finally:
+        f.close()
+
+
+def _load_graph(buf, size: int, location: str) -> onnx.ModelProto:
+    model_rest, graph = bytearray(), None
+    for field, wire, first, vs, ve in _fields(buf, 0, size):
+        if field == _GRAPH_FIELD and wire == _LEN:
+            graph = _graph_without_data(buf, vs, ve, location)
+        else:
+            model_rest += buf[first:ve]
+    model = onnx.ModelProto.FromString(bytes(model_rest))
+    if graph is not None:
+        model.graph.CopyFrom(graph)
+    return model
+
+
+def _graph_without_data(buf, start: int, end: int, location: str) -> onnx.GraphProto:
+    rest = bytearray()
+    inits = []
+    for field, wire, first, vs, ve in _fields(buf, start, end):
+        if field != _INIT_FIELD or wire != _LEN:
+            rest += buf[first:ve]
+            continue
+        head, raw = bytearray(), None
+        for f2, w2, first2, vs2, ve2 in _fields(buf, vs, ve):
+            if f2 == _RAW_DATA_FIELD and w2 == _LEN and ve2 - vs2 >= EMBED_BELOW:
+                raw = (vs2, ve2 - vs2)
+            else:
+                head += buf[first2:ve2]
+        t = TensorProto.FromString(bytes(head))
+        if raw is not None:
+            set_external(t, location, *raw)
+        inits.append(t)
+    graph = onnx.GraphProto.FromString(bytes(rest))
+    graph.initializer.extend(inits)
+    return graph
 
 
 def check_onnx(path: Path, *, stage: str = "export") -> None:
