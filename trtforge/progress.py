@@ -29,5 +29,8 @@ def progress(items: Iterable[T], total: int, desc: str) -> Iterator[T]:
     for i, item in enumerate(items, 1):
         yield item
         if i % step == 0 or i == total:
-            log.info("%s %d/%d", desc, i, total, extra={"event": "progress", "progress": i, "total": total,
-                                                      "seconds": round(time.perf_counter() - t0, 2)})
+            seconds = time.perf_counter() - t0
+            eta = seconds / i * (total - i)
+            log.info("%s %d/%d (%.0fs, ETA %.0fs)", desc, i, total, seconds, eta,
+                     extra={"event": "progress", "progress": i, "total": total,
+                            "seconds": round(seconds, 2), "eta_s": round(eta, 2)})
