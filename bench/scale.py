@@ -132,13 +132,35 @@ def run_stage(stage: str, src: Path, out: Path) -> dict:
     return r
 
 
+def table(results: dict) -> str:
+    """The markdown table of docs/benchmarks.md from a results file."""
+    m = results["machine"]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}, {m['date']}.", "",
+             "| model | parameters | FP32 weights MiB | stage | seconds | peak RSS MiB | peak / FP32 weights | "
+             "above libraries / FP32 weights |", "|---|---|---|---|---|---|---|---|"]
+    order = {name: k for k, name in enumerate(MODELS)}
+    for r in sorted(results["rows"], key=lambda r: (order.get(r["model"], 99), STAGES.index(r["stage"]))):
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['params'] / 1e6:.0f}M | {r['fp32_weights_mib']:.0f} | {r['stage']} | "
+                         f"failed | | | |")
+            continue
+        lines.append(f"| {r['model']} | {r['params'] / 1e6:.0f}M | {r['fp32_weights_mib']:.0f} | {r['stage']} | "
+                     f"{r['seconds']:.0f} | {r['peak_rss_mib']:.0f} | {r['peak_over_fp32']:.2f}x | "
+                     f"{r['above_libraries_over_fp32']:.2f}x |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="135m,1.1b-slice")
     ap.add_argument("--stages", default="export,int8-sq,int4-awq,build-cpu")
     ap.add_argument("--json", type=Path, default=REPO / "docs" / "results" / "scale.json")
     ap.add_argument("--keep", action="store_true", help="keep the stage outputs (bench/out/scale)")
+    ap.add_argument("--table", action="store_true", help="print the markdown table of --json and exit")
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(args.json.read_text())))
+        return 0
     stages = args.stages.split(",")
     for s in stages:
         if s not in STAGES:
