@@ -28,14 +28,14 @@ from trtforge.artifacts import Artifact, os_error
 from trtforge.errors import OptionError, ParityError
 from trtforge.parity.data import build_eval_data, calibration_overlap, load_saved_inputs
 from trtforge.parity.decode import DecodeLimits
-from trtforge.parity.gate import Check, evaluate, evaluate_tasks, failed
+from trtforge.parity.gate import Check, evaluate, evaluate_tasks, failed, flag_cases
 from trtforge.parity.models import ModelSide, check_compatible, make_runner, open_side, profile_limits
 from trtforge.parity.options import ParityOptions, Thresholds, load_thresholds
 from trtforge.parity.perlayer import METHOD as PER_LAYER_METHOD
 from trtforge.parity.perlayer import preflight, rank_layers, rank_layers_by_task
 from trtforge.parity.prompts import PromptSet, load_prompts
 from trtforge.parity.report import build_report, write_report
-from trtforge.parity.run import run_pair
+from trtforge.parity.run import run_pair, save_output_sample
 from trtforge.parity.tasks import run_tasks
 from trtforge.stage import StageOutput
 from trtforge.textdata import load_tokenizer
@@ -138,7 +138,8 @@ def check_parity(
     with out_dir.open(write_manifest=False) as tmp:
         sections: dict[str, Any] = {"outputs": {}, "logits": None, "perplexity": None, "embeddings": None}
         dists: dict[str, Any] = {"outputs": {}}
-        run_info: dict[str, Any] = {"inference_s": {}, "inputs_file": None, "outputs_file": None}
+        run_info: dict[str, Any] = {"inference_s": {}, "inputs_file": None, "outputs_file": None,
+                                    "outputs_sample_file": None}
         if ev is not None:
             with out_dir.timed("inference_s"):
                 outputs, run_info = run_pair([ref_runner, cand_runner], ev.feeds, tmp, save_outputs=options.save_outputs)
@@ -154,6 +155,14 @@ def check_parity(
                                     "positions; they are left out of every metric")
             for c in ev.cases:
                 c["outputs"] = case_stats.pop(0)
+            n_flagged = flag_cases(ev.cases, thr)
+            if n_flagged:
+                warnings.append(f"{n_flagged} of {len(ev.cases)} batches miss a limit on their own (data.cases: "
+                                "missed_limits); the report's Data section flags them")
+            if not options.save_outputs:
+                run_info["outputs_sample_file"] = save_output_sample(
+                    tmp, outputs, [[M.valid_for(n, o[n].shape, f, ref.task) for n in ref.output_names]
+                                   for o, f in zip(outputs["reference"], ev.feeds, strict=True)], ref.output_names)
 
         if prompt_set is not None:
             with out_dir.timed("tasks_s"):
@@ -271,6 +280,35 @@ def fit_to_engines(options: ParityOptions, sides: Sequence[ModelSide]) -> tuple[
     return options, notes
 
 
+def case_figures(r: np.ndarray, c: np.ndarray, v: np.ndarray | None, *, logits: bool) -> dict[str, Any]:
+    """One batch's figures for one output on valid positions: max abs error, SNR, mean row cosine
+    and, for logits, top-1 agreement. Computed one sequence at a time (float64 copies of one
+    sequence's logits, not of the batch's)."""
+    sig = noise = 0.0
+    peak = 0.0
+    cos_sum, rows, same = 0.0, 0, 0
+    for b in range(r.shape[0]):
+        vb = None if v is None else np.broadcast_to(v, r.shape)[b : b + 1]
+        rr, cc = M.valid_rows(r[b : b + 1], vb), M.valid_rows(c[b : b + 1], vb)
+        ok = np.isfinite(rr).all(axis=1) & np.isfinite(cc).all(axis=1)
+        rr, cc = rr[ok], cc[ok]
+        if not rr.size:
+            continue
+        d = cc - rr
+        sig += float(np.square(rr).sum())
+        noise += float(np.square(d).sum())
+        peak = max(peak, float(np.abs(d).max()))
+        cos_sum += float(M.row_cosine(rr, cc).sum())
+        rows += rr.shape[0]
+        if logits:
+            same += int((rr.argmax(axis=1) == cc.argmax(axis=1)).sum())
+    out: dict[str, Any] = {"max_abs_err": peak, "snr_db": M.snr_db(sig, noise),
+                           "cosine_mean": cos_sum / rows if rows else 1.0}
+    if logits:
+        out["top1_agreement"] = same / rows if rows else 1.0
+    return out
+
+
 def measure(
     task: Task,
     output_names: Sequence[str],
@@ -290,15 +328,7 @@ def measure(
         valids = [M.valid_for(name, r.shape, f, task) for r, f in zip(refs, feeds, strict=True)]
         sections["outputs"][name], dists["outputs"][name] = M.output_metrics(name, refs, cands, valids, rng)
         for i, (r, c, v) in enumerate(zip(refs, cands, valids, strict=True)):
-            rr = np.asarray(r, np.float64)
-            d = np.abs(np.asarray(c, np.float64) - rr)
-            m = np.broadcast_to(v, d.shape) if v is not None else np.ones(d.shape, bool)
-            dv, rv = d[m], rr[m]
-            ok = np.isfinite(dv)
-            case_stats[i][name] = {
-                "max_abs_err": float(dv[ok].max()) if ok.any() else 0.0,
-                "snr_db": M.snr_db(float(np.square(rv[ok]).sum()), float(np.square(dv[ok]).sum())),
-            }
+            case_stats[i][name] = case_figures(r, c, v, logits=name == "logits" and task != Task.FEATURE_EXTRACTION)
         if name == "logits" and task != Task.FEATURE_EXTRACTION:
             sections["logits"], d = M.logits_metrics(refs, cands, valids)
             dists.update(d)

@@ -42,7 +42,8 @@ class Check:
             return f"{self.scope} {self.metric} could not be computed (non-finite values)"
         op = (">=" if self.direction == Direction.MIN else "<=") if self.passed else (
             "<" if self.direction == Direction.MIN else ">")
-        text = f"{self.scope} {self.metric} = {fmt_number(self.value)}{u} {op} {fmt_number(self.limit)}{u}"
+        value, limit = fmt_pair(self.value, self.limit)
+        text = f"{self.scope} {self.metric} = {value}{u} {op} {limit}{u}"
         if not self.passed:
             word = "short by" if self.direction == Direction.MIN else "over by"
             text += f" ({word} {fmt_number(abs(self.margin or 0.0))}{u})"
@@ -69,6 +70,26 @@ def fmt_number(x: float) -> str:
     if a >= 10:
         return f"{x:.2f}"
     return f"{x:.4g}"
+
+
+def fmt_pair(value: float, limit: float) -> tuple[str, str]:
+    """``value`` and ``limit`` with enough digits that their comparison reads true: 0.99497 against
+    0.995 is ``0.99497`` and ``0.995``, never ``0.995 < 0.995``."""
+    v, lim = fmt_number(value), _tidy(fmt_number(limit))  # a limit is a round number: 40, not 40.00
+    if value == limit or _tidy(v) != lim:
+        return v, lim
+    for digits in range(3, 17):
+        v, lim = (f"{x:.{digits}g}" for x in (value, limit))
+        if v != lim:
+            break
+    return _tidy(v), _tidy(lim)
+
+
+def _tidy(text: str) -> str:
+    """Drop trailing zeros of a fixed-point number (never the exponent's)."""
+    if "e" in text or "." not in text:
+        return text
+    return text.rstrip("0").rstrip(".")
 
 
 def _check(metric: str, scope: str, value: float | None, limit: float, direction: Direction) -> Check:
@@ -141,6 +162,31 @@ def evaluate_tasks(tasks: dict[str, Any], thresholds: Thresholds) -> list[Check]
     tasks["order"] = order
     tasks["worst_category"] = order[0] if order else None
     return [c for cat in order for c in per_cat[cat]]
+
+
+# per-batch figures (data.cases[].outputs) and the limits they are held to
+CASE_METRICS = ("cosine_mean", "snr_db", "top1_agreement")
+
+
+def flag_cases(cases: list[dict[str, Any]], thresholds: Thresholds) -> int:
+    """Set each batch's ``missed_limits``: the messages of the limits one of its outputs misses
+    on that batch alone (``cosine_mean``, ``snr_db``, logits ``top1_agreement``). A batch that
+    misses a limit the whole run meets points at the inputs that break the model (a length,
+    the padding). Returns how many batches miss one."""
+    flagged = 0
+    for case in cases:
+        missed = []
+        for output, figs in (case.get("outputs") or {}).items():
+            for key in CASE_METRICS:
+                limit = thresholds.limits.get(key)
+                if limit is None or figs.get(key) is None:
+                    continue
+                c = _check(key, output, figs[key], limit, METRICS[key].direction)
+                if not c.passed:
+                    missed.append(c.message)
+        case["missed_limits"] = missed
+        flagged += bool(missed)
+    return flagged
 
 
 def failed(checks: list[Check] | tuple[Check, ...]) -> list[Check]:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import html
 from typing import Any
 
-from trtforge.parity.gate import condensed_checks, fmt_number
+from trtforge.parity.decode import PRESENT
+from trtforge.parity.gate import condensed_checks, fmt_number, fmt_pair
 from trtforge.parity.options import METRICS
 
 _CSS = """
@@ -27,7 +28,10 @@ section{background:#fff;border:1px solid #d0d7de;border-radius:6px;padding:14px 
 h2{font-size:17px;margin:0 0 10px}h3{font-size:14px;margin:12px 0 6px}
 table{border-collapse:collapse;width:100%;font-size:13px}
 th,td{border-bottom:1px solid #eaeef2;padding:4px 8px;text-align:left;vertical-align:top}
-th{background:#f6f8fa;font-weight:600}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+th{background:#f6f8fa;font-weight:600}th.num{text-align:right}
+table.kv th{background:none;width:230px;color:#59636e;font-weight:400}
+summary{cursor:pointer}summary h2{display:inline-block;margin:0}details>summary{margin:4px 0}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 tr.bad td{background:#ffebe9}.ok{color:#1a7f37;font-weight:600}.ko{color:#cf222e;font-weight:600}
 .cards{display:flex;flex-wrap:wrap;gap:10px}.card{border:1px solid #d0d7de;border-radius:6px;padding:8px 12px;min-width:130px;background:#fff}
 .card .k{font-size:12px;color:#59636e}.card .v{font-size:20px;font-weight:600}
@@ -116,102 +120,100 @@ def bars_svg(items: list[tuple[str, float]], title: str, unit: str = "%") -> str
     return "".join(parts)
 
 
-def _table(head: list[str], rows: list[list[str]], bad: list[bool] | None = None, num_from: int = 1) -> str:
-    out = ["<table><thead><tr>", *(f"<th>{_e(x)}</th>" for x in head), "</tr></thead><tbody>"]
+def _table(head: list[str], rows: list[list[str]], bad: list[bool] | None = None, num_from: int = 1,
+           num_to: int | None = None) -> str:
+    """A table; columns ``num_from`` to ``num_to`` (exclusive; None: the last) are numbers,
+    right-aligned, their headers too (so each header sits over its column)."""
+    def num(j: int) -> bool:
+        return j >= num_from and (num_to is None or j < num_to)
+
+    out = ["<table><thead><tr>",
+           *(f'<th class="num">{_e(x)}</th>' if num(j) else f"<th>{_e(x)}</th>" for j, x in enumerate(head)),
+           "</tr></thead><tbody>"]
     for i, r in enumerate(rows):
         cls = ' class="bad"' if bad and bad[i] else ""
-        cells = "".join(f'<td class="num">{c}</td>' if j >= num_from else f"<td>{c}</td>" for j, c in enumerate(r))
+        cells = "".join(f'<td class="num">{c}</td>' if num(j) else f"<td>{c}</td>" for j, c in enumerate(r))
         out.append(f"<tr{cls}>{cells}</tr>")
     out.append("</tbody></table>")
     return "".join(out)
 
 
 def _kv(pairs: list[tuple[str, Any]]) -> str:
-    return _table(["", ""], [[_e(k), _e(v)] for k, v in pairs], num_from=99)
+    """Label / value rows: no header row (an empty one shows as a grey bar)."""
+    rows = "".join(f"<tr><th scope='row'>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in pairs)
+    return f"<table class='kv'><tbody>{rows}</tbody></table>"
+
+
+def _unit(metric: str) -> str:
+    return METRICS[metric].unit if metric in METRICS else ""
+
+
+def _is_cache(name: str) -> bool:
+    return name.startswith(PRESENT)
+
+
+def _check_rows(checks: list[dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for c in checks:
+        unit = _unit(c["metric"])
+        if isinstance(c["value"], (int, float)) and isinstance(c["limit"], (int, float)):
+            u = (" " + unit) if unit and unit != "%" else unit
+            value, limit = (x + u for x in fmt_pair(float(c["value"]), float(c["limit"])))
+        else:
+            value, limit = _n(c["value"], unit), _n(c["limit"], unit)
+        rows.append([_e(c["metric"]), _e(c["scope"]), value, ("≥ " if c["direction"] == "min" else "≤ ") + limit,
+                     _n(c["margin"], unit),
+                     '<span class="ok">pass</span>' if c["passed"] else '<span class="ko">FAIL</span>'])
+    return rows
 
 
 def render_html(r: dict[str, Any]) -> str:
+    """The page, most important first: verdict, headline, failed checks, task metrics (logits,
+    perplexity, KL), prompts by category with the worst outputs, then the tensors (the KV cache
+    folded into one row), plots, per-layer, data (batches that miss a limit flagged), both
+    sides (with the candidate's precision assignment) and the environment; details collapsed."""
     ok = r["passed"]
     ref, cand, data, h = r["reference"], r["candidate"], r["data"], r["headline"]
     title = f"Parity {'PASSED' if ok else 'FAILED'}"
     body = [f'<div class="banner {"pass" if ok else "fail"}"><h1>{"✔" if ok else "✘"} {title}</h1>'
             f"<p>{_e(r['summary'])}</p><p>{_e(cand['precision'])} candidate vs {_e(ref['precision'])} reference · "
             f"{_e(r['task'])} · thresholds <b>{_e(r['thresholds']['name'])}</b> · {_e(r['created_at'])}</p></div><main>"]
-    for w in r["warnings"]:
+    warns = r["warnings"]
+    for w in warns[:3]:
         body.append(f'<div class="warn">⚠ {_e(w)}</div>')
+    if len(warns) > 3:
+        body.append(f"<details class='warn'><summary>{len(warns) - 3} more warnings</summary>"
+                    + "".join(f"<p>⚠ {_e(w)}</p>" for w in warns[3:]) + "</details>")
 
-    cards = [("cosine (" + h["output"] + ")", _n(h["cosine_mean"])), ("SNR", _n(h["snr_db"], "dB")),
-             ("max abs error", _n(h["max_abs_err"]))] if "output" in h else []
-    if h.get("worst_category") is not None:
-        cards.append((f"worst category: {h['worst_category']}", _n(h["worst_category_agreement"])))
+    cards = []
     for key, label, unit in (("top1_agreement", "top-1 agreement", ""), ("kl_mean", "KL mean", "nats"),
                              ("ppl_change_pct", "perplexity change", "%"),
                              ("embedding_cosine_mean", "embedding cosine", "")):
         if key in h:
             cards.append((label, _n(h[key], unit)))
+    if h.get("worst_category") is not None:
+        cards.append((f"worst category: {h['worst_category']}", _n(h["worst_category_agreement"])))
+    if "output" in h:
+        cards += [("cosine (" + h["output"] + ")", _n(h["cosine_mean"])), ("SNR (" + h["output"] + ")", _n(h["snr_db"], "dB"))]
     body.append("<section><h2>Headline</h2><div class='cards'>" + "".join(
         f"<div class='card'><div class='k'>{_e(k)}</div><div class='v'>{v}</div></div>" for k, v in cards) + "</div></section>")
-
-    def check_rows(checks: list[dict[str, Any]]) -> list[list[str]]:
-        return [[_e(c["metric"]), _e(c["scope"]),
-                 _n(c["value"], METRICS[c["metric"]].unit if c["metric"] in METRICS else ""),
-                 ("≥ " if c["direction"] == "min" else "≤ ") + _n(c["limit"]), _n(c["margin"]),
-                 '<span class="ok">pass</span>' if c["passed"] else '<span class="ko">FAIL</span>'] for c in checks]
 
     head = ["metric", "where", "value", "limit", "margin", ""]
     short = sorted(condensed_checks(r["checks"]), key=lambda c: c["passed"])
     every = sorted(r["checks"], key=lambda c: c["passed"])
     n_ok = sum(c["passed"] for c in r["checks"])
     body.append(f"<section><h2>Checks ({n_ok}/{len(r['checks'])} passed)</h2>"
-                + _table(head, check_rows(short), [not c["passed"] for c in short], 2)
-                + "<p class='muted'>One row per metric; metrics measured on every output show the output with the "
-                  "least head-room. margin: head-room to the limit (negative: how far it is missed).</p>"
+                + _table(head, _check_rows(short), [not c["passed"] for c in short], 2, 5)
+                + "<p class='muted'>Failures first; one row per metric (metrics measured on every output show the "
+                  "output with the least head-room). margin: head-room to the limit (negative: how far it is missed), "
+                  "in the metric's unit.</p>"
                 + f"<details><summary>all {len(every)} checks</summary>"
-                + _table(head, check_rows(every), [not c["passed"] for c in every], 2) + "</details></section>")
+                + _table(head, _check_rows(every), [not c["passed"] for c in every], 2, 5) + "</details></section>")
 
+    body.append(_task_metrics(r))
     if r.get("tasks"):
         body.append(_tasks(r["tasks"]))
-
-    cols = ["max_abs_err", "mean_abs_err", "p99_abs_err", "rel_err_mean", "rel_err_p99", "cosine_mean", "cosine_min",
-            "snr_db", "num_values", "nonfinite_candidate"]
-    rows = [[f"<code>{_e(name)}</code>", *(_n(m.get(c)) for c in cols)] for name, m in r["outputs"].items()]
-    if rows:
-        body.append("<section><h2>Every output (valid positions only)</h2>"
-                    + _table(["output", *cols], rows)
-                    + "<p class='muted'>relative error = |c − r| / max(|r|, floor), floor = 1 % of the reference RMS; "
-                      "cosine per row along the last axis; SNR = 10·log10(Σr² / Σ(c − r)²), capped at ±200 dB.</p></section>")
-
-    task_rows = []
-    if r.get("logits"):
-        lg = r["logits"]
-        task_rows += [("top-1 agreement", _n(lg["top1_agreement"])), ("top-5 overlap", _n(lg["top5_agreement"])),
-                      ("KL mean / p99 / max (nats)", f"{_n(lg['kl_mean'])} / {_n(lg['kl_p99'])} / {_n(lg['kl_max'])}"),
-                      ("rows compared", _n(lg["num_rows"]))]
-    if r.get("perplexity"):
-        p = r["perplexity"]
-        task_rows += [("perplexity reference → candidate",
-                       f"{_n(p['reference'])} → {_n(p['candidate'])} ({_n(p['ppl_change_pct'], '%')})"),
-                      ("tokens scored", _n(p["num_tokens"]))]
-    if r.get("embeddings"):
-        e = r["embeddings"]
-        task_rows += [("embedding cosine mean / min", f"{_n(e['embedding_cosine_mean'])} / {_n(e['embedding_cosine_min'])}"),
-                      ("pooling", _e(e["pooling"])), ("sentences", _n(e["num_sentences"]))]
-    if task_rows:
-        body.append("<section><h2>Task metrics</h2>" + _table(["metric", "value"], [[_e(k), v] for k, v in task_rows])
-                    + "</section>")
-
-    plots = []
-    for name, d in r["distributions"].get("outputs", {}).items():
-        plots.append(histogram_svg(d["abs_err"], f"{name}: |candidate − reference|", "absolute error"))
-        plots.append(histogram_svg(d["one_minus_cosine"], f"{name}: 1 − cosine per row", "1 − cosine", "#8250df"))
-    if "kl" in r["distributions"]:
-        plots.append(histogram_svg(r["distributions"]["kl"], "logits: KL per row", "KL (nats)", "#bc4c00"))
-    if "one_minus_embedding_cosine" in r["distributions"]:
-        plots.append(histogram_svg(r["distributions"]["one_minus_embedding_cosine"], "sentence embeddings: 1 − cosine",
-                                   "1 − cosine", "#1a7f37"))
-    if plots:
-        body.append("<section><h2>Error distributions</h2><div class='plots'>"
-                    + "".join(f"<div class='plot'>{p}</div>" for p in plots) + "</div></section>")
+    body.append(_outputs(r))
 
     pl = r.get("per_layer")
     if pl:
@@ -220,38 +222,176 @@ def render_html(r: dict[str, Any]) -> str:
     if data is not None:
         body.append(_data_section(data))
     for side, d in (("Reference", ref), ("Candidate", cand)):
-        rt = d["runtime"]
-        pairs = [("path", d["path"]), ("kind / stage", f"{d['kind']} / {d['stage']}"), ("precision", d["precision"]),
-                 ("model sha256", Raw(f"<code>{_e(d['model_sha256'])}</code>")),
-                 ("manifest sha256", Raw(f"<code>{_e(d['manifest_sha256'])}</code>")),
-                 ("runner", rt.get("runner")), ("runtime", ", ".join(rt.get("providers", [])) or rt.get("engine"))]
-        for k in ("model_dtype", "graph_optimization_level", "tensorrt", "gpu", "note"):
-            if rt.get(k):
-                pairs.append((k.replace("_", " "), rt[k]))
-        if rt.get("session_config"):
-            pairs.append(("session config", ", ".join(f"{k}={v}" for k, v in rt["session_config"].items())))
-        ex = rt.get("execution") or {}
-        if ex.get("summary") or ex.get("reason"):
-            pairs.append(("how it was computed", ex.get("summary") or f"not analysed: {ex.get('reason')}"))
-        if d.get("quantization"):
-            qd = d["quantization"]
-            pairs.append(("quantization", f"{qd.get('precision')} recipe {qd.get('recipe')}: "
-                                          f"{qd.get('quantized_nodes')} GEMMs quantized, {qd.get('excluded_nodes')} excluded"))
-        body.append(f"<section><h2>{side}</h2>{_kv(pairs)}</section>")
+        body.append(_side(side, d))
 
     env = r["environment"]
     vers = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
-    body.append("<section><h2>Environment</h2>" + _kv([
+    body.append("<section><details><summary><h2>Environment</h2></summary>" + _kv([
         ("platform", env["platform"]), ("CPU", f"{env['cpu']} ({env['cpu_count']} threads)"),
         ("GPUs", ", ".join(env["gpus"]) or "none"), ("ONNX Runtime providers", ", ".join(env["onnxruntime_providers"])),
         ("versions", vers), ("timings (s)", ", ".join(f"{k} {v}" for k, v in r["timings"].items())),
         ("report schema", f"{r['schema']} (version {r['schema_version']})"),
-    ]) + "</section>")
+    ]) + "</details></section>")
     body.append("</main>")
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
             "<meta name='viewport' content='width=device-width, initial-scale=1'>"
             f"<title>{_e(title)}: {_e(r['task'])}</title><style>{_CSS}</style></head><body>"
             + "".join(body) + "</body></html>\n")
+
+
+def _task_metrics(r: dict[str, Any]) -> str:
+    """Logits (top-1, top-5, KL), perplexity, embeddings, with the KL / embedding histograms."""
+    rows = []
+    if r.get("logits"):
+        lg = r["logits"]
+        rows += [("top-1 agreement", _n(lg["top1_agreement"])), ("top-5 overlap", _n(lg["top5_agreement"])),
+                 ("KL mean / p99 / max", f"{_n(lg['kl_mean'])} / {_n(lg['kl_p99'])} / {_n(lg['kl_max'])} nats"),
+                 ("rows compared", _n(lg["num_rows"]))]
+    if r.get("perplexity"):
+        p = r["perplexity"]
+        rows += [("perplexity reference → candidate",
+                  f"{_n(p['reference'])} → {_n(p['candidate'])} ({_n(p['ppl_change_pct'], '%')})"),
+                 ("tokens scored", _n(p["num_tokens"]))]
+    if r.get("embeddings"):
+        e = r["embeddings"]
+        rows += [("embedding cosine mean / min", f"{_n(e['embedding_cosine_mean'])} / {_n(e['embedding_cosine_min'])}"),
+                 ("pooling", _e(e["pooling"])), ("sentences", _n(e["num_sentences"]))]
+    plots = []
+    dist = r["distributions"]
+    if "kl" in dist:
+        plots.append(histogram_svg(dist["kl"], "logits: KL per row", "KL (nats)", "#bc4c00"))
+    if "one_minus_embedding_cosine" in dist:
+        plots.append(histogram_svg(dist["one_minus_embedding_cosine"], "sentence embeddings: 1 − cosine",
+                                   "1 − cosine", "#1a7f37"))
+    if not rows and not plots:
+        return ""
+    return ("<section><h2>Task metrics</h2>" + (_kv(rows) if rows else "")
+            + ("<div class='plots'>" + "".join(f"<div class='plot'>{p}</div>" for p in plots) + "</div>" if plots else "")
+            + "</section>")
+
+
+_OUT_COLS = ["snr_db", "cosine_mean", "cosine_min", "max_abs_err", "mean_abs_err", "p99_abs_err", "rel_err_mean",
+             "rel_err_p99", "num_values", "nonfinite_candidate"]
+
+
+def _outputs(r: dict[str, Any]) -> str:
+    """Every output, worst SNR first; the KV cache (``present.*``) folded into one summary row
+    (its worst value per column) with the full table and its histograms collapsed."""
+    outs = r["outputs"]
+    if not outs:
+        return ""
+    limits = r["thresholds"]["limits"]
+
+    def misses(m: dict[str, Any]) -> bool:
+        for k, spec in limits.items():
+            v = m.get(k)
+            if k in _OUT_COLS and isinstance(v, (int, float)) and (
+                    (v < spec["limit"]) if spec["direction"] == "min" else (v > spec["limit"])):
+                return True
+        return bool(m.get("nonfinite_candidate"))
+
+    def row(label: str, m: dict[str, Any]) -> list[str]:
+        return [label, *(_n(m.get(c), "dB" if c == "snr_db" else "") for c in _OUT_COLS)]
+
+    by_snr = sorted(outs.items(), key=lambda kv: kv[1].get("snr_db") if kv[1].get("snr_db") is not None else -1e9)
+    main = [(n, m) for n, m in by_snr if not _is_cache(n)]
+    cache = [(n, m) for n, m in by_snr if _is_cache(n)]
+    rows = [row(f"<code>{_e(n)}</code>", m) for n, m in main]
+    bad = [misses(m) for _, m in main]
+    if cache:
+        worst: dict[str, Any] = {}
+        for c in _OUT_COLS:
+            vals = [m.get(c) for _, m in cache if isinstance(m.get(c), (int, float))]
+            if not vals:
+                continue
+            higher_is_worse = c not in ("snr_db", "cosine_mean", "cosine_min")
+            worst[c] = sum(vals) if c in ("num_values", "nonfinite_candidate") else (max(vals) if higher_is_worse else min(vals))
+        n_bad = sum(misses(m) for _, m in cache)
+        label = (f"KV cache: {len(cache)} tensors (worst of each; worst SNR <code>{_e(cache[0][0])}</code>"
+                 + (f"; <b>{n_bad} miss a limit</b>" if n_bad else "") + ")")
+        rows.append(row(label, worst))
+        bad.append(n_bad > 0)
+    parts = ["<section><h2>Outputs (valid positions only, worst SNR first)</h2>", _table(["output", *_OUT_COLS], rows, bad)]
+    if cache:
+        parts.append(f"<details><summary>the {len(cache)} KV-cache tensors</summary>"
+                     + _table(["output", *_OUT_COLS], [row(f"<code>{_e(n)}</code>", m) for n, m in cache],
+                              [misses(m) for _, m in cache]) + "</details>")
+    parts.append("<p class='muted'>relative error = |c − r| / max(|r|, floor), floor = 1 % of the reference RMS; "
+                 "cosine per row along the last axis; SNR = 10·log10(Σr² / Σ(c − r)²), capped at ±200 dB.</p>")
+    dists = r["distributions"].get("outputs", {})
+
+    def plots(names: list[str]) -> str:
+        ps = []
+        for name in names:
+            d = dists.get(name)
+            if d:
+                ps.append(histogram_svg(d["abs_err"], f"{name}: |candidate − reference|", "absolute error"))
+                ps.append(histogram_svg(d["one_minus_cosine"], f"{name}: 1 − cosine per row", "1 − cosine", "#8250df"))
+        return "<div class='plots'>" + "".join(f"<div class='plot'>{p}</div>" for p in ps) + "</div>" if ps else ""
+
+    main_plots = plots([n for n, _ in main])
+    if main_plots:
+        parts.append("<h3>Error distributions</h3>" + main_plots)
+    cache_plots = plots([n for n, _ in cache])
+    if cache_plots:
+        parts.append(f"<details><summary>error distributions of the {len(cache)} KV-cache tensors</summary>"
+                     + cache_plots + "</details>")
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def _side(side: str, d: dict[str, Any]) -> str:
+    rt = d["runtime"]
+    pairs = [("path", d["path"]), ("kind / stage", f"{d['kind']} / {d['stage']}"), ("precision", d["precision"]),
+             ("model sha256", Raw(f"<code>{_e(d['model_sha256'])}</code>")),
+             ("manifest sha256", Raw(f"<code>{_e(d['manifest_sha256'])}</code>")),
+             ("runner", rt.get("runner")), ("runtime", ", ".join(rt.get("providers", [])) or rt.get("engine"))]
+    for k in ("model_dtype", "graph_optimization_level", "tensorrt", "gpu", "note"):
+        if rt.get(k):
+            pairs.append((k.replace("_", " "), rt[k]))
+    if rt.get("session_config"):
+        pairs.append(("session config", ", ".join(f"{k}={v}" for k, v in rt["session_config"].items())))
+    ex = rt.get("execution") or {}
+    if ex.get("summary") or ex.get("reason"):
+        pairs.append(("how it was computed", ex.get("summary") or f"not analysed: {ex.get('reason')}"))
+    qd = d.get("quantization")
+    if qd:
+        pairs.append(("quantization", f"{qd.get('precision')} recipe {qd.get('recipe')}: "
+                                      f"{qd.get('quantized_nodes')} GEMMs quantized, {qd.get('excluded_nodes')} excluded"))
+    extra = _precision_assignment(qd["precision_assignment"]) if qd and qd.get("precision_assignment") else ""
+    return f"<section><h2>{side}</h2>{_kv(pairs)}{extra}</section>"
+
+
+def share_text(pct: float | None) -> str:
+    """A share of the weights: ``70 %``, ``0.4 %`` (small shares keep a decimal)."""
+    if pct is None:
+        return "n/a"
+    return f"{pct:.0f} %" if pct >= 9.5 or pct == 0 else f"{pct:.1f} %"
+
+
+def _precision_assignment(pa: dict[str, Any]) -> str:
+    """The accuracy budget's decision, collapsed: weights per precision, kept layers and why."""
+    shares = ", ".join(f"{share_text(e['share_pct'])} {_e(p)}" for p, e in pa["by_precision"].items())
+    rows = [[_e(p), _n(e["layers"]), _n(e["weight_bytes"] / 2**20, "MiB"), share_text(e["share_pct"])]
+            for p, e in pa["by_precision"].items()]
+    n = len(pa["kept"])
+    parts = [f"<details><summary>precision assignment: {shares} of the weights; {n} layer{'' if n == 1 else 's'} kept off "
+             f"{_e(pa['precision'])}</summary>",
+             _table(["precision", "layers", "weights", "share of weights"], rows)]
+    b = pa.get("budget")
+    if b:
+        parts.append("<h3>Accuracy budget</h3>" + _kv([
+            ("metric", b.get("metric")), ("limit", _n(b.get("limit"))), ("measured", _n(b.get("measured"))),
+            ("measured with every layer quantized", _n(b.get("measured_all_quantized"))),
+            ("held-out samples", _n(b.get("held_out_samples"))),
+            ("met", Raw('<span class="ok">yes</span>' if b.get("met") else '<span class="ko">NO</span>'))]))
+    if pa["kept"]:
+        kept = [[f"<code>{_e(x['name'])}</code>", _e(x.get("group") or ""), _e(x.get("precision")), _e(x.get("reason") or ""),
+                 _n(x.get("sensitivity")), _n((x.get("weight_bytes") or 0) / 2**20, "MiB")] for x in pa["kept"]]
+        parts.append("<h3>Layers kept in higher precision</h3>"
+                     + _table(["layer", "group", "precision", "reason", "sensitivity", "weights"], kept, num_from=4))
+    parts.append("</details>")
+    return "".join(parts)
 
 
 def _per_layer(pl: dict[str, Any]) -> str:
@@ -308,14 +448,15 @@ def _tasks(t: dict[str, Any]) -> str:
         acc = (f"{_n(100 * c['accuracy_reference'])} → {_n(100 * c['accuracy_candidate'])} %"
                if c["accuracy_reference"] is not None else "n/a")
         f = c.get("flips") or {}
-        lim = ", ".join(f"{k} {'≥' if v['direction'] == 'min' else '≤'} {_n(v['limit'])}" for k, v in c["limits"].items())
+        lim = ", ".join(f"{k} {'≥' if v['direction'] == 'min' else '≤'} {_n(v['limit'], _unit(k))}"
+                        for k, v in c["limits"].items())
         rows.append([_e(cat), _n(c["n"]), _n(c["agreement"]), f"[{_n(lo)}, {_n(hi)}]",
                      _n(c["mean_tokens_before_divergence"]), acc, _n(c["accuracy_drop"], "points"),
                      f"{f.get('right_to_wrong', 'n/a')} / {f.get('wrong_to_right', 'n/a')}", _n(c["mcnemar_p"]),
                      _e(lim or "none"), '<span class="ok">pass</span>' if c["passed"] else '<span class="ko">FAIL</span>'])
         bad.append(not c["passed"])
     parts.append(_table(["category", "n", "agreement", "95 % CI", "tokens before divergence", "accuracy ref → cand",
-                         "drop", "flips r→w / w→r", "McNemar p", "limits", ""], rows, bad))
+                         "drop", "flips r→w / w→r", "McNemar p", "limits", ""], rows, bad, 1, 9))
     notes = [f"<li><b>{_e(cat)}</b>: {_e(t['categories'][cat]['sample_size_note'])}</li>" for cat in t["order"]
              if t["categories"][cat].get("sample_size_note")]
     if notes:
@@ -364,9 +505,30 @@ def _data_section(data: dict[str, Any]) -> str:
              ("inputs sha256", Raw(f"<code>{_e(data['feeds_sha256'])}</code>")),
              ("saved inputs / outputs", f"{data.get('inputs_file')} / {data.get('outputs_file')}"),
              ("overlap with calibration", overlap)]
-    cases = [[_e(c["name"]), _n(c["batch"]), _n(c["seq_len"]), _e(c["padding"]), _n(c["valid_tokens"]),
-              "<br>".join(f"{_e(k)}: max {_n(v['max_abs_err'])}, SNR {_n(v['snr_db'], 'dB')}"
-                          for k, v in list((c.get("outputs") or {}).items())[:3])]
-             for c in data["cases"]]
-    return ("<section><h2>Data</h2>" + _kv(pairs) + "<h3>Batches</h3>"
-            + _table(["batch", "rows", "tokens", "padding", "valid tokens", "errors"], cases, num_from=1) + "</section>")
+    cases, bad = [], []
+    for c in data["cases"]:
+        outs = c.get("outputs") or {}
+        shown = sorted(outs.items(), key=lambda kv: (_is_cache(kv[0]), kv[1].get("snr_db", 0.0)))[:3]
+        missed = c.get("missed_limits") or []
+        cases.append([_e(c["name"]), _e(c["padding"]), _n(c["batch"]), _n(c["seq_len"]), _n(c["valid_tokens"]),
+                      "<br>".join(_case_figures(k, v) for k, v in shown),
+                      "<br>".join(_e(m) for m in missed[:4]) + (f"<br>… {len(missed) - 4} more" if len(missed) > 4 else "")
+                      or '<span class="ok">none</span>'])
+        bad.append(bool(missed))
+    n_bad = sum(bad)
+    return ("<section><h2>Data</h2>" + _kv(pairs)
+            + f"<h3>Batches{f' ({n_bad} miss a limit on their own)' if n_bad else ''}</h3>"
+            + _table(["batch", "padding", "rows", "tokens", "valid tokens", "worst outputs", "limits missed"], cases, bad,
+                     num_from=2, num_to=5)
+            + "<p class='muted'>Each batch against the output limits (cosine_mean, snr_db, top1_agreement) on its "
+              "own: a batch that misses one while the run passes points at the inputs that break the model.</p>"
+            + "</section>")
+
+
+def _case_figures(name: str, v: dict[str, Any]) -> str:
+    text = f"{_e(name)}: SNR {_n(v.get('snr_db'), 'dB')}"
+    if v.get("cosine_mean") is not None:
+        text += f", cosine {_n(v['cosine_mean'])}"
+    if v.get("top1_agreement") is not None:
+        text += f", top-1 {_n(v['top1_agreement'])}"
+    return text + f", max {_n(v.get('max_abs_err'))}"

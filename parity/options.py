@@ -278,7 +278,9 @@ class ParityOptions:
     min_len: int = 8  # decoders: shortest text, so batches mix lengths
     batch_sizes: tuple[int, ...] = (1, 4, 8)
     seed: int = 0
-    save_outputs: bool = True  # Polygraphy's outputs.json beside inputs.json
+    # Polygraphy's full outputs.json beside inputs.json (gigabytes for an LLM's logits: ask for it);
+    # without it a small sample of both sides' outputs is saved (outputs-sample.npz)
+    save_outputs: bool = False
     per_layer_samples: int = 4  # texts used per quantize-one-layer candidate
     text_field: str = "text"
     max_new_tokens: int = 32  # --prompts: greedy tokens generated per prompt

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from trtforge.artifacts import library_versions, now_iso, write_json
 from trtforge.env import cpu_name, gpus, ort_providers
-from trtforge.parity.gate import Check, condensed_checks, failed, fmt_number
-from trtforge.parity.html import render_html
+from trtforge.parity.gate import Check, condensed_checks, failed, fmt_number, fmt_pair
+from trtforge.parity.html import render_html, share_text
 from trtforge.parity.options import METRICS, ParityOptions, Thresholds
 from trtforge.vocab import Task
 
@@ -103,6 +103,9 @@ def build_report(
             "quantized_nodes": sum(1 for n in q.nodes if n.get("status") == "quantized"),
             "excluded_nodes": sum(1 for n in q.nodes if n.get("status") == "excluded"),
         }
+        assignment = precision_assignment(q.precision.value, q.get("layers"), q.get("budget"))
+        if assignment is not None:
+            cand_desc["quantization"]["precision_assignment"] = assignment
     return {
         "schema": SCHEMA_ID,
         "schema_version": SCHEMA_VERSION,
@@ -119,7 +122,8 @@ def build_report(
         "candidate": cand_desc,
         "data": None if data is None else {
             **data.description, "cases": data.cases, "overlap": overlap,
-            "inputs_file": run_info["inputs_file"], "outputs_file": run_info["outputs_file"]},
+            "inputs_file": run_info["inputs_file"], "outputs_file": run_info["outputs_file"],
+            "outputs_sample_file": run_info.get("outputs_sample_file")},
         "outputs": sections["outputs"],
         "logits": sections.get("logits"),
         "perplexity": sections.get("perplexity"),
@@ -132,8 +136,33 @@ def build_report(
         "timings": {k: round(v, 3) for k, v in timings.items()} | {
             f"{k}_inference_s": round(v, 3) for k, v in run_info["inference_s"].items()},
         "warnings": list(dict.fromkeys(warnings)),
-        "files": {**FILES, "inputs": run_info["inputs_file"], "outputs": run_info["outputs_file"]},
+        "files": {**FILES, "inputs": run_info["inputs_file"], "outputs": run_info["outputs_file"],
+                  "outputs_sample": run_info.get("outputs_sample_file")},
     }
+
+
+def precision_assignment(precision: str, layers: Any, budget: Any) -> dict[str, Any] | None:
+    """What an accuracy budget decided (the quantize manifest's ``quantization.layers`` and
+    ``quantization.budget``): the share of weights per precision, the layers kept off the recipe's
+    precision with their reason, and the budget. None when the manifest has neither."""
+    if not layers and not budget:
+        return None
+    rows = [x for x in (layers or []) if isinstance(x, dict)]
+    total = sum(float(x.get("weight_bytes") or 0) for x in rows)
+    by: dict[str, dict[str, Any]] = {}
+    for x in rows:
+        p = str(x.get("precision"))
+        e = by.setdefault(p, {"layers": 0, "weight_bytes": 0})
+        e["layers"] += 1
+        e["weight_bytes"] += int(x.get("weight_bytes") or 0)
+    for e in by.values():
+        e["share_pct"] = 100.0 * e["weight_bytes"] / total if total else None
+    kept = [{k: x.get(k) for k in ("name", "group", "precision", "sensitivity", "reason", "weight_bytes")}
+            for x in rows if str(x.get("precision")) != precision]
+    kept.sort(key=lambda x: -(x["sensitivity"] if isinstance(x["sensitivity"], (int, float)) else 0))
+    return {"precision": precision, "layers": len(rows), "weight_bytes": int(total),
+            "by_precision": dict(sorted(by.items(), key=lambda kv: -kv[1]["weight_bytes"])),
+            "kept": kept, "budget": budget if isinstance(budget, dict) else None}
 
 
 def write_report(folder: Path, content: dict[str, Any]) -> None:
@@ -155,6 +184,15 @@ def _v(x: Any, unit: str = "") -> str:
     return str(x)
 
 
+def _pair(value: Any, limit: Any, unit: str) -> tuple[str, str]:
+    """A check's value and limit with enough digits to tell them apart, with the unit."""
+    if not isinstance(value, (int, float)) or not isinstance(limit, (int, float)):
+        return _v(value, unit), _v(limit, unit)
+    u = (" " + unit) if unit and unit != "%" else unit
+    v, lim = fmt_pair(float(value), float(limit))
+    return v + u, lim + u
+
+
 def render_markdown(content: dict[str, Any]) -> str:
     ok = content["passed"]
     h = content["headline"]
@@ -169,10 +207,11 @@ def render_markdown(content: dict[str, Any]) -> str:
         "| metric | where | value | limit | |",
         "|---|---|---:|---:|:-:|",
     ]
-    for c in condensed_checks(content["checks"]):
+    for c in sorted(condensed_checks(content["checks"]), key=lambda c: c["passed"]):
         unit = METRICS[c["metric"]].unit if c["metric"] in METRICS else ""
         op = ">=" if c["direction"] == "min" else "<="
-        lines.append(f"| {c['metric']} | {c['scope']} | {_v(c['value'], unit)} | {op} {_v(c['limit'], unit)} | "
+        value, limit = _pair(c["value"], c["limit"], unit)
+        lines.append(f"| {c['metric']} | {c['scope']} | {value} | {op} {limit} | "
                      f"{'✅' if c['passed'] else '❌'} |")
     lines.append("")
     if tasks:
@@ -188,6 +227,18 @@ def render_markdown(content: dict[str, Any]) -> str:
     if "output" in h:
         lines.append(f"`{h['output']}`: cosine {_v(h['cosine_mean'])}, SNR {_v(h['snr_db'], 'dB')}, "
                      f"max abs error {_v(h['max_abs_err'])}.")
+    pa = (cand.get("quantization") or {}).get("precision_assignment")
+    if pa:
+        shares = ", ".join(f"{share_text(e['share_pct'])} {p}" for p, e in pa["by_precision"].items())
+        kept = ", ".join(f"`{x['name']}` ({x['precision']})" for x in pa["kept"][:5])
+        n = len(pa["kept"])
+        lines.append(f"Precision assignment: {shares} of the weights; {n} layer{'' if n == 1 else 's'} kept off "
+                     f"{pa['precision']}{': ' + kept if kept else ''}{' ...' if len(pa['kept']) > 5 else ''}.")
+        b = pa.get("budget")
+        if b:
+            lines.append(f"Accuracy budget: {b.get('metric')} {_v(b.get('measured'))} against a limit of "
+                         f"{_v(b.get('limit'))} ({'met' if b.get('met') else 'NOT met'}; all quantized: "
+                         f"{_v(b.get('measured_all_quantized'))}, {b.get('held_out_samples')} held-out samples).")
     pl = content.get("per_layer")
     if pl and pl.get("layers"):
         top = ", ".join(f"`{x['node']}` ({x['share_pct']:.0f} %)" for x in pl["layers"][:3])

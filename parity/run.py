@@ -24,6 +24,10 @@ from trtforge.errors import ParityError
 
 INPUTS_FILE = "inputs.json"
 OUTPUTS_FILE = "outputs.json"
+SAMPLE_FILE = "outputs-sample.npz"
+SAMPLE_ROWS = 8  # rows per output and batch kept in the sample
+SAMPLE_TOPK = 16  # rows longer than FULL_ROW (logits over a vocabulary) keep their top-k only
+FULL_ROW = 4096
 
 
 @contextlib.contextmanager
@@ -70,6 +74,43 @@ def run_pair(
     info = {"polygraphy_validate_passed": valid, "inference_s": runtimes,
             "inputs_file": INPUTS_FILE if save_in else None, "outputs_file": OUTPUTS_FILE if save_out else None}
     return outputs, info
+
+
+def save_output_sample(out_dir: Path, outputs: dict[str, list[dict[str, np.ndarray]]],
+                       valids: Sequence[Sequence[np.ndarray | None]], names: Sequence[str]) -> str:
+    """A small, compressed sample of both models' outputs (what is kept when the full
+    outputs.json is not asked for; that file is gigabytes for an LLM's logits): per output and
+    batch, SAMPLE_ROWS valid rows evenly spread, both sides, as float16 — or, for rows longer
+    than FULL_ROW (logits), their top SAMPLE_TOPK token ids and values. Keys are
+    ``<side>/<output>/<batch>/<field>`` plus ``<output>/<batch>/row_index`` (the rows' index among
+    the batch's valid rows); load with ``numpy.load(path)`` (no pickle)."""
+    arrays: dict[str, np.ndarray] = {}
+    for i, valid in enumerate(valids):
+        for name, v in zip(names, valid, strict=True):
+            rows = {side: _valid_rows(outputs[side][i][name], v) for side in ("reference", "candidate")}
+            n = rows["reference"].shape[0]
+            pick = np.unique(np.linspace(0, n - 1, min(SAMPLE_ROWS, n)).round().astype(np.int64)) if n else np.zeros(0, np.int64)
+            arrays[f"{name}/{i}/row_index"] = pick
+            for side, a in rows.items():
+                a = a[pick].astype(np.float32)
+                key = f"{side}/{name}/{i}"
+                if a.shape[-1] > FULL_ROW:
+                    top = np.argsort(-a, axis=1, kind="stable")[:, :SAMPLE_TOPK]
+                    arrays[f"{key}/top_ids"] = top.astype(np.int32)
+                    arrays[f"{key}/top_values"] = np.take_along_axis(a, top, axis=1)
+                else:
+                    arrays[f"{key}/rows"] = a.astype(np.float16)
+    np.savez_compressed(out_dir / SAMPLE_FILE, **arrays)
+    return SAMPLE_FILE
+
+
+def _valid_rows(a: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
+    """Rows along the last axis at valid positions, [n, d] in the array's own dtype."""
+    a = np.asarray(a)
+    flat = a.reshape(-1, a.shape[-1])
+    if valid is None:
+        return flat
+    return flat[np.broadcast_to(valid, a.shape)[..., 0].reshape(-1)]
 
 
 def _first_line(exc: BaseException) -> str:

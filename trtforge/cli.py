@@ -80,6 +80,13 @@ def doctor(as_json: bool) -> None:
     for t in info["build_targets"]:
         state = "ready" if t["ready"] else f"needs {t['missing']}"
         lines.append(f"  {t['target']:8} {', '.join(t['precisions'])} [{state}]")
+        for p, why in (t.get("not_ready") or {}).items():
+            lines.append(f"  {'':8}   not {p}: {why}")
+        for p, how in (t.get("notes") or {}).items():
+            if p not in (t.get("not_ready") or {}):
+                lines.append(f"  {'':8}   {p}: {how}")
+        if t.get("check"):
+            lines.append(f"  {'':8}   {t['check']}")
     click.echo("\n".join(lines))
 
 

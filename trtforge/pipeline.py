@@ -54,7 +54,7 @@ from trtforge.engines.targets import Target, resolve_target
 from trtforge.errors import LockedError, OptionError, RecipeError, TargetError, TrtforgeError
 from trtforge.exporter import DType, ExportOptions, export_onnx, inspect_source
 from trtforge.manifest import MANIFEST, Manifest
-from trtforge.parity import Thresholds, check_parity, load_prompts
+from trtforge.parity import ParityOptions, Thresholds, check_parity, load_prompts
 from trtforge.pipeline_out import REPORT, STATE, changed_on_disk, check_out, needs_refresh, with_file_checks
 from trtforge.pipeline_recipe import PipelineRecipe, load_pipeline_recipe
 from trtforge.vocab import Precision, Task
@@ -361,6 +361,9 @@ class Runner:
         key = {"reference": self.upstream_key(ref), "candidate": self.upstream_key(cand), "data": data_key,
                "thresholds": r.thresholds, "per_layer": r.per_layer,
                **({"prompts": sha256_file(prompts)} if prompts and Path(prompts).is_file() else {})}
+        save_outputs = bool(r.raw.get("parity", {}).get("save_outputs", False))  # full outputs.json: on request
+        if save_outputs:
+            key["save_outputs"] = True
 
         thresholds = r.thresholds
         if isinstance(thresholds, dict) and "tasks" not in thresholds:  # inline [parity.thresholds]: preset + limits
@@ -372,7 +375,7 @@ class Runner:
 
         def run(folder: Path) -> dict:
             rep = check_parity(ref, cand, r.parity_data or None, thresholds, folder, per_layer=r.per_layer, force=True,
-                               prompts=prompts)
+                               prompts=prompts, options=ParityOptions(save_outputs=save_outputs))
             return {"passed": rep.passed, "failures": [f.to_json() for f in rep.failures][:5]}
 
         res = self.stage(f"reports/{name}", self.out / "reports" / name, key, run, marker=REPORT, after=after)

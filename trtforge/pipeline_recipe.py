@@ -16,6 +16,7 @@ from typing import Any
 from trtforge.calibration.recipe import QuantRecipe, get_preset
 from trtforge.errors import RecipeError
 from trtforge.recipes import (
+    CALIB_TO_RECIPE,
     located,
     parse_sets,
     quant_recipe_from_layers,
@@ -42,13 +43,11 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
                    "reference": (str,), "text": (str,), "max_samples": (int,),
                    "max_ppl_change_pct": (int, float)},
     "parity": {"data": (list, str), "thresholds": (str, dict), "per_layer": (bool,), "reports": (str,),
-               "prompts": (str,)},
+               "prompts": (str,), "save_outputs": (bool,)},
     "output": {"dir": (str,)},
 }
 PATH_KEYS = {("model", "path"), ("calibration", "data"), ("calibration", "ranges"), ("parity", "data"), ("parity", "prompts"), ("output", "dir"),
              ("checkpoint", "reference"), ("checkpoint", "text")}
-CALIB_TO_RECIPE = {"num_samples": "num_samples", "seq_len": "seq_len", "mode": "calib_mode", "text_field": "text_field",
-                   "seed": "seed", "batch_size": "batch_size"}
 
 
 @dataclass
@@ -228,9 +227,23 @@ def _resolve(v, base: Path):
     return str(p if p.is_absolute() else (base / p).resolve())
 
 
+def _table_of(key: str) -> str:
+    """The table a bare --set key belongs in (calibration keys first, then recipe fields)."""
+    for table, keys in SCHEMA.items():
+        if key in keys:
+            return table
+    if key in QuantRecipe.__dataclass_fields__:
+        return "quantize"
+    return "TABLE"
+
+
 def _check(cfg: dict, path: str, text: str) -> None:
     quant_fields = set(QuantRecipe.__dataclass_fields__)
     for table, keys in cfg.items():
+        if table not in SCHEMA and path == "--set" and not isinstance(keys, dict):
+            value = str(keys).lower() if isinstance(keys, bool) else keys
+            raise RecipeError(f"--set {table}={value}: a run recipe's keys name their table",
+                              f"write --set {_table_of(table)}.{table}={value}, as in the recipe file")
         if table not in SCHEMA:
             line = table_line(text, table) if text else None
             raise RecipeError(f"{path}:{line}: unknown table [{table}]" if line else f"{path}: unknown table [{table}]",

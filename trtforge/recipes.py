@@ -179,10 +179,36 @@ def set_item(sets: list[str] | tuple[str, ...], *keys: str) -> str | None:
     return found
 
 
+# a run recipe's [calibration] keys -> the QuantRecipe fields they set
+CALIB_TO_RECIPE = {"num_samples": "num_samples", "seq_len": "seq_len", "mode": "calib_mode", "text_field": "text_field",
+                   "seed": "seed", "batch_size": "batch_size"}
+
+
+def quantize_overrides(over: dict) -> dict:
+    """``trtforge quantize --set``: recipe keys as they are (``alpha=0.8``) or spelt as in a run
+    recipe (``quantize.alpha=0.8``, ``calibration.num_samples=64``), merged; any other table is an
+    error naming the spellings."""
+    out = {k: v for k, v in over.items() if not isinstance(v, dict)}
+    for table, keys in over.items():
+        if not isinstance(keys, dict):
+            continue
+        if table == "calibration":
+            for k, v in keys.items():
+                if k not in CALIB_TO_RECIPE:
+                    raise RecipeError(f"--set calibration.{k}: not a calibration key of a quantization recipe",
+                                      f"calibration keys: {', '.join(CALIB_TO_RECIPE)}")
+                out[CALIB_TO_RECIPE[k]] = v
+        elif table == "quantize":
+            out.update(keys)
+        else:
+            raise RecipeError(f"--set {table}.{next(iter(keys), '')}: trtforge quantize takes recipe keys, not [{table}]",
+                              "write --set alpha=0.8, quantize.alpha=0.8 or calibration.num_samples=64")
+    return out
+
+
 def load_quant_recipe(spec: str, sets: list[str] | tuple[str, ...] = ()):
     """A preset name or a recipe file (keys at the top level or under [quantize]), then --set."""
-    overrides = parse_sets(sets)
-    overrides = overrides.get("quantize", overrides)
+    overrides = quantize_overrides(parse_sets(sets))
     text, table, path = "", None, None
     if spec in PRESETS:
         base = get_preset(spec)
@@ -209,7 +235,8 @@ def load_quant_recipe(spec: str, sets: list[str] | tuple[str, ...] = ()):
         return where(path, text, key, table) + (f": [{table}]" if table else "")
 
     def set_where(key: str | None) -> str:
-        item = set_item(sets, key, f"quantize.{key}") if key else None
+        calib = {v: k for k, v in CALIB_TO_RECIPE.items()}.get(key or "")
+        item = set_item(sets, key, f"quantize.{key}", *([f"calibration.{calib}"] if calib else [])) if key else None
         return f"--set {item}" if item else "--set"
 
     file_layer = {**base.to_dict(), **data}

@@ -32,7 +32,18 @@ from trtforge.engines.build import (
 )
 from trtforge.engines.check import Check, LoadReport, Machine, check_cpu
 from trtforge.engines.plan import BuildOptions, BuildPlan
-from trtforge.engines.targets import CPU_ORT, CPU_PRECISIONS, TARGETS, Target, refuse_unsupported
+from trtforge.engines.targets import (
+    CPU_ORT,
+    CPU_PRECISIONS,
+    FP8,
+    FP16,
+    FP32,
+    INT4,
+    INT8,
+    TARGETS,
+    Target,
+    refuse_unsupported,
+)
 from trtforge.errors import InputError, OptionError, ParityError, TrtforgeError
 from trtforge.manifest import ModelFile
 from trtforge.onnx_io import DATA_FILE, EXTERNAL_DATA_THRESHOLD
@@ -80,7 +91,35 @@ class CpuOrtBackend:
         return None  # ONNX Runtime's CPU provider is a core dependency
 
     def doctor(self, gpus: Any, tensorrt_available: bool) -> list[dict]:
-        return [{"target": "cpu", "precisions": self.precisions(TARGETS["cpu"]), "ready": True}]
+        """Per precision what a CPU build runs here, from this CPU's flags and a probe of ONNX
+        Runtime's integer GEMM (a second): ``ready`` lists what builds here, ``notes`` says how
+        it runs (FP8 has no CPU kernel: emulated in float; INT8 needs an exact U8U8 kernel)."""
+        flags = cpu.cpu_flags()
+        vnni = bool(flags and set(flags) & set(cpu.VNNI_FLAGS))
+        try:
+            u8u8 = cpu.probe_int8_gemm()["u8u8_max_rel_err"]
+        except Exception as exc:  # an ONNX Runtime without the contrib op: say it, do not crash doctor
+            u8u8 = None
+            why = f"the integer GEMM probe failed ({type(exc).__name__})"
+        notes = {FP32: "float kernels", FP16: "float16 graph, computed in float32 where ONNX Runtime has no float16 kernel"}
+        ready = [FP32, FP16, INT4]
+        notes[INT4] = "MatMulNBits: 4-bit weights, float activations (W4A16)"
+        if u8u8 == 0.0:
+            ready.append(INT8)
+            notes[INT8] = ("integer GEMMs (MatMulIntegerToFloat, U8U8): exact here; "
+                           + ("VNNI" if vnni else "no VNNI on this CPU, so slower than on a VNNI CPU"))
+        else:
+            notes[INT8] = (why if u8u8 is None else f"ONNX Runtime's U8U8 integer GEMM is not exact on this CPU "
+                           f"(max error {u8u8:.3g} of the output range): int8 builds are refused here")
+        ready.append(FP8)
+        notes[FP8] = ("no ONNX Runtime CPU kernel: weights folded to float, activations fake-quantized in float; "
+                      "an accuracy artifact, not a speed-up over fp32")
+        order = self.precisions(TARGETS["cpu"])
+        return [{"target": "cpu", "precisions": [p for p in order if p in ready], "ready": True,
+                 "not_ready": {p.value: notes[p] for p in order if p not in ready} or None,
+                 "notes": {p.value: notes[p] for p in order if p in notes},
+                 "check": "every build compares the optimized artifact with its input and refuses a mismatch",
+                 "cpu_flags": list(flags or ())}]
 
     # ------------------------------------------------------------------ options and checks
     def default_options(self) -> BuildOptions:

@@ -82,7 +82,8 @@ def fp16_vs_fp32(llama_fp16, llama_fp32, tmp_path_factory):
     from trtforge.parity import check_parity
 
     out = tmp_path_factory.mktemp("parity") / "fp16-vs-fp32"
-    return check_parity(llama_fp16.path, llama_fp32.path, [EVAL_TEXT], None, out, options=fast_options())
+    # the full outputs, asked for (saved inputs and outputs are replayed by test_saved_inputs_repeat_the_run)
+    return check_parity(llama_fp16.path, llama_fp32.path, [EVAL_TEXT], None, out, options=fast_options(save_outputs=True))
 
 
 @pytest.fixture(scope="session")

@@ -30,8 +30,16 @@ def test_identical_candidate_passes_with_zero_error(bert, tmp_path, validate_rep
     cases = report["data"]["cases"]
     assert cases[0]["padding"] == "none" and cases[0]["batch"] == 1
     assert {c["padding"] for c in cases[1:]} == {"right"}
-    for name in ("report.json", "report.html", "report.md", "inputs.json", "outputs.json"):
+    for name in ("report.json", "report.html", "report.md", "inputs.json", "outputs-sample.npz"):
         assert (rep.path / name).is_file(), name
+    # the full outputs only on request (gigabytes for an LLM); a small sample of both sides instead
+    assert not (rep.path / "outputs.json").exists()
+    assert report["files"]["outputs"] is None and report["files"]["outputs_sample"] == "outputs-sample.npz"
+    with np.load(rep.path / "outputs-sample.npz", allow_pickle=False) as z:
+        ref_rows, cand_rows = z["reference/last_hidden_state/1/rows"], z["candidate/last_hidden_state/1/rows"]
+        assert ref_rows.shape[0] == len(z["last_hidden_state/1/row_index"]) > 1 and ref_rows.dtype == np.float16
+        assert np.array_equal(ref_rows, cand_rows)  # identical models
+    assert all(c["missed_limits"] == [] for c in cases)
 
 
 def test_fp16_reference_vs_fp32_export_gives_plausible_figures(fp16_vs_fp32, validate_report):

@@ -25,7 +25,7 @@ def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
     return sizes
 
 
-@field_flags(save_outputs="--no-save-outputs")
+@field_flags(save_outputs="--save-outputs")
 @click.command("parity")
 @click.option("--reference", required=True, type=click.Path(path_type=Path),
               help="The FP16 reference artifact (export folder, or a build of it).")
@@ -54,18 +54,20 @@ def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> tupl
 @click.option("--batch-sizes", default="1,4,8", show_default=True, callback=_batch_sizes,
               help="Batch sizes used in turn (1 = unpadded; larger = padded batches).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for picking and cutting texts.")
-@click.option("--no-save-outputs", is_flag=True, help="Save only the inputs, not both models' outputs.")
+@click.option("--save-outputs/--no-save-outputs", default=False, show_default=True,
+              help="Also save both models' full outputs (Polygraphy's outputs.json: gigabytes for an LLM's logits). "
+                   "Default: a small sample of them (outputs-sample.npz).")
 @click.option("--force", is_flag=True, help="Replace the report folder if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.pass_context
 def parity(ctx: click.Context, reference: Path, candidate: Path, data: tuple[Path, ...], inputs: Path | None,
            prompts: Path | None, max_new_tokens: int, thresholds: str | None, out: Path, per_layer: bool,
            per_layer_category: str | None, num_samples: int, max_len: int, batch_sizes: tuple[int, ...], seed: int,
-           no_save_outputs: bool, force: bool, as_json: bool) -> None:
+           save_outputs: bool, force: bool, as_json: bool) -> None:
     """Compare a candidate with the FP16 reference on held-out text and/or task prompts; exit 1 if the
     thresholds are missed."""
     options = ParityOptions(num_samples=num_samples, max_len=max_len, min_len=min(8, max_len),
-                            batch_sizes=batch_sizes, seed=seed, save_outputs=not no_save_outputs,
+                            batch_sizes=batch_sizes, seed=seed, save_outputs=save_outputs,
                             max_new_tokens=max_new_tokens, per_layer_category=per_layer_category)
     report = check_parity(reference, candidate, list(data) or None, thresholds, out, per_layer=per_layer,
                           force=force, options=options, inputs=inputs, prompts=prompts)

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from trtforge.calibration.recipe import PRESETS
+from trtforge.commands.recipe_toml import recipe_toml
 from trtforge.errors import RecipeError
 from trtforge.pipeline import run
 from trtforge.pipeline_recipe import PRESET_DIR, preset_names, preset_path
@@ -75,11 +76,12 @@ def recipes_list() -> None:
 @recipes.command("show")
 @click.argument("name")
 def recipes_show(name: str) -> None:
-    """Print a pipeline preset (TOML) or a quantization recipe."""
+    """Print a pipeline preset or a quantization recipe (TOML of the keys its method reads; loads back
+    with --recipe FILE)."""
     if name in preset_names():
         click.echo(preset_path(name).read_text(), nl=False)
     elif name in PRESETS:
-        click.echo(json.dumps(PRESETS[name].to_dict(), indent=2))
+        click.echo(recipe_toml(PRESETS[name], base=name), nl=False)
     else:
         raise RecipeError(f"unknown recipe {name!r}", f"use one of: {', '.join(preset_names() + list(PRESETS))}")
 

@@ -1,0 +1,315 @@
+"""Parity gates from real-model measurements (issue 16): what healthy quantized artifacts of real
+models score on the preset metrics, and what a planted fault scores.
+
+Models: Gemma 3 270M (the FP32 ``causal-lm-with-past`` export, ``TRTFORGE_GEMMA3_PAST_DIR`` or
+/work/artifacts/gemma3-fp32-past) and all-MiniLM-L6-v2 (exported here from its PyPI package).
+Calibration: calib-apache-2.0.txt + calib-mpl-lgpl.txt. Evaluation: eval-gpl-3.0.txt (held out)
+and, for decoders, examples/prompts/tasks.jsonl (task agreement per category).
+Reference: the FP32 export (ONNX Runtime CPU, both sides).
+
+Candidates: today's presets (int8-sq, fp8, int4-awq) as ``trtforge quantize`` makes them, and
+planted faults made from a healthy artifact by editing one initializer of its Q/DQ graph:
+
+* ``wscale8``: one GEMM's weight scale multiplied by 8 (a wrong weight scale: that GEMM's output is
+  8x too large);
+* ``range8``: one GEMM's activation scale divided by 8 (a wrong range: that input is clipped to an
+  eighth of its calibrated range).
+
+Each candidate's parity run is ``trtforge parity`` in its own process; the figures come from its
+report.json. Every candidate is checked against every preset's limits, so the table shows which
+presets it passes.
+
+    python bench/parity_gates.py --model gemma3 --out /work/out/reports/gates \
+        --json docs/results/parity-gates-gemma3.json
+    python bench/parity_gates.py --model minilm --out /work/out/reports/gates \
+        --json docs/results/parity-gates-minilm.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DATA, REPO, machine, minilm_dir  # noqa: E402,I001
+
+PROMPTS = REPO / "examples" / "prompts" / "tasks.jsonl"
+CALIB = [DATA / "calib-apache-2.0.txt", DATA / "calib-mpl-lgpl.txt"]
+EVAL = DATA / "eval-gpl-3.0.txt"
+RECIPES = ("int8-sq", "fp8", "int4-awq")
+# the GEMM a fault is planted in: an MLP projection in the middle of the network
+FAULT_NODE = {"gemma3": "layers.9/mlp/down_proj", "minilm": "layer.3/output/dense"}
+
+
+def sh(cmd: list[str], log: Path) -> tuple[int, float, float]:
+    """Run cmd, its output in log; (exit code, seconds, peak RSS of the child in MiB)."""
+    t = time.perf_counter()
+    with open(log, "w") as f:
+        p = subprocess.run(["/usr/bin/time", "-f", "PEAK_RSS_KB %M", *cmd], stdout=f, stderr=subprocess.STDOUT)
+    rss = next((int(line.split()[1]) / 1024 for line in log.read_text().splitlines() if line.startswith("PEAK_RSS_KB")), 0.0)
+    return p.returncode, time.perf_counter() - t, rss
+
+
+def fp32_export(model: str, out: Path) -> Path:
+    if model == "gemma3":
+        return Path(os.environ.get("TRTFORGE_GEMMA3_PAST_DIR", "/work/artifacts/gemma3-fp32-past"))
+    dst = out / "minilm-fp32"
+    if not (dst / "manifest.json").exists():
+        rc, _, _ = sh(["trtforge", "export", str(minilm_dir()), "-o", str(dst), "--force"], out / "minilm-fp32.log")
+        assert rc == 0, (out / "minilm-fp32.log").read_text()[-2000:]
+    return dst
+
+
+def quantize(src: Path, recipe: str, dst: Path) -> dict:
+    if (dst / "manifest.json").exists():
+        return {"reused": True}
+    cmd = ["trtforge", "quantize", str(src), "--recipe", recipe, "-o", str(dst), "--force"]
+    for c in CALIB:
+        cmd += ["--calib", str(c)]
+    rc, s, rss = sh(cmd, dst.with_suffix(".log"))
+    if rc != 0:
+        raise SystemExit(f"quantize {recipe} failed: {dst.with_suffix('.log').read_text()[-2000:]}")
+    return {"seconds": round(s, 1), "peak_rss_mib": round(rss)}
+
+
+def plant_fault(src: Path, dst: Path, kind: str, node_part: str) -> dict:
+    """A copy of the quantized artifact src with one scale of one GEMM changed (module docstring).
+    Only model.onnx is rewritten (scales are small initializers in it); other files are hard links."""
+    import onnx
+    from onnx import numpy_helper
+
+    from trtforge.artifacts import file_table, sha256_file
+
+    if (dst / "manifest.json").exists():
+        return json.loads((dst / "fault.json").read_text())
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model = onnx.load(str(src / "model.onnx"), load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    target = None
+    for n in model.graph.node:
+        if n.op_type in ("MatMul", "Gemm") and node_part in n.name:
+            target = n
+            break
+    if target is None:
+        raise SystemExit(f"no GEMM named like {node_part!r} in {src}")
+    # weight side: the DequantizeLinear whose data input is an initializer; activation side: the
+    # DequantizeLinear fed by a QuantizeLinear of a graph tensor
+    dq_w = dq_a = None
+    for inp in target.input:
+        p = producers.get(inp)
+        while p is not None and p.op_type not in ("DequantizeLinear",):
+            p = producers.get(p.input[0]) if p.op_type in ("Transpose", "Reshape", "Cast") else None
+        if p is None:
+            continue
+        if p.input[0] in inits:
+            dq_w = p
+        elif producers.get(p.input[0]) is not None and producers[p.input[0]].op_type == "QuantizeLinear":
+            dq_a = p
+    if kind == "wscale8":
+        if dq_w is None:
+            raise SystemExit(f"{target.name} has no quantized weight")
+        names, factor = [dq_w.input[1]], 8.0
+    elif kind == "range8":
+        if dq_a is None:
+            raise SystemExit(f"{target.name} has no quantized activation (weight-only recipe)")
+        q = producers[dq_a.input[0]]
+        names, factor = sorted({q.input[1], dq_a.input[1]}), 1 / 8
+    else:
+        raise SystemExit(f"unknown fault {kind}")
+    for name in names:
+        t = inits[name]
+        arr = numpy_helper.to_array(t)
+        t.CopyFrom(numpy_helper.from_array((arr * factor).astype(arr.dtype), name))
+    onnx.save(model, str(tmp / "model.onnx"))
+    for f in src.iterdir():
+        if f.is_file() and f.name not in ("model.onnx", "manifest.json"):
+            os.link(f, tmp / f.name)
+    man = json.loads((src / "manifest.json").read_text())
+    man["files"] = file_table(tmp)
+    if isinstance(man.get("model"), dict) and "sha256" in man["model"]:
+        man["model"]["sha256"] = sha256_file(tmp / "model.onnx")
+    man["planted_fault"] = {"kind": kind, "node": target.name, "initializers": names, "factor": factor}
+    info = {"kind": kind, "node": target.name, "initializers": names, "factor": factor}
+    (tmp / "fault.json").write_text(json.dumps(info))
+    man["files"] = file_table(tmp)
+    (tmp / "manifest.json").write_text(json.dumps(man, indent=2))
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+    return info
+
+
+def parity(ref: Path, cand: Path, out: Path, decoder: bool, a: argparse.Namespace, *, prompts: bool = True,
+           save_outputs: bool = False) -> dict:
+    rep = out / "report.json"
+    cmd = ["trtforge", "parity", "--reference", str(ref), "--candidate", str(cand), "--data", str(EVAL),
+           "-o", str(out), "--force", "--json", "--num-samples", str(a.num_samples), "--max-len", str(a.max_len),
+           "--batch-sizes", a.batch_sizes]
+    if decoder and prompts:
+        cmd += ["--prompts", str(PROMPTS)]
+    if save_outputs:
+        cmd.append("--save-outputs")
+    rc, s, rss = sh(cmd, out.with_suffix(".log"))
+    if not rep.exists():
+        raise SystemExit(f"parity failed ({rc}): {out.with_suffix('.log').read_text()[-2000:]}")
+    r = json.loads(rep.read_text())
+    size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    return {"exit_code": rc, "seconds": round(s, 1), "peak_rss_mib": round(rss), "report_bytes": size,
+            "files": {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()},
+            "html_height_px": html_height(out / "report.html"), "figures": figures(r)}
+
+
+def html_height(path: Path) -> int | None:
+    """The page's height in px at 1280 px wide, in headless Chromium (None without it): the
+    document's scrollHeight, printed by --dump-dom of a copy that writes it into the title."""
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        return None
+    probe = path.with_name(".height-probe.html")
+    probe.write_text(path.read_text(encoding="utf-8").replace(
+        "</body>", "<script>document.title='H='+document.documentElement.scrollHeight</script></body>"), encoding="utf-8")
+    profile = path.parent / ".chromium-profile"
+    try:
+        p = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
+                            "--disable-background-networking", f"--user-data-dir={profile}", "--window-size=1280,1000",
+                            "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+        import re
+
+        m = re.search(r"<title>H=(\d+)</title>", p.stdout)
+        return int(m.group(1)) if m else None
+    finally:
+        probe.unlink(missing_ok=True)
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def size_check(ref: Path, cand: Path, out: Path, decoder: bool, a: argparse.Namespace, rows: list) -> None:
+    """The report folder and page of one pair with --save-outputs (the old default) and without."""
+    keys = ("report_bytes", "files", "html_height_px", "peak_rss_mib", "seconds")
+    full = parity(ref, cand, out / f"parity-{cand.name[2:]}-full-outputs", decoder, a, prompts=False, save_outputs=True)
+    small = parity(ref, cand, out / f"parity-{cand.name[2:]}-default", decoder, a, prompts=False)
+    rows.append({"candidate": f"{cand.name[2:]}: report folder with --save-outputs vs the default", "size_check": True,
+                 "full_outputs": {k: full[k] for k in keys}, "default": {k: small[k] for k in keys}})
+    print(f"size check: {full['report_bytes'] / 2**20:.1f} MiB with outputs.json, {small['report_bytes'] / 2**20:.2f} MiB "
+          f"by default; html {small['html_height_px']} px", flush=True)
+    if a.json:
+        _write(a, rows, ref)
+
+
+def figures(r: dict) -> dict:
+    """The preset metrics of a report (the worst output for per-output metrics)."""
+    out: dict = {}
+    outs = r["outputs"]
+    primary = "logits" if "logits" in outs else "last_hidden_state"
+    for k in ("cosine_mean", "cosine_min", "snr_db"):
+        out[k] = min(m[k] for m in outs.values())
+        out[f"{primary}_{k}"] = outs[primary][k]
+    if r.get("logits"):
+        for k in ("top1_agreement", "top5_agreement", "kl_mean"):
+            out[k] = r["logits"][k]
+    if r.get("perplexity"):
+        out["ppl_change_pct"] = r["perplexity"]["ppl_change_pct"]
+        out["ppl_reference"] = r["perplexity"]["reference"]
+    if r.get("embeddings"):
+        out["embedding_cosine_mean"] = r["embeddings"]["embedding_cosine_mean"]
+        out["embedding_cosine_min"] = r["embeddings"]["embedding_cosine_min"]
+    if r.get("tasks"):
+        cats = r["tasks"]["categories"]
+        out["task_agreement"] = min(c["agreement"] for c in cats.values())
+        out["task_agreement_by_category"] = {k: c["agreement"] for k, c in cats.items()}
+        drops = [c["accuracy_drop"] for c in cats.values() if c["accuracy_drop"] is not None]
+        out["task_accuracy_drop"] = max(drops) if drops else None
+        out["task_accuracy_drop_by_category"] = {k: c["accuracy_drop"] for k, c in cats.items()}
+    out["gate"] = {"thresholds": r["thresholds"]["name"], "passed": r["passed"],
+                   "failures": [f["message"] for f in r["failures"]]}
+    return out
+
+
+def verdicts(fig: dict) -> dict:
+    """Which presets' limits these figures meet (each preset's own metrics)."""
+    from trtforge.parity.options import METRICS, Direction, Preset, Thresholds
+
+    res = {}
+    for p in Preset:
+        limits = Thresholds.preset(p).limits
+        missed = []
+        for k, lim in limits.items():
+            v = fig.get(k)
+            if v is None:
+                continue
+            ok = v >= lim if METRICS[k].direction == Direction.MIN else v <= lim
+            if not ok:
+                missed.append(k)
+        res[p.value] = {"passed": not missed, "missed": missed}
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=("gemma3", "minilm"), required=True)
+    ap.add_argument("--out", type=Path, default=Path("/work/out/reports/gates"))
+    ap.add_argument("--recipes", default=",".join(RECIPES))
+    ap.add_argument("--faults", default="wscale8,range8", help="faults planted in the first recipe's artifact")
+    ap.add_argument("--num-samples", type=int, default=16)
+    ap.add_argument("--max-len", type=int, default=64)
+    ap.add_argument("--batch-sizes", default="1,4", help="parity's --batch-sizes (1,4 keeps a 262k-vocab run under 6 GB)")
+    ap.add_argument("--size-check", action="store_true",
+                    help="also run the first recipe's parity with --save-outputs (the old default) for the folder size")
+    ap.add_argument("--size-check-only", action="store_true", help="only the size check (implies --size-check)")
+    ap.add_argument("--reference", type=Path, help="the FP32 export (default: the model's, module docstring)")
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+    a.size_check = a.size_check or a.size_check_only
+    out = a.out / a.model
+    out.mkdir(parents=True, exist_ok=True)
+    decoder = a.model == "gemma3"
+    ref = a.reference or fp32_export(a.model, out)
+    rows: list[dict] = []
+    recipes = [r for r in a.recipes.split(",") if r]
+    for recipe in recipes:
+        q = out / f"q-{recipe}"
+        cands: list[tuple[str, Path, dict]] = [(recipe, q, {"quantize": quantize(ref, recipe, q)})]
+        if recipe == recipes[0]:
+            if a.size_check:
+                size_check(ref, q, out, decoder, a, rows)
+            if a.size_check_only:
+                break
+            for fault in [f for f in a.faults.split(",") if f]:
+                f = out / f"q-{recipe}-{fault}"
+                try:
+                    cands.append((f"{recipe} + {fault}", f, {"fault": plant_fault(q, f, fault, FAULT_NODE[a.model])}))
+                except SystemExit as exc:
+                    rows.append({"candidate": f"{recipe} + {fault}", "error": str(exc)})
+        for name, cand, extra in cands:
+            res = parity(ref, cand, out / f"parity-{cand.name[2:]}", decoder, a)
+            res.update(extra, candidate=name, verdicts=verdicts(res["figures"]))
+            rows.append(res)
+            fg = res["figures"]
+            print(f"{a.model} {name:24} " + ", ".join(
+                f"{k} {fg.get(k):.4g}" for k in ("cosine_mean", "snr_db", "top1_agreement", "kl_mean", "ppl_change_pct",
+                                                  "task_agreement", "embedding_cosine_mean") if fg.get(k) is not None),
+                flush=True)
+            if a.json:
+                _write(a, rows, ref)
+    if a.json:
+        _write(a, rows, ref)
+
+
+def _write(a: argparse.Namespace, rows: list, ref: Path) -> None:
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    a.json.write_text(json.dumps({"model": a.model, "reference": str(ref), "machine": machine(),
+                                  "calibration": [c.name for c in CALIB], "evaluation": EVAL.name,
+                                  "prompts": PROMPTS.name if a.model == "gemma3" else None,
+                                  "num_samples": a.num_samples, "max_len": a.max_len, "batch_sizes": a.batch_sizes,
+                                  "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
