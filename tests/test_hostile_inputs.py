@@ -68,7 +68,10 @@ def argv(cmd: str, w: dict[str, Path], out: Path, *, inputs: dict[str, Path] | N
         "quantize": ["quantize", str(w["export"]), "--recipe", "int8", "--calib", str(CALIB), "--set", "num_samples=8",
                      "-o", str(out)],
         "build": ["build", str(w["quantized"]), "--target", "cpu", "-o", str(out)],
-        "parity": ["parity", "--reference", str(w["export"]), "--candidate", str(w["quantized"]), "-o", str(out)],
+        # --save-outputs: the full outputs, so the report outgrows the 128 KiB disk of full_disk (without it
+        # a tiny model's report folder fits there)
+        "parity": ["parity", "--reference", str(w["export"]), "--candidate", str(w["quantized"]), "--save-outputs",
+                   "-o", str(out)],
         "export-checkpoint": ["export-checkpoint", str(w["fp8"]), "-o", str(out), "--no-parity"],
         "run": ["run", "cpu-int8", "--set", f"model.path={w['model']}", "--set", f"calibration.data={CALIB}",
                 "-o", str(out)],
