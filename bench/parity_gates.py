@@ -169,38 +169,81 @@ def parity(ref: Path, cand: Path, out: Path, decoder: bool, a: argparse.Namespac
 
 def html_height(path: Path) -> int | None:
     """The page's height in px at 1280 px wide, in headless Chromium (None without it): the
-    document's scrollHeight, printed by --dump-dom of a copy that writes it into the title."""
+    document's scrollHeight, written into the title of a copy (in a temporary folder) and read
+    back with --dump-dom."""
+    import re
+    import tempfile
+
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if exe is None:
         return None
-    probe = path.with_name(".height-probe.html")
-    probe.write_text(path.read_text(encoding="utf-8").replace(
-        "</body>", "<script>document.title='H='+document.documentElement.scrollHeight</script></body>"), encoding="utf-8")
-    profile = path.parent / ".chromium-profile"
-    try:
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = Path(tmp) / "probe.html"
+        probe.write_text(path.read_text(encoding="utf-8").replace(
+            "</body>", "<script>document.title='H='+document.documentElement.scrollHeight</script></body>"),
+            encoding="utf-8")
         p = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
-                            "--disable-background-networking", f"--user-data-dir={profile}", "--window-size=1280,1000",
+                            "--disable-background-networking", f"--user-data-dir={tmp}/profile", "--window-size=1280,1000",
                             "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
-        import re
-
-        m = re.search(r"<title>H=(\d+)</title>", p.stdout)
-        return int(m.group(1)) if m else None
-    finally:
-        probe.unlink(missing_ok=True)
-        shutil.rmtree(profile, ignore_errors=True)
+    m = re.search(r"<title>H=(\d+)</title>", p.stdout)
+    return int(m.group(1)) if m else None
 
 
-def size_check(ref: Path, cand: Path, out: Path, decoder: bool, a: argparse.Namespace, rows: list) -> None:
-    """The report folder and page of one pair with --save-outputs (the old default) and without."""
-    keys = ("report_bytes", "files", "html_height_px", "peak_rss_mib", "seconds")
-    full = parity(ref, cand, out / f"parity-{cand.name[2:]}-full-outputs", decoder, a, prompts=False, save_outputs=True)
-    small = parity(ref, cand, out / f"parity-{cand.name[2:]}-default", decoder, a, prompts=False)
-    rows.append({"candidate": f"{cand.name[2:]}: report folder with --save-outputs vs the default", "size_check": True,
-                 "full_outputs": {k: full[k] for k in keys}, "default": {k: small[k] for k in keys}})
-    print(f"size check: {full['report_bytes'] / 2**20:.1f} MiB with outputs.json, {small['report_bytes'] / 2**20:.2f} MiB "
-          f"by default; html {small['html_height_px']} px", flush=True)
-    if a.json:
-        _write(a, rows, ref)
+BEFORE = "cc77eba"  # the last commit with the old report layout (issue 16)
+
+
+def html_before_after(report_dir: Path) -> dict:
+    """The page's height (px at 1280 wide) and size as report.html is rendered now and as commit
+    BEFORE rendered the same report.json (its parity/html.py, loaded from git)."""
+    import importlib.util
+    import tempfile
+
+    r = json.loads((report_dir / "report.json").read_text())
+    src = subprocess.run(["git", "-C", str(REPO), "show", f"{BEFORE}:parity/html.py"], capture_output=True, text=True,
+                         check=True).stdout
+    with tempfile.TemporaryDirectory() as tmp:
+        mod_path = Path(tmp) / "html_before.py"
+        mod_path.write_text(src)
+        spec = importlib.util.spec_from_file_location("html_before", mod_path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        old = Path(tmp) / "report-before.html"
+        old.write_text(mod.render_html(r), encoding="utf-8")
+        new = report_dir / "report.html"
+        return {"before": {"html_bytes": old.stat().st_size, "height_px": html_height(old), "svgs": old.read_text().count("<svg")},
+                "after": {"html_bytes": new.stat().st_size, "height_px": html_height(new), "svgs": new.read_text().count("<svg"),
+                          "svgs_outside_details": _svgs_outside_details(new.read_text())}}
+
+
+def _svgs_outside_details(html: str) -> int:
+    """Histograms a reader sees without opening a collapsed section."""
+    import re
+
+    depth, n = 0, 0
+    for m in re.finditer(r"<details|</details>|<svg", html):
+        tag = m.group(0)
+        depth += 1 if tag == "<details" else -1 if tag == "</details>" else 0
+        n += tag == "<svg" and depth == 0
+    return n
+
+
+def full_outputs_bytes(report_dir: Path) -> dict:
+    """What outputs.json (--save-outputs) would hold for this report's batches: both models' outputs,
+    float32, base64 in Polygraphy's JSON (4/3 of the raw bytes). Measured directly it cannot be on
+    this machine: the run that writes it is killed at 10.6-11 GB RSS for Gemma 3 270M."""
+    r = json.loads((report_dir / "report.json").read_text())
+    man = json.loads((Path(r["reference"]["path"]) / "manifest.json").read_text())
+    dims = man["dims"]
+    vocab = r["logits"]["vocab_size"] if r.get("logits") else dims["hidden_size"]
+    kv = any(n.startswith("present.") for n in r["outputs"])
+    values = 0
+    for c in r["data"]["cases"]:
+        rows = c["batch"] * c["seq_len"]
+        values += rows * vocab
+        if kv:  # prefill: present.* holds [batch, kv_heads, seq, head_dim] per layer, key and value
+            values += 2 * dims["num_layers"] * c["batch"] * dims["num_kv_heads"] * c["seq_len"] * dims["head_dim"]
+    raw = 2 * 4 * values  # two runners, float32
+    return {"values_per_runner": values, "raw_bytes": raw, "json_bytes_estimate": int(raw * 4 / 3)}
 
 
 def figures(r: dict) -> dict:
@@ -260,13 +303,22 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=16)
     ap.add_argument("--max-len", type=int, default=64)
     ap.add_argument("--batch-sizes", default="1,4", help="parity's --batch-sizes (1,4 keeps a 262k-vocab run under 6 GB)")
-    ap.add_argument("--size-check", action="store_true",
-                    help="also run the first recipe's parity with --save-outputs (the old default) for the folder size")
-    ap.add_argument("--size-check-only", action="store_true", help="only the size check (implies --size-check)")
     ap.add_argument("--reference", type=Path, help="the FP32 export (default: the model's, module docstring)")
+    ap.add_argument("--size-of", type=Path, help="only report a report folder's size and page before/after, then exit")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
-    a.size_check = a.size_check or a.size_check_only
+    if a.size_of:
+        files = {p.name: p.stat().st_size for p in sorted(a.size_of.iterdir()) if p.is_file()}
+        res = {"report_dir": str(a.size_of), "files": files, "report_bytes": sum(files.values()),
+               "full_outputs": full_outputs_bytes(a.size_of), "html": html_before_after(a.size_of), "machine": machine()}
+        res["before_bytes_estimate"] = res["report_bytes"] - files.get("outputs-sample.npz", 0) \
+            + res["full_outputs"]["json_bytes_estimate"]
+        text = json.dumps(res, indent=2)
+        print(text)
+        if a.json:
+            a.json.parent.mkdir(parents=True, exist_ok=True)
+            a.json.write_text(text + "\n")
+        return
     out = a.out / a.model
     out.mkdir(parents=True, exist_ok=True)
     decoder = a.model == "gemma3"
@@ -277,10 +329,6 @@ def main() -> None:
         q = out / f"q-{recipe}"
         cands: list[tuple[str, Path, dict]] = [(recipe, q, {"quantize": quantize(ref, recipe, q)})]
         if recipe == recipes[0]:
-            if a.size_check:
-                size_check(ref, q, out, decoder, a, rows)
-            if a.size_check_only:
-                break
             for fault in [f for f in a.faults.split(",") if f]:
                 f = out / f"q-{recipe}-{fault}"
                 try:

@@ -503,7 +503,9 @@ def _data_section(data: dict[str, Any]) -> str:
     pairs = [("sources", Raw(src)), ("mode / seed", f"{data['mode']} / {data['seed']}"),
              ("texts / tokens", f"{data['num_samples']} / {data['num_tokens']}"),
              ("inputs sha256", Raw(f"<code>{_e(data['feeds_sha256'])}</code>")),
-             ("saved inputs / outputs", f"{data.get('inputs_file')} / {data.get('outputs_file')}"),
+             ("saved inputs / outputs", f"{data.get('inputs_file')} / "
+              + (data.get("outputs_file") or (f"{data['outputs_sample_file']} (a sample; --save-outputs for all)"
+                                              if data.get("outputs_sample_file") else "not saved"))),
              ("overlap with calibration", overlap)]
     cases, bad = [], []
     for c in data["cases"]:
