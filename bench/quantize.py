@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -91,6 +92,7 @@ def _last_json(stdout: str) -> dict:
 def run_child(cmd: list[str], log: Path, timeout: float | None = None) -> dict:
     """One quantize run in its own process (nice 10); the error line of a failure, its log kept."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     try:
         p = subprocess.run(["nice", "-n", "10", *cmd], capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
@@ -98,10 +100,20 @@ def run_child(cmd: list[str], log: Path, timeout: float | None = None) -> dict:
         return {"error": f"did not finish within --child-timeout {timeout:.0f} s (stopped)", "log": str(log)}
     log.write_text(f"$ {' '.join(cmd)}\n--- stdout\n{p.stdout}\n--- stderr\n{p.stderr}")
     if p.returncode != 0:
-        lines = [x for x in p.stderr.strip().splitlines() if x.strip()]
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        lines = [x for x in p.stderr.strip().splitlines() if x.strip() and "it/s]" not in x]
         err = next((x for x in reversed(lines) if x.startswith("error:")), lines[-1] if lines else "failed")
-        return {"error": err.strip(), "log": str(log)}
+        if p.returncode < 0:
+            err = f"killed by signal {-p.returncode}" + (" (the out-of-memory killer's SIGKILL)" if p.returncode == -9 else "")
+        out = {"error": err.strip(), "returncode": p.returncode, "log": str(log),
+               "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)}
+        if after.ru_maxrss > before.ru_maxrss:  # this child's peak (the largest child so far)
+            out["peak_rss_mib"] = after.ru_maxrss / 1024
+        return out
     res = _last_json(p.stdout)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU seconds (user + system) of the process: on a shared machine, steadier than wall time
+    res["cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     path = Path(res["path"])
     res["size_mib"] = sum(f.stat().st_size for f in path.parent.iterdir() if f.name.startswith(path.name)) / 2**20
     return res
@@ -120,8 +132,10 @@ def have_gptq() -> bool:
 class Runner:
     """Builds and runs each method's child process for one model."""
 
-    def __init__(self, args, src: Path, base: Path, calib: list[Path], n_calib: int, trt_over: dict | None = None):
+    def __init__(self, args, src: Path, base: Path, calib: list[Path], n_calib: int, trt_over: dict | None = None,
+                 trt_src: Path | None = None):
         self.args, self.src, self.base, self.calib = args, src, base, calib
+        self.trt_src = trt_src or src  # trtforge reads the export itself (ONNX Runtime refuses linked files)
         self.trt_over = {"num_samples": n_calib, **(trt_over or {})}
         base.mkdir(parents=True, exist_ok=True)
         feeds, self.calib_info = calib_feeds(src, calib, n_calib)
@@ -142,7 +156,7 @@ class Runner:
         out = self.base / _slug(method if tool != "trtforge" else f"trtforge-{method}")
         log = out.with_suffix(".log")
         if tool == "trtforge":
-            cmd = [sys.executable, "-c", TRT_CHILD, str(self.src), str(out), json.dumps([str(c) for c in self.calib]),
+            cmd = [sys.executable, "-c", TRT_CHILD, str(self.trt_src), str(out), json.dumps([str(c) for c in self.calib]),
                    method, json.dumps(self.trt_over)]
         elif tool == "ort":
             cmd = [sys.executable, str(HERE / "_baselines.py"), "ort", str(self.src / "model.onnx"), str(out),
@@ -177,6 +191,7 @@ def ratios(rows: list[dict]) -> list[dict]:
             if any(b["method"].startswith(p) for p in SAME_PRECISION[r["precision"]]):
                 out.append({"trtforge": r["method"], "baseline": b["method"], "time_ratio": r["seconds"] / b["seconds"],
                             "rss_ratio": r["peak_rss_mib"] / b["peak_rss_mib"],
+                            "cpu_ratio": r["cpu_s"] / b["cpu_s"] if r.get("cpu_s") and b.get("cpu_s") else None,
                             "same_invocation": r.get("run") == b.get("run")})
     return out
 
@@ -313,7 +328,7 @@ def gemma3(args, results: dict) -> None:
         ppl32, top32, _, secs = decoder_eval(fp32 / "model.onnx", windows)
         np.savez(ref, windows=windows, ppl=ppl32, top1=top32)
         print(f"gemma3  FP32 perplexity {ppl32:.3f} on {len(windows)} windows ({secs:.0f}s)", flush=True)
-    runner = Runner(args, fp32, base / "runs", CALIB, args.calib_windows)
+    runner = Runner(args, fp32, base / "runs", CALIB, args.calib_windows, trt_src=src)
     rows = [{"method": "FP32", "tool": None, "ppl": ppl32, "top1_agreement": 1.0,
              "size_mib": (fp32 / "model.onnx").stat().st_size / 2**20}]
     res = results["gemma3"] = {

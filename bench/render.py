@@ -26,6 +26,10 @@ def _fail(r: dict) -> str | None:
     return None
 
 
+def _cpu(r: dict) -> str:
+    return f"{r['cpu_s']:.0f}" if r.get("cpu_s") is not None else ""
+
+
 def _call(r: dict) -> str:
     c = r.get("call") or {}
     return ", ".join(f"{k}={json.dumps(v)}" for k, v in c.items())
@@ -35,10 +39,11 @@ def _ratios(rows: list[dict], ratios: list[dict]) -> list[str]:
     if not ratios:
         return []
     out = ["Time and memory of trtforge over each other tool of the same precision, same run (below 1: trtforge "
-           "faster / smaller):", "", "| trtforge | other tool | time ratio | peak RSS ratio |", "|---|---|---|---|"]
+           "faster / smaller):", "", "| trtforge | other tool | wall time ratio | CPU time ratio | peak RSS ratio |", "|---|---|---|---|---|"]
     for x in ratios:
         note = "" if x.get("same_invocation", True) else " (separate invocations)"
-        out.append(f"| {x['trtforge']} | {x['baseline']}{note} | {x['time_ratio']:.2f}x | {x['rss_ratio']:.2f}x |")
+        cpu = f"{x['cpu_ratio']:.2f}x" if x.get("cpu_ratio") else ""
+        out.append(f"| {x['trtforge']} | {x['baseline']}{note} | {x['time_ratio']:.2f}x | {cpu} | {x['rss_ratio']:.2f}x |")
     return out + [""]
 
 
@@ -67,18 +72,18 @@ def quantize_section(q: dict) -> str:
                 f"{c['tokens_per_sample']} tokens of {' + '.join(c['files'])} (trtforge's windows, seed 0). "
                 f"Scope for the other tools: the {g['scope']['quantized_gemms']} weight GEMMs trtforge quantizes; the "
                 f"LM head and the attention BMMs ({g['scope']['excluded']} MatMuls) stay in float for every tool.", "",
-                "| method | perplexity | change | top-1 vs FP32 | quantize s | peak RSS MiB | file MiB |",
-                "|---|---|---|---|---|---|---|"]
+                "| method | perplexity | change | top-1 vs FP32 | quantize s (wall) | CPU s | peak RSS MiB | file MiB |",
+                "|---|---|---|---|---|---|---|---|"]
         for r in g["rows"]:
             f = _fail(r)
             if r["method"] == "FP32":
-                out.append(f"| FP32 | {r['ppl']:.3f} | | 1.000 | | | {r['size_mib']:.0f} |")
+                out.append(f"| FP32 | {r['ppl']:.3f} | | 1.000 | | | | {r['size_mib']:.0f} |")
             elif f and "ppl" not in r:
-                t = f"{r['seconds']:.0f} | {r['peak_rss_mib']:.0f} | {r['size_mib']:.0f}" if "seconds" in r else " | "
+                t = f"{r['seconds']:.0f} | {_cpu(r)} | {r['peak_rss_mib']:.0f} | {r['size_mib']:.0f}" if "seconds" in r else " | | "
                 out.append(f"| {r['method']} | {f} | | | {t} |")
             else:
                 out.append(f"| {r['method']} | {r['ppl']:.3f} | {r['ppl_change_pct']:+.2f}% | {r['top1_agreement']:.3f} | "
-                           f"{r['seconds']:.0f} | {r['peak_rss_mib']:.0f} | {r['size_mib']:.0f} |")
+                           f"{r['seconds']:.0f} | {_cpu(r)} | {r['peak_rss_mib']:.0f} | {r['size_mib']:.0f} |")
         out.append("")
         out += _ratios(g["rows"], g.get("ratios", [])) + _calls(g["rows"])
     if "minilm" in q:
@@ -87,13 +92,13 @@ def quantize_section(q: dict) -> str:
                 f"Machine: {_machine(q['machine']['minilm'])}. Calibration: {m['calibration']}; evaluation: "
                 f"{m['evaluation']}; metric: cosine similarity of mean-pooled sentence embeddings to the FP32 model. "
                 f"FP32 model file {m['fp32_size_mib']:.1f} MiB.", "",
-                "| method | mean cos | min cos | quantize s | peak RSS MiB | file MiB |", "|---|---|---|---|---|---|"]
+                "| method | mean cos | min cos | quantize s (wall) | CPU s | peak RSS MiB | file MiB |", "|---|---|---|---|---|---|---|"]
         for r in m["rows"]:
             f = _fail(r)
             if f and "mean_cos" not in r:
-                out.append(f"| {r['method']} | {f} | | | | |")
+                out.append(f"| {r['method']} | {f} | | | | | |")
             else:
-                out.append(f"| {r['method']} | {r['mean_cos']:.4f} | {r['min_cos']:.4f} | {r['seconds']:.1f} | "
+                out.append(f"| {r['method']} | {r['mean_cos']:.4f} | {r['min_cos']:.4f} | {r['seconds']:.1f} | {_cpu(r)} | "
                            f"{r['peak_rss_mib']:.0f} | {r['size_mib']:.1f} |")
         out.append("")
         out += _ratios(m["rows"], m.get("ratios", [])) + _calls(m["rows"])
