@@ -19,48 +19,104 @@ def _machine(m: dict) -> str:
     return f"{m.get('cpu')}, {m.get('cores')} cores, {m.get('memory_gib')} GiB, Python {m.get('python')}, {m.get('date')}"
 
 
+def _fail(r: dict) -> str | None:
+    for k, what in (("skipped", "skipped"), ("error", "failed"), ("eval_error", "quantized; evaluation failed")):
+        if k in r:
+            return f"{what}: {r[k][:160]}"
+    return None
+
+
+def _cpu(r: dict) -> str:
+    return f"{r['cpu_s']:.0f}" if r.get("cpu_s") is not None else ""
+
+
+def _call(r: dict) -> str:
+    c = r.get("call") or {}
+    return ", ".join(f"{k}={json.dumps(v)}" for k, v in c.items())
+
+
+def _ratios(rows: list[dict], ratios: list[dict]) -> list[str]:
+    if not ratios:
+        return []
+    out = ["Time and memory of trtforge over each other tool of the same precision, same run (below 1: trtforge "
+           "faster / smaller):", "", "| trtforge | other tool | wall time ratio | CPU time ratio | peak RSS ratio |", "|---|---|---|---|---|"]
+    for x in ratios:
+        note = "" if x.get("same_invocation", True) else " (separate invocations)"
+        cpu = f"{x['cpu_ratio']:.2f}x" if x.get("cpu_ratio") else ""
+        out.append(f"| {x['trtforge']} | {x['baseline']}{note} | {x['time_ratio']:.2f}x | {cpu} | {x['rss_ratio']:.2f}x |")
+    return out + [""]
+
+
+def _calls(rows: list[dict]) -> list[str]:
+    out = ["<details><summary>Exact call of each tool</summary>", "", "| method | call |", "|---|---|"]
+    for r in rows:
+        if r.get("call"):
+            out.append(f"| {r['method']} | `{_call(r)}` |")
+    return out + ["", "</details>", ""]
+
+
 def quantize_section(q: dict) -> str:
     out = ["## Quantization quality, time, memory and size", "",
-           "Written by `python bench/quantize.py` (then `python bench/render.py`). Every recipe runs in its own "
-           "process; time and peak RSS (VmHWM) are that process's, including library imports.", ""]
+           "Written by `python bench/quantize.py` (then `python bench/render.py`). Every method runs in its own "
+           "process; time and peak RSS (VmHWM) are that process's, including library imports, on a shared machine "
+           "(the load average at the start is given: other jobs ran beside it, so absolute times are high; the "
+           "ratios compare runs of the same session).", ""]
+    if "gemma3" in q:
+        g = q["gemma3"]
+        m = q["machine"]["gemma3"]
+        c = g["calibration"]
+        out += ["### Gemma 3 270M (decoder, real weights)", "",
+                f"Machine: {_machine(m)}, load average at start {m.get('load_average_at_start', ['?'])[0]:.1f}. "
+                f"Model: {g['model']['source']} ({g['model']['params_note']}), the FP32 `causal-lm` export every tool "
+                f"reads. Evaluation: {g['evaluation']}. Calibration (every tool, the same): {c['samples']} windows of "
+                f"{c['tokens_per_sample']} tokens of {' + '.join(c['files'])} (trtforge's windows, seed 0). "
+                f"Scope for the other tools: the {g['scope']['quantized_gemms']} weight GEMMs trtforge quantizes; the "
+                f"LM head and the attention BMMs ({g['scope']['excluded']} MatMuls) stay in float for every tool.", "",
+                "| method | perplexity | change | top-1 vs FP32 | quantize s (wall) | CPU s | peak RSS MiB | file MiB |",
+                "|---|---|---|---|---|---|---|---|"]
+        for r in g["rows"]:
+            f = _fail(r)
+            if r["method"] == "FP32":
+                out.append(f"| FP32 | {r['ppl']:.3f} | | 1.000 | | | | {r['size_mib']:.0f} |")
+            elif f and "ppl" not in r:
+                t = f"{r['seconds']:.0f} | {_cpu(r)} | {r['peak_rss_mib']:.0f} | {r['size_mib']:.0f}" if "seconds" in r else " | | "
+                out.append(f"| {r['method']} | {f} | | | {t} |")
+            else:
+                out.append(f"| {r['method']} | {r['ppl']:.3f} | {r['ppl_change_pct']:+.2f}% | {r['top1_agreement']:.3f} | "
+                           f"{r['seconds']:.0f} | {_cpu(r)} | {r['peak_rss_mib']:.0f} | {r['size_mib']:.0f} |")
+        out.append("")
+        out += _ratios(g["rows"], g.get("ratios", [])) + _calls(g["rows"])
     if "minilm" in q:
         m = q["minilm"]
         out += ["### all-MiniLM-L6-v2 (encoder, real weights)", "",
                 f"Machine: {_machine(q['machine']['minilm'])}. Calibration: {m['calibration']}; evaluation: "
                 f"{m['evaluation']}; metric: cosine similarity of mean-pooled sentence embeddings to the FP32 model. "
                 f"FP32 model file {m['fp32_size_mib']:.1f} MiB.", "",
-                "| method | mean cos | min cos | quantize s | peak RSS MiB | file MiB |", "|---|---|---|---|---|---|"]
+                "| method | mean cos | min cos | quantize s (wall) | CPU s | peak RSS MiB | file MiB |", "|---|---|---|---|---|---|---|"]
         for r in m["rows"]:
-            if "error" in r:
-                out.append(f"| {r['method']} | failed: {r['error'][:80]} | | | | |")
+            f = _fail(r)
+            if f and "mean_cos" not in r:
+                out.append(f"| {r['method']} | {f} | | | | | |")
             else:
-                out.append(f"| {r['method']} | {r['mean_cos']:.4f} | {r['min_cos']:.4f} | {r['seconds']:.1f} | "
+                out.append(f"| {r['method']} | {r['mean_cos']:.4f} | {r['min_cos']:.4f} | {r['seconds']:.1f} | {_cpu(r)} | "
                            f"{r['peak_rss_mib']:.0f} | {r['size_mib']:.1f} |")
         out.append("")
-    if "decoder" in q:
-        d = q["decoder"]
-        mi = d["model"]
-        out += ["### A small LLaMA trained here (decoder)", "",
-                f"Machine: {_machine(q['machine']['decoder'])}. Model: `bench/_decoder.py`, {mi['params']:,} parameters "
-                f"(hidden 320, 4 layers, GQA 5/1, tied embeddings), trained {mi['steps']} steps ({mi['tokens_seen']:,} tokens, "
-                f"{mi['seconds']:.0f} s) on {d['corpus']['source']}; final training loss {mi['final_train_loss']:.2f}. "
-                f"Evaluation: {d['evaluation']}. Calibration: {d['calibration']}. \"trained+outliers\" is the same function "
-                "with four hidden channels scaled 20-60x at every norm output (and the GEMM rows divided), the activation "
-                "outliers real LLMs have (`trtforge.testing.tinymodels.inject_outliers`).", ""]
-        for variant in ("trained", "trained+outliers"):
-            if variant not in d:
-                continue
-            out += [f"**{variant}**", "", "| method | perplexity | change | top-1 vs FP32 | quantize s | peak RSS MiB | file MiB |",
-                    "|---|---|---|---|---|---|---|"]
-            for r in d[variant]:
-                if "error" in r:
-                    out.append(f"| {r['method']} | failed: {r['error'][:80]} | | | | | |")
-                elif r["method"] == "FP32":
-                    out.append(f"| FP32 | {r['ppl']:.3f} | | 1.000 | | | |")
-                else:
-                    out.append(f"| {r['method']} | {r['ppl']:.3f} | {r['ppl_change_pct']:+.2f}% | {r['top1_agreement']:.3f} | "
-                               f"{r['seconds']:.1f} | {r['peak_rss_mib']:.0f} | {r['size_mib']:.1f} |")
-            out.append("")
+        out += _ratios(m["rows"], m.get("ratios", [])) + _calls(m["rows"])
+    if "toy_decoder" in q:
+        d = q["toy_decoder"]
+        out += ["### Toy decoder (smoke test only)", "",
+                f"`bench/quantize.py --only toy`: the 4-layer LLaMA trained here (`bench/_decoder.py`), {d['evaluation']}. "
+                "Its figures say nothing about real models.", "",
+                "| method | perplexity | change | top-1 vs FP32 |", "|---|---|---|---|"]
+        for r in d["rows"]:
+            f = _fail(r)
+            if r["method"] == "FP32":
+                out.append(f"| FP32 | {r['ppl']:.3f} | | 1.000 |")
+            elif f and "ppl" not in r:
+                out.append(f"| {r['method']} | {f} | | |")
+            else:
+                out.append(f"| {r['method']} | {r['ppl']:.3f} | {r['ppl_change_pct']:+.2f}% | {r['top1_agreement']:.3f} |")
+        out.append("")
     if "calibration_memory" in q:
         c = q["calibration_memory"]
         out += ["### Calibration memory as samples grow", "",
