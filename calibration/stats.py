@@ -16,6 +16,7 @@ import math
 import zlib
 from dataclasses import dataclass, field
 
+import ml_dtypes
 import numpy as np
 
 INT8_MAX = 127.0
@@ -190,6 +191,33 @@ def amax_mse(hist: np.ndarray, hist_max: float, qmax: float = INT8_MAX, start: i
     return float(best_t)
 
 
+def amax_mse_fp8(hist: np.ndarray, hist_max: float, steps: int = 48, per_octave: int = 8) -> float:
+    """Threshold minimising the expected squared error of FP8 E4M3 quantization (scale t/448).
+
+    E4M3's grid is floating point: its relative rounding error is the same at every scale, so
+    lowering the threshold only helps where values fall below its normal range (2^-6 of the
+    scale: subnormals, then zero) and always costs the clipped tail. The error of each
+    histogram bin is that of FP8-rounding its centre (counts times the squared difference),
+    clipping included; candidates are t = hist_max * 2^(-i/per_octave), i < steps.
+    """
+    n = len(hist)
+    if hist.sum() == 0 or hist_max <= 0:
+        return 0.0
+    width = hist_max / n
+    centers = (np.arange(n) + 0.5) * width
+    nz = hist > 0
+    c, counts = centers[nz], hist[nz].astype(np.float64)
+    best, best_t = math.inf, hist_max
+    for i in range(steps):
+        t = hist_max * 2.0 ** (-i / per_octave)
+        scale = np.float32(t / FP8_MAX)
+        q = np.clip(c / scale, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn).astype(np.float64) * float(scale)
+        err = float((counts * (q - c) ** 2).sum())
+        if err < best:
+            best, best_t = err, t
+    return float(best_t)
+
+
 def amax_entropy(hist: np.ndarray, hist_max: float, levels: int = 128) -> float:
     """TensorRT-style KL-divergence calibration on the |x| histogram (levels = 128 for INT8)."""
     n = len(hist)
@@ -220,7 +248,7 @@ def choose_amax(stats: TensorStats, method: str, percentile: float = 99.99, qmax
     if method == "percentile":
         return min(amax_percentile(stats.hist, stats.hist_max, percentile), stats.absmax)
     if method == "mse":
-        return min(amax_mse(stats.hist, stats.hist_max, qmax), stats.absmax)
+        return min(_mse(stats.hist, stats.hist_max, qmax), stats.absmax)
     if method == "entropy":
         return min(amax_entropy(stats.hist, stats.hist_max), stats.absmax)
     raise ValueError(method)
@@ -236,5 +264,10 @@ def amax_from_rows(rows: np.ndarray, method: str, percentile: float, qmax: float
     if method == "percentile":
         return min(amax_percentile(hist, m, percentile), m)
     if method == "mse":
-        return min(amax_mse(hist, m, qmax), m)
+        return min(_mse(hist, m, qmax), m)
     return min(amax_entropy(hist, m), m)
+
+
+def _mse(hist: np.ndarray, hist_max: float, qmax: float) -> float:
+    """MSE on the grid qmax names: FP8 E4M3's (448) or a uniform integer grid."""
+    return amax_mse_fp8(hist, hist_max) if qmax == FP8_MAX else amax_mse(hist, hist_max, qmax)

@@ -3,8 +3,9 @@
 ``calib_method`` picks it from the streamed statistics (calibration/stats.py): ``max`` (the
 running absmax), ``percentile`` (of the |x| histogram, ``percentile``), ``mse`` (the threshold
 minimising the expected squared quantization error) or ``entropy`` (TensorRT's KL divergence).
-Tensors not smoothed may use ``unsmoothed_calib_method``; FP8's non-uniform grid takes amax/448
-(``max``) unless ``percentile`` is asked. A smoothed tensor's range is that of X / s: exact
+Tensors not smoothed may use ``unsmoothed_calib_method``. On FP8's floating-point grid ``mse``
+searches the threshold against E4M3 rounding itself (stats.amax_mse_fp8), and ``entropy`` (KL
+over INT8's 128 uniform levels) falls back to ``max``. A smoothed tensor's range is that of X / s: exact
 from the per-channel maxima for ``max``, else the method on the kept rows divided by s, never
 above the exact maximum. With ``quantize_attention_bmm`` the inputs of the attention BMMs
 (Q.K^T, P.V) get a pair too.
@@ -32,8 +33,8 @@ def activation_amax(st: TensorStats, sm: Smoothing | None, recipe: QuantRecipe) 
     qmax = QMAX[precision]
     if sm is None:
         method = (recipe.unsmoothed_calib_method or recipe.calib_method).value
-        if precision == Precision.FP8 and method != "percentile":
-            method = "max"  # FP8's non-uniform grid: scales from amax/448, as the issue specifies
+        if precision == Precision.FP8 and method == "entropy":
+            method = "max"  # KL over 128 uniform levels describes INT8's grid, not FP8's
         return choose_amax(st, method, recipe.percentile, qmax), method
     method = recipe.calib_method.value
     exact_max = float(np.max(st.channel_absmax / sm.s))

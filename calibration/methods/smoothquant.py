@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from trtforge.calibration.methods.base import PlanContext, QuantMethod, Role, Stat
+from trtforge.calibration.methods.base import PlanContext, QuantMethod, Role, Stat, weight_granularity
 from trtforge.calibration.patterns import Group
 from trtforge.calibration.recipe import CalibMethod, QuantRecipe
 from trtforge.calibration.smoothing import Smoothing, tie_shared_columns
 from trtforge.numerics import QMAX, as_scale, fake_quant, weight_scales
 from trtforge.registry import QUANT_METHODS
-from trtforge.vocab import Precision
+from trtforge.vocab import Granularity, Precision
 
 PRECISIONS = (Precision.INT8, Precision.FP8)
 
@@ -31,16 +31,19 @@ def smooth_factor(x_max: np.ndarray, w_max: np.ndarray, alpha: float) -> np.ndar
     return s
 
 
-def relative_gemm_error(x: np.ndarray, ws: list[np.ndarray], s: np.ndarray, precision: Precision, x_amax: float) -> float:
-    """||Q(X/s) Q(diag(s) W) - X W||^2 / ||X W||^2 summed over the group's GEMMs."""
+def relative_gemm_error(x: np.ndarray, ws: list[np.ndarray], s: np.ndarray, precision: Precision, x_amax: float,
+                        per_tensor: bool = False) -> float:
+    """||Q(X/s) Q(diag(s) W) - X W||^2 / ||X W||^2 summed over the group's GEMMs; weights scaled per
+    output channel, or (``per_tensor``) with one scale shared by the group, as they will be stored."""
     xs = x / s[None, :]
     act_scale = as_scale(x_amax, QMAX[precision], np.float32)
     xq = fake_quant(xs, act_scale, precision)
+    scaled = [w * s[:, None] for w in ws]
+    shared = as_scale(max(float(np.abs(w2).max()) for w2 in scaled), QMAX[precision], np.float32) if per_tensor else None
     num = den = 0.0
-    for w in ws:
+    for w, w2 in zip(ws, scaled, strict=True):
         ref = x @ w
-        w2 = w * s[:, None]
-        wq = fake_quant(w2, weight_scales(w2, precision, np.float32)[None, :], precision)
+        wq = fake_quant(w2, shared if per_tensor else weight_scales(w2, precision, np.float32)[None, :], precision)
         num += float(np.square(xq @ wq - ref).sum())
         den += float(np.square(ref).sum())
     return num / max(den, 1e-30)
@@ -54,8 +57,15 @@ def choose_smoothing(
     precision: Precision,
     alpha: float | None,
     grid: tuple[float, ...],
-) -> Smoothing:
-    """The group's factor; ``ws``: its GEMMs' weights as [K, N]."""
+    *,
+    per_tensor: bool = False,
+) -> Smoothing | None:
+    """The group's factor; ``ws``: its GEMMs' weights as [K, N].
+
+    FP8 searches leaving the group unsmoothed (s = 1) too, and returns None when that is best:
+    E4M3's relative rounding error is the same at every scale, so smoothing helps FP8 only where
+    the range (subnormals, flush to zero) limits it, and a factor fitted to the kept rows can
+    otherwise only add error. INT8's uniform grid always pays for the range, so it always smooths."""
     w_max = np.max([np.abs(w).max(axis=1) for w in ws], axis=0)
     x_max = tie_shared_columns(grp, x_max)
     w_max = tie_shared_columns(grp, w_max)
@@ -66,9 +76,13 @@ def choose_smoothing(
     best = None
     for a in grid:
         s = smooth_factor(x_max, w_max, a)
-        err = relative_gemm_error(x, ws, s, precision, float(np.max(x_max / s)))
+        err = relative_gemm_error(x, ws, s, precision, float(np.max(x_max / s)), per_tensor)
         if best is None or err < best.error:
             best = Smoothing(grp, s, a, err)
+    if precision == Precision.FP8:
+        ones = np.ones_like(x_max, dtype=np.float64)
+        if relative_gemm_error(x, ws, ones, precision, float(np.max(x_max)), per_tensor) <= best.error:
+            return None
     return best
 
 
@@ -94,7 +108,8 @@ class SmoothQuant(QuantMethod):
             return None
         st = ctx.stats(group.act)
         ws = [ctx.weight(n) for n in group.gemms]
-        return choose_smoothing(group, ws, st.channel_absmax, st.sample, r.precision, r.alpha, r.alpha_grid)
+        return choose_smoothing(group, ws, st.channel_absmax, st.sample, r.precision, r.alpha, r.alpha_grid,
+                                per_tensor=weight_granularity(r) == Granularity.TENSOR)
 
 
 QUANT_METHODS.register(SmoothQuant())

@@ -68,7 +68,7 @@ def _ops(model):
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_qdq_only_on_gemm_inputs_with_quantized_weights(precision, dtype):
     model = _graph(dtype)
-    recipe = get_preset("int8" if precision == "int8" else "fp8").replace(exclude=[])
+    recipe = get_preset("int8" if precision == "int8" else "fp8").replace(exclude=[], weight_granularity="channel")
     q, report = quantize_model(model, recipe, _ranges(model))
     onnx.checker.check_model(q, full_check=True)
     ops = _ops(q)

@@ -156,7 +156,7 @@ def test_fp8_per_tensor_keeps_the_onnx_values(q_art, ckpt):
 
 
 def test_fp8_per_channel_is_requantized_with_one_scale_per_fused_group(ckpt):
-    ck = ckpt("fp8")
+    ck = ckpt("fp8", "weight_granularity=channel")
     t = tensors(ck.path)
     qkv = {float(t[f"model.layers.1.self_attn.{p}_proj.weight_scale"]) for p in "qkv"}
     assert len(qkv) == 1  # shared, so the loader's fused re-scaling changes nothing
@@ -243,7 +243,7 @@ def test_refusals_before_any_work(q_art, tmp_path, case):
         "int8": (("int8", "calib_method=max"), r"W8A8 SmoothQuant.*linear\.py.*--recipe fp8"),
         "gpt2": (("fp8",), r"GPT2LMHeadModel.*LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"),
         "block32": (("int4-rtn", "block_size=32"), r"group size of 64 or 128.*block size 32"),
-        "fp8-mul": (("fp8", "smoothquant=true", "smooth_attention_output=true"), r"pre_quant_scale.*smooth_with_mul=false"),
+        "fp8-mul": (("fp8", "smoothquant=true", "smooth_attention_output=true", "smooth_with_mul=true", "alpha=0.5"), r"pre_quant_scale.*smooth_with_mul=false"),
         "fused-partial": (("fp8", 'exclude=["*lm_head*", "*layers.0.self_attn.k_proj*"]'), r"k_proj not.*fuses"),
         "lm-head": (("fp8", "exclude=[]"), r"quantizes lm_head"),
     }[case]
