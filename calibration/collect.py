@@ -2,8 +2,10 @@
 
 In:  an ONNX file, the names of the tensors to watch (GEMM inputs), calibration Samples.
 Out: ActivationRanges, saved as ``ranges.json`` (statistics) plus ``ranges.samples.npz`` (the
-     bounded token-row reservoirs; numpy arrays, no pickle). Reusable with ``--ranges`` to
-     re-quantize without running calibration again.
+     bounded token-row reservoirs; numpy arrays, no pickle) and, when a recipe asked for them
+     (GPTQ), ``ranges.hessians.npz``: X^T X / rows of each GEMM input, accumulated batch by batch
+     in float32 (K^2 floats per distinct input; GEMMs reading one input share it). Reusable with
+     ``--ranges`` to re-quantize without running calibration again.
 """
 
 from __future__ import annotations
@@ -40,9 +42,18 @@ class ActivationRanges:
     tensors: dict[str, TensorStats]
     calibration: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    # X^T X / rows per GEMM input (float32 [K, K]), only when the recipe reads them (GPTQ)
+    hessians: dict[str, np.ndarray] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
+        hess_file = None
+        if self.hessians:
+            hess = path.with_suffix(".hessians.npz")
+            tmp = hess.with_name(f".{hess.name}.tmp.npz")
+            np.savez(tmp, **{f"h{i}": h for i, h in enumerate(self.hessians.values())})  # dense floats: no compression
+            tmp.replace(hess)
+            hess_file = hess.name
         arrays = {f"t{i}": s.sample for i, s in enumerate(self.tensors.values()) if s.sample is not None}
         names = {f"t{i}": n for i, (n, s) in enumerate(self.tensors.items()) if s.sample is not None}
         if arrays:
@@ -57,6 +68,8 @@ class ActivationRanges:
             "meta": self.meta,
             "samples_file": path.with_suffix(".samples.npz").name if arrays else None,
             "samples_index": names,
+            "hessians_file": hess_file,
+            "hessians_index": {f"h{i}": n for i, n in enumerate(self.hessians)},
             "tensors": [s.to_json() for s in self.tensors.values()],
         })
         return path
@@ -73,8 +86,12 @@ class ActivationRanges:
             if npz.exists():
                 with np.load(npz, allow_pickle=False) as z:
                     samples = {d["samples_index"][k]: z[k] for k in z.files}
+        hessians: dict[str, np.ndarray] = {}
+        if d.get("hessians_file") and (path.parent / d["hessians_file"]).exists():
+            with np.load(path.parent / d["hessians_file"], allow_pickle=False) as z:
+                hessians = {d["hessians_index"][k]: z[k] for k in z.files}
         tensors = {t["name"]: TensorStats.from_json(t, samples.get(t["name"])) for t in d["tensors"]}
-        return cls(d["model_key"], tensors, d.get("calibration", {}), d.get("meta", {}))
+        return cls(d["model_key"], tensors, d.get("calibration", {}), d.get("meta", {}), hessians)
 
     @property
     def has_samples(self) -> bool:
@@ -168,10 +185,12 @@ def collect_ranges(
     providers: list[str] | None = None,
     per_tensor: set[str] | None = None,
     base_dir: str | Path | None = None,
+    hessians: set[str] | None = None,
 ) -> ActivationRanges:
     """``per_tensor`` tensors (attention BMM inputs, whose last axis may be the sequence) get
     per-tensor statistics only and no kept rows. ``base_dir``: where the model's external data
-    is (a graph loaded without it); the probe reads the weights from there, never copying them."""
+    is (a graph loaded without it); the probe reads the weights from there, never copying them.
+    ``hessians``: GEMM inputs whose X^T X to accumulate (GPTQ), one float32 [K, K] each."""
     if not samples.ids:
         raise CalibrationError("no calibration samples", "pass calibration text")
     types = tensor_types(model)
@@ -179,6 +198,7 @@ def collect_ranges(
     input_names = [i.name for i in model.graph.input]
     float_dtype = np.float16 if any(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for i in model.graph.input) else np.float32
     stats: dict[str, TensorStats] = {}
+    hess: dict[str, np.ndarray] = {}
 
     def run(ids: np.ndarray, tt: np.ndarray | None = None) -> list[np.ndarray]:
         return sess.run(watched, make_feeds(ids, input_names, dims, float_dtype, tt))
@@ -203,6 +223,8 @@ def collect_ranges(
                     f"activation {name} is non-finite (inf or NaN) on calibration batch {bi}",
                     "the model overflows on this data: calibrate the fp32 export, or check the weights",
                 ) from None
+            if hessians and name in hessians:
+                _add_hessian(hess, name, x)
     # no timings here: ranges.json is content, identical for identical inputs (timings go to manifests)
     meta = {
         "batches": len(groups),
@@ -213,4 +235,19 @@ def collect_ranges(
     }
     sess = run = None  # noqa: F841 - the session goes now, not when the caller is done
     release_memory()  # the probe's weights and activations, back to the system before the next step
-    return ActivationRanges(model_key(model, watched), stats, samples.describe(), meta)
+    for name, h in hess.items():
+        h /= max(stats[name].count, 1)
+    if hess:
+        meta["hessians"] = {"tensors": len(hess), "mib": round(sum(h.nbytes for h in hess.values()) / 2**20, 1),
+                            "dtype": "float32", "what": "X^T X / rows of each GEMM input"}
+    return ActivationRanges(model_key(model, watched), stats, samples.describe(), meta, hess)
+
+
+def _add_hessian(hess: dict[str, np.ndarray], name: str, x: np.ndarray) -> None:
+    """X^T X of one batch's rows into the tensor's float32 accumulator (one sgemm per batch)."""
+    rows = np.asarray(x, np.float32).reshape(-1, x.shape[-1])
+    h = hess.get(name)
+    if h is None:
+        hess[name] = rows.T @ rows
+    else:
+        h += rows.T @ rows

@@ -57,6 +57,7 @@ class WeightPlan:
     # quantize instead of the graph's, and optionally its scales (INT4 [K/B, N], channel [N])
     weight: np.ndarray | None = None
     scales: np.ndarray | None = None
+    info: dict | None = None  # the method's record for the manifest's node entry (GPTQ: its errors, fallbacks)
 
 
 def float_type(model: onnx.ModelProto) -> tuple[int, type]:
@@ -179,6 +180,7 @@ def quantize_weights(
             "scale_max": float(np.max(scales)),
             "weight_rel_err": err,
             **({"block_size": plan.block} if plan.granularity == Granularity.BLOCK else {}),
+            **(plan.info or {}),
         }
     keep = [t for t in model.graph.initializer if t.name not in dropped]
     del model.graph.initializer[:]

@@ -26,6 +26,8 @@ class CalibMethod(str, Enum):
 class Int4Method(str, Enum):
     RTN = "rtn"
     AWQ = "awq"
+    GPTQ = "gptq"
+    AWQ_GPTQ = "awq-gptq"  # AWQ's activation-aware scales, then GPTQ's rounding of the scaled weights
 
 
 # GEMMs never quantized by default: the LM head (its logits feed sampling directly and it is a
@@ -61,6 +63,11 @@ class QuantRecipe:
     awq_grid: int = 20
     awq_clip: bool = True
     awq_clip_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
+    # GPTQ (int4_method gptq / awq-gptq): dampening added to the Hessian's diagonal, as a fraction
+    # of its mean; act order: rows in order of decreasing Hessian diagonal, with each block's
+    # scale fixed before the pass ("static groups": TensorRT's block DequantizeLinear has no g_idx)
+    gptq_damp: float = 0.01
+    gptq_act_order: bool = False
     # --- scope
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     dtype: str = "auto"  # the unquantized rest: auto (as exported) | fp16 | fp32
@@ -121,6 +128,8 @@ class QuantRecipe:
         for n, lo in (("num_samples", 1), ("seq_len", 2), ("batch_size", 1), ("keep_tokens", 16), ("awq_grid", 1)):
             if getattr(self, n) < lo:
                 raise RecipeError(f"{source}: {n} must be at least {lo}", f"set {n} >= {lo}")
+        if not 0.0 < self.gptq_damp <= 1.0:
+            raise RecipeError(f"{source}: gptq_damp {self.gptq_damp} is outside (0, 1]", "use 0.01 (1% of the Hessian's mean diagonal)")
         if self.precision == Precision.INT4 and self.smoothquant:
             raise RecipeError(f"{source}: smoothquant applies to INT8/FP8 activations, not INT4 weight-only", "set smoothquant = false")
 
@@ -178,6 +187,11 @@ PRESETS: dict[str, QuantRecipe] = {
     "fp8": QuantRecipe(name="fp8", precision=Precision.FP8, smoothquant=False, calib_method=CalibMethod.MAX),
     "int4-awq": QuantRecipe(name="int4-awq", precision=Precision.INT4, int4_method=Int4Method.AWQ),
     "int4-rtn": QuantRecipe(name="int4-rtn", precision=Precision.INT4, int4_method=Int4Method.RTN, awq_clip=False),
+    # GPTQ: blockwise error feedback through the inverse Hessian of each GEMM's input (X^T X,
+    # accumulated while calibrating); AWQ+GPTQ: AWQ's scales and clip ratios, then GPTQ's rounding.
+    # Figures on Gemma 3 270M: docs/quantization.md.
+    "int4-gptq": QuantRecipe(name="int4-gptq", precision=Precision.INT4, int4_method=Int4Method.GPTQ, awq_clip=False),
+    "int4-awq-gptq": QuantRecipe(name="int4-awq-gptq", precision=Precision.INT4, int4_method=Int4Method.AWQ_GPTQ),
 }
 
 

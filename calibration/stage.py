@@ -13,6 +13,7 @@ import onnx
 
 from trtforge.artifacts import OnnxArtifact, copy_side_files, sha256_file
 from trtforge.calibration.collect import ActivationRanges, collect_ranges, model_key
+from trtforge.calibration.methods.base import needs_hessians
 from trtforge.calibration.quantize import (
     RANGES_FILE,
     attention_bmm_inputs,
@@ -98,6 +99,10 @@ def quantize(
         if needs_rows(recipe) and not r.has_samples:
             raise InputError(f"recipe {recipe.name} needs the calibration rows saved beside {ranges}",
                              "keep ranges.samples.npz next to it, or recalibrate")
+        if needs_hessians(recipe) and not r.hessians:
+            raise InputError(f"recipe {recipe.name} needs the GEMM inputs' Hessians (ranges.hessians.npz beside {ranges}), "
+                             "which only a GPTQ recipe's calibration saves",
+                             "calibrate again with this recipe (--calib) instead of reusing these ranges")
         samples_info = {**r.calibration, "reused_from": str(Path(ranges).resolve())}
     else:
         tok = load_tokenizer(art.path)
@@ -108,11 +113,12 @@ def quantize(
             max_positions=dims.max_positions, vocab_size=dims.vocab_size, text_field=recipe.text_field,
         )
         timings["tokenize_s"] = time.perf_counter() - t
+        bmm = set(attention_bmm_inputs(model, idx))
+        hessians = {name for name in watched if name not in bmm} if needs_hessians(recipe) else None
         with output.timed("calibrate_s"):
             r = collect_ranges(model, watched, samples, dims, batch_size=recipe.batch_size,
                                bins=recipe.histogram_bins, keep=recipe.keep_tokens, seed=recipe.seed,
-                               providers=providers, per_tensor=set(attention_bmm_inputs(model, idx)),
-                               base_dir=art.path)
+                               providers=providers, per_tensor=bmm, base_dir=art.path, hessians=hessians)
         samples_info = r.calibration
     del idx
     # a forced-external export stays external; a big one is external anyway
@@ -142,9 +148,24 @@ def quantize(
         r.save(tmp / RANGES_FILE)
         copy_side_files(art.path, tmp)
         _write_manifest(output, art, tmp, recipe, dtype, external, samples_info, smooth_check, quick, report)
+    _log_block_fallbacks(report, recipe)
     log.info("quantized %s with %s: %d GEMMs quantized, %d excluded, in %.1fs", art.path.name, recipe.name,
              report["counts"]["quantized"], report["counts"]["excluded"], timings["total_s"])
     return OnnxArtifact.open(output.path)
+
+
+def _log_block_fallbacks(report: dict, recipe: QuantRecipe) -> None:
+    """INT4 GEMMs whose K the recipe's block does not divide got a smaller one: say so (issue 16:
+    the mix was silent and only the TensorRT-LLM checkpoint writer noticed)."""
+    odd: dict[tuple[int, int], int] = {}
+    for n in report["nodes"]:
+        if n["status"] == "quantized" and n.get("block_note"):
+            odd[(n["k"], n["block_size"])] = odd.get((n["k"], n["block_size"]), 0) + 1
+    if odd:
+        log.info("INT4 block size %d does not divide every GEMM's input size: %s; a TensorRT-LLM checkpoint of this "
+                 "artifact uses group size %d for every layer (export-checkpoint repeats the larger blocks' scales, exactly)",
+                 recipe.block_size, ", ".join(f"K={k} uses block {b} ({c} GEMMs)" for (k, b), c in sorted(odd.items())),
+                 min(b for _, b in odd))
 
 
 def _write_manifest(output: StageOutput, art: OnnxArtifact, tmp: Path, recipe: QuantRecipe, dtype: str,

@@ -28,7 +28,7 @@ from .conftest import DATA
 
 CALIB = [DATA / "calib-mpl-lgpl.txt"]
 WEIGHT = 4096  # an initializer this large counts as a weight
-RECIPES = ["int8-sq", "int8", "fp8", "int4-awq", "int4-rtn"]
+RECIPES = ["int8-sq", "int8", "fp8", "int4-awq", "int4-rtn", "int4-gptq", "int4-awq-gptq"]
 
 
 def _holds_weights(model: onnx.ModelProto) -> bool:

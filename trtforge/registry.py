@@ -99,7 +99,7 @@ ARCHITECTURES: Registry = Registry(
 )
 QUANT_METHODS: Registry = Registry(
     "quantization method",
-    tuple(f"trtforge.calibration.methods.{m}" for m in ("ranges", "smoothquant", "rtn", "awq")),
+    tuple(f"trtforge.calibration.methods.{m}" for m in ("ranges", "smoothquant", "rtn", "awq", "gptq")),
     "trtforge.quant_methods",
 )
 BACKENDS: Registry = Registry(

@@ -54,6 +54,9 @@ class Stat(StrEnum):
     CHANNEL_ABSMAX = "channel-absmax"
     CHANNEL_ABSMEAN = "channel-absmean"
     ROWS = "rows"  # the kept token rows (ranges.samples.npz, absent when only ranges.json is kept)
+    # X^T X of every GEMM input (ranges.hessians.npz): K^2 floats per distinct input, so
+    # collected only when the recipe's methods read it (GPTQ), never by default
+    HESSIAN = "hessian"
 
 
 @dataclass
@@ -199,6 +202,11 @@ def methods_for(recipe: QuantRecipe) -> Methods:
         raise QuantizationError(f"no registered quantization method plans the weights of recipe {recipe.name}",
                                 f"registered: {', '.join(QUANT_METHODS.names())}")
     return Methods(picked[Role.WEIGHTS], picked[Role.SMOOTHING], picked[Role.ACTIVATIONS])
+
+
+def needs_hessians(recipe: QuantRecipe) -> bool:
+    """Whether the recipe reads the GEMM inputs' Hessians (X^T X), which calibration then accumulates."""
+    return Stat.HESSIAN in methods_for(recipe).statistics(recipe)
 
 
 def needs_rows(recipe: QuantRecipe) -> bool:

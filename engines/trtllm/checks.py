@@ -37,6 +37,7 @@ from trtforge.engines.trtllm.formats import (
 )
 from trtforge.engines.trtllm.onnx_source import module_of
 from trtforge.errors import InputError, OptionError, QuantizationError, TrtforgeError
+from trtforge.numerics import block_size_for
 from trtforge.vocab import Precision, Task
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,19 @@ def _refuse_precision(precision: Precision) -> None:
                          "quantize with --recipe fp8 or --recipe int4-awq")
 
 
+def common_group_size(blocks: set[int]) -> int | None:
+    """The one W4A16 group size that holds every GEMM's INT4 blocks exactly, or None.
+
+    quantize falls back to a smaller block where the recipe's does not divide K (SmolLM's
+    K=576 takes 64 while K=1536 keeps 128). A block of 128 is two groups of 64 with the same
+    scale, so the smallest block, when it is 64 or 128 and divides the others, is written for
+    every GEMM with each larger block's scale repeated: the same weights, bit for bit."""
+    if not blocks:
+        return None
+    group = min(blocks)
+    return group if group in W4A16_GROUP_SIZES and all(b % group == 0 for b in blocks) else None
+
+
 def _block_refusal(what: str) -> QuantizationError:
     return QuantizationError(
         f"TensorRT-LLM's W4A16 kernels take one group size of 64 or 128 for the whole model, but {what}",
@@ -149,9 +163,13 @@ def preflight(*, precision: Precision, model_type: str, architecture: str = "", 
         heads, head_dim = cfg.get("num_attention_heads"), cfg.get("head_dim")
         ks = {"hidden_size": cfg.get("hidden_size"), "intermediate_size": cfg.get("intermediate_size"),
               "num_attention_heads * head_dim": heads * head_dim if heads and head_dim else None}
-        odd = [(name, k) for name, k in ks.items() if isinstance(k, int) and k % block]
-        if odd:  # quantize would fall back to smaller blocks there, which the kernels lack
-            raise _block_refusal(f"block_size {block} does not divide the model's {odd[0][0]} ({odd[0][1]})")
+        # the blocks quantize will use (its fallback where block_size does not divide K): one
+        # group size must hold them all (common_group_size), else the kernels cannot run it
+        used = {name: block_size_for(k, block) for name, k in ks.items() if isinstance(k, int)}
+        if common_group_size({b for b in used.values() if b}) is None or None in used.values():
+            name, b = min(((n, b) for n, b in used.items()), key=lambda nb: nb[1] or 0)
+            raise _block_refusal(f"block_size {block} does not divide the model's {name} ({ks[name]}), "
+                                 f"where quantize would use block size {b}")
     exclude = list(recipe.get("exclude", ["*lm_head*"]))
     if not any(fnmatch.fnmatch(name, pat) for pat in exclude for name in ("lm_head", "/lm_head/MatMul", "lm_head.weight")):
         raise InputError("the recipe quantizes lm_head; the checkpoint keeps it in float, as Model Optimizer does",
@@ -224,20 +242,33 @@ def plan(art: OnnxArtifact, options: CheckpointOptions, *, available: int | None
                          "(TensorRT-LLM's FP8 KV cache is a different scheme); attention runs in the checkpoint dtype")
     elif precision == Precision.INT4:
         quant_algo = QUANT_ALGO_W4A16_AWQ
-        blocks = {n.get("block_size") for n in nodes if n.get("status") == "quantized"}
-        if len(blocks) != 1 or next(iter(blocks)) not in W4A16_GROUP_SIZES:
-            odd = [n for n in nodes if n.get("status") == "quantized" and n.get("block_size") not in W4A16_GROUP_SIZES]
+        quantized = [n for n in nodes if n.get("status") == "quantized"]
+        blocks = {int(n["block_size"]) for n in quantized if n.get("block_size")}
+        group_size = common_group_size(blocks)
+        if group_size is None:
+            odd = [n for n in quantized if n.get("block_size") not in W4A16_GROUP_SIZES]
             raise _block_refusal(f"{module_of(odd[0]['node'])} (K={odd[0]['k']}) uses block size {odd[0].get('block_size')}"
-                                 if odd else f"the GEMMs use block sizes {sorted(b for b in blocks if b)}")
-        group_size = int(next(iter(blocks)))
+                                 if odd else f"the GEMMs use block sizes {sorted(blocks)}, which no one group size holds")
+        if len(blocks) > 1:
+            larger = sorted({module_of(n["node"]).rpartition(".")[2] for n in quantized if n.get("block_size") != group_size})
+            note = (f"the ONNX artifact uses INT4 block sizes {sorted(blocks)} (quantize fell back to {group_size} where "
+                    f"{max(blocks)} does not divide K); written with group_size {group_size} for every layer, the scales "
+                    f"of the larger blocks ({', '.join(larger)}) repeated: the same weights, exactly")
+            notes.append(note)
+            log.info("export-checkpoint: %s", note)
         for sm in smoothing:
             if sm.get("fold") == "mul" and any(fused_group(module_of(g), fused) for g in sm["gemms"]):
                 raise QuantizationError(
                     f"the ONNX artifact smooths the input of {module_of(sm['gemms'][0])} with an explicit Mul; TensorRT-LLM "
                     "ignores pre_quant_scale on the q/k/v and gate/up layers it fuses",
                     "quantize with --set smooth_with_mul=false")
-        if recipe.get("int4_method") == "rtn":
+        method = recipe.get("int4_method")
+        if method == "rtn":
             notes.append("INT4 round-to-nearest (no AWQ scales): written as W4A16_AWQ with pre_quant_scale of ones")
+        elif method in ("gptq", "awq-gptq"):
+            notes.append(f"INT4 {method} (symmetric, no zero point; act order, if used, with static groups, so no g_idx): "
+                         "written as W4A16_AWQ, whose kernel computes exactly this block dequantization. TensorRT-LLM's "
+                         "W4A16_GPTQ path reads the AutoGPTQ layout with zero points (has_zero_point) and refuses desc_act")
     else:
         raise InputError(f"{art.path} has precision {str(precision)!r}", "quantize with --recipe fp8 or --recipe int4-awq")
     exclude = sorted({module_of(n["node"]) for n in nodes if n.get("status") != "quantized"})

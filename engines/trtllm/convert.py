@@ -121,11 +121,15 @@ def _check_tied(tensors: dict[str, np.ndarray], layout: HfLayout, lin: LinearSou
 
 
 def _int4(tensors: dict, module: str, lin: LinearSource, group: int | None, fdt, row: dict, fused: Fused) -> None:
-    if lin.qtype != Precision.INT4 or lin.block != group:
+    if lin.qtype != Precision.INT4 or not group or not lin.block or lin.block % group:
         raise InputError(f"{module} is {lin.qtype} with block {lin.block} in the ONNX artifact, not INT4 with block {group}",
                          "re-run trtforge quantize with an int4 recipe")
+    scale = lin.scale
+    if lin.block != group:  # a block of 128 is two groups of 64 with one scale: repeat it (exact)
+        scale = np.repeat(scale, lin.block // group, axis=1)
+        row["regrouped_from_block"] = lin.block
     tensors[f"{module}.weight"] = pack_int4(lin.q)
-    tensors[f"{module}.weight_scale"] = np.ascontiguousarray(lin.scale.astype(np.float32))
+    tensors[f"{module}.weight_scale"] = np.ascontiguousarray(scale.astype(np.float32))
     if fused_group(module, fused) is None:  # the vanilla loader reads pre_quant_scale unconditionally
         pre = lin.pre_scale if lin.pre_scale is not None else np.ones(lin.in_features, np.float32)
         tensors[f"{module}.pre_quant_scale"] = np.ascontiguousarray(pre.astype(fdt))

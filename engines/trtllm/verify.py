@@ -50,6 +50,15 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max(initial=0.0) / max(float(np.abs(b).max(initial=0.0)), 1e-30))
 
 
+def _as_stored(scale: np.ndarray, shape: tuple) -> np.ndarray:
+    """The ONNX scale in the checkpoint's shape: broadcast (per tensor/channel), or INT4 block
+    scales repeated where the checkpoint's group is a fraction of the ONNX block (convert._int4)."""
+    scale = np.asarray(scale)
+    if scale.ndim == 2 and len(shape) == 2 and scale.shape != tuple(shape) and scale.shape[1] and shape[1] % scale.shape[1] == 0:
+        scale = np.repeat(scale, shape[1] // scale.shape[1], axis=1)
+    return np.broadcast_to(scale, shape)
+
+
 def compare_weights(reader: CheckpointReader, src: OnnxSource, *, requantized: bool) -> dict:
     dtype = reader.dtype
     rows, floats = [], []
@@ -64,7 +73,7 @@ def compare_weights(reader: CheckpointReader, src: OnnxSource, *, requantized: b
                "stored_identical": bool(np.array_equal(s.stored_q, o.q.astype(np.float64))),
                "served_identical": bool(np.array_equal(s.weight, ref)),
                "served_rel_err": _rel(s.weight, ref),
-               "scale_rel_err": None if requantized or s.rescaled else _rel(s.scale, np.broadcast_to(o.scale, np.shape(s.scale))),
+               "scale_rel_err": None if requantized or s.rescaled else _rel(s.scale, _as_stored(o.scale, np.shape(s.scale))),
                "rescaled_by_loader": s.rescaled}
         if s.input_scale is not None and o.act_scale is not None:
             row["input_scale_rel_err"] = abs(s.input_scale - o.act_scale) / o.act_scale

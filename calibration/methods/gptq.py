@@ -1,0 +1,210 @@
+"""GPTQ for INT4 weight-only (W4A16): rounding with error feedback through the inverse Hessian.
+
+GPTQ (Frantar et al., 2022): quantize a GEMM's weight one input channel (row k of W [K, N]) at a
+time, and push each row's rounding error onto the rows not yet quantized along H^-1, where
+H = X^T X / rows is the Hessian of the layer's output error in its input X. The result minimises
+||X W - X Q||^2 far better than rounding each weight to nearest. As in the reference code
+(IST-DASLab/gptq, AutoGPTQ's ``fasterquant``): dampening of ``gptq_damp`` x mean(diag H) on the
+diagonal, input channels never active in calibration (diag 0) zeroed, the upper Cholesky factor
+of H^-1, and lazy batch updates of 128 rows.
+
+What is specific here:
+
+* **Symmetric blocks, no zero point** (TensorRT's DequantizeLinear and TensorRT-LLM's W4A16_AWQ
+  take none): each (block, output channel) scale is amax/7 of the block's *updated* weights,
+  set when the pass reaches the block, rounded to the graph's float type before it is used, so
+  the stored integers are exactly the ones GPTQ chose. Blocks and fallbacks are RTN's (rtn.py).
+* **Act order with static groups** (``gptq_act_order``): rows go in order of decreasing diag(H);
+  since a block DequantizeLinear cannot express a permuted group index (AutoGPTQ's g_idx /
+  ``desc_act``, which TensorRT-LLM's GPTQ loader refuses too), every block's scale is fixed
+  from the weights before the pass (AutoGPTQ's ``static_groups``) and the rows keep their place.
+* **Hessians from one streaming pass** over the calibration data, of the float model (not
+  re-collected layer by layer after quantizing the previous ones, as "true sequential" GPTQ
+  does): calibration accumulates X^T X per GEMM input (calibration/collect.py); GEMMs reading one
+  input share it, and its factorisation. Under AWQ's scale s (``int4_method = "awq-gptq"``) the
+  GEMM reads X / s, so its Hessian is H / (s s^T), and AWQ's clip ratios shrink each block's amax.
+* **Never worse than RTN on the proxy**: tr(D^T H D), D = W - Q, is computed for GPTQ's and
+  RTN's result with the undamped H; if GPTQ's is not lower (a degenerate Hessian), the GEMM keeps
+  RTN's weights and the manifest says so. A Hessian that dampening cannot make positive definite
+  is retried with 10x the dampening (three times), then falls back to RTN the same way.
+
+Selected by ``int4_method = "gptq"`` (preset ``int4-gptq``) or ``"awq-gptq"`` (``int4-awq-gptq``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from trtforge.calibration.methods.awq import AWQ
+from trtforge.calibration.methods.base import Decision, PlanContext, Role, Stat, weight_granularity
+from trtforge.calibration.patterns import Group
+from trtforge.calibration.qdq import WeightPlan, float_type
+from trtforge.calibration.recipe import Int4Method, QuantRecipe
+from trtforge.calibration.smoothing import Smoothing
+from trtforge.errors import QuantizationError
+from trtforge.numerics import as_scale, int4_block_scales
+from trtforge.progress import progress
+from trtforge.registry import QUANT_METHODS
+from trtforge.vocab import Granularity, Precision
+
+log = logging.getLogger(__name__)
+LAZY_ROWS = 128  # rows per lazy batch update (the reference's blocksize)
+DAMP_RETRIES = 3
+
+
+def _inverse_factor(h: np.ndarray, damp: float) -> tuple[np.ndarray, float]:
+    """Upper Cholesky factor U of (H + d I)^-1 (U^T U = H^-1), and the dampening d used."""
+    k = h.shape[0]
+    mean = float(np.mean(np.diag(h))) or 1.0
+    for attempt in range(DAMP_RETRIES + 1):
+        frac = damp * 10**attempt
+        try:
+            hd = h + (frac * mean) * np.eye(k)
+            low = np.linalg.cholesky(hd)
+            inv_low = np.linalg.solve(low, np.eye(k))  # L^-1 (lower)
+            hinv = inv_low.T @ inv_low
+            return np.linalg.cholesky(hinv).T, frac
+        except np.linalg.LinAlgError:
+            continue
+    raise np.linalg.LinAlgError(f"not positive definite with dampening {damp * 10**DAMP_RETRIES:g}")
+
+
+def gptq_quantize(w_kn: np.ndarray, h: np.ndarray, block: int, *, damp: float = 0.01, act_order: bool = False,
+                  dtype=np.float32, clip: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """GPTQ of one [K, N] weight with its input Hessian h [K, K].
+
+    Returns (Q, scales, info): Q [K, N] float32 = integers x scales (exactly what the INT4 block
+    DequantizeLinear gives back from ``scales``), scales [K/B, N] in ``dtype``, and what was done.
+    ``clip``: [K/B, N] ratios applied to each block's amax (AWQ's clip search)."""
+    k, n = w_kn.shape
+    if k % block:
+        raise ValueError(f"K={k} is not a multiple of block {block}")
+    w = np.array(w_kn, np.float32)
+    h = np.array(h, np.float64)
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    w[dead, :] = 0.0
+    nblocks = k // block
+    ratio = np.ones((nblocks, n), np.float32) if clip is None else np.asarray(clip, np.float32)
+    scales = np.empty((nblocks, n), dtype)
+    if act_order:  # static groups: every scale from the weights as they are before the pass
+        scales[:] = int4_block_scales(w, block, dtype, ratio)
+        perm = np.argsort(-np.diag(h), kind="stable")
+    else:
+        perm = np.arange(k)
+    w, hp = w[perm], h[perm][:, perm]
+    u, damp_used = _inverse_factor(hp, damp)
+    u = u.astype(np.float32)
+    q = np.empty_like(w)
+    lazy = max(LAZY_ROWS, block) if not act_order else LAZY_ROWS
+    for i1 in range(0, k, lazy):
+        i2 = min(i1 + lazy, k)
+        w1 = w[i1:i2].copy()
+        err = np.empty_like(w1)
+        for i in range(i2 - i1):
+            row = perm[i1 + i]  # the row's index in the original order (its block)
+            b = row // block
+            if not act_order and row % block == 0:  # a new block: its scale from the updated weights
+                amax = np.abs(w1[i : i + block]).max(axis=0) * ratio[b]
+                scales[b] = as_scale(amax, 7.0, dtype)
+            s = scales[b].astype(np.float32)
+            qi = np.clip(np.rint(w1[i] / s), -8, 7) * s
+            q[i1 + i] = qi
+            e = (w1[i] - qi) / u[i1 + i, i1 + i]
+            w1[i:] -= np.outer(u[i1 + i, i1 + i : i2], e)
+            err[i] = e
+        w[i2:] -= u[i1:i2, i2:].T @ err
+    out = np.empty_like(q)
+    out[perm] = q
+    return out, scales, {"damp": damp_used, "dead_inputs": int(dead.sum()), "act_order": act_order}
+
+
+def proxy_loss(w_kn: np.ndarray, q_kn: np.ndarray, h: np.ndarray) -> float:
+    """tr(D^T H D), D = W - Q: the output error ||X W - X Q||^2 per calibration row."""
+    d = (np.asarray(w_kn, np.float64) - q_kn).astype(np.float32)
+    return float(np.einsum("kn,kn->", d, (h.astype(np.float32) @ d), dtype=np.float64))
+
+
+def _rtn(w_kn: np.ndarray, block: int, dtype, clip: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    scales = int4_block_scales(w_kn, block, dtype, clip)
+    full = np.repeat(scales.astype(np.float32), block, axis=0)
+    return np.clip(np.rint(w_kn / full), -8, 7) * full, scales
+
+
+class GPTQ(AWQ):
+    """GPTQ weights; with ``int4_method = "awq-gptq"`` also AWQ's smoothing and clip ratios (the
+    AWQ scales are searched first, in prepare, and GPTQ rounds the scaled weights in finish)."""
+
+    name = "gptq"
+    roles = frozenset({Role.SMOOTHING, Role.WEIGHTS})
+    fallback = False
+
+    def selected(self, recipe: QuantRecipe) -> bool:
+        return recipe.precision == Precision.INT4 and recipe.int4_method in (Int4Method.GPTQ, Int4Method.AWQ_GPTQ)
+
+    @staticmethod
+    def _with_awq(recipe: QuantRecipe) -> bool:
+        return recipe.int4_method == Int4Method.AWQ_GPTQ
+
+    def statistics(self, recipe: QuantRecipe) -> frozenset[Stat]:
+        awq = super().statistics(recipe) if self._with_awq(recipe) else frozenset()
+        return awq | {Stat.HESSIAN}
+
+    def smooth(self, ctx: PlanContext, group: Group) -> Smoothing | None:
+        return super().smooth(ctx, group) if self._with_awq(ctx.recipe) else None
+
+    def plan_weights(self, ctx: PlanContext) -> list[WeightPlan]:
+        todo = ctx.quantized()
+        plans = [self.plan_weight(ctx, d, weight_granularity(ctx.recipe), None)
+                 for d in progress(todo, len(todo), "gptq (GEMMs)")]
+        fell_back = [p.gemm.node for p in plans if (p.info or {}).get("gptq", {}).get("fallback")]
+        if fell_back:
+            log.warning("gptq: %d of %d GEMMs kept round-to-nearest weights (see the manifest's gptq.fallback): %s",
+                        len(fell_back), len(plans), ", ".join(fell_back[:3]) + (" ..." if len(fell_back) > 3 else ""))
+        return plans
+
+    def hessian(self, ctx: PlanContext, d: Decision) -> np.ndarray:
+        """The GEMM's input Hessian in this graph: divided by s s^T where AWQ scaled the input."""
+        h = ctx.ranges.hessians.get(d.gemm.act)
+        if h is None:
+            raise QuantizationError(f"the ranges have no Hessian for {d.gemm.act} (input of {d.gemm.node})",
+                                    "calibrate again with a GPTQ recipe (reused ranges of another recipe lack it)")
+        sm = ctx.smoothing_of(d.gemm.node)
+        h = np.asarray(h, np.float64)
+        if sm is not None:
+            inv = 1.0 / np.asarray(sm.s, np.float64)
+            h = h * inv[:, None] * inv[None, :]
+        return h
+
+    def plan_weight(self, ctx: PlanContext, d: Decision, granularity: Granularity,
+                    shared_amax: float | None) -> WeightPlan:
+        plan = WeightPlan(ctx.gemms[d.gemm.node], granularity, d.block)
+        clip = None
+        if self._with_awq(ctx.recipe) and ctx.recipe.awq_clip:
+            clip = super().plan_weight(ctx, d, granularity, shared_amax).clip
+        _, np_dtype = float_type(ctx.model)
+        w = ctx.weight(d.gemm.node)
+        h = self.hessian(ctx, d)
+        rtn_q, rtn_s = _rtn(w, d.block, np_dtype, clip)
+        info: dict = {"damp_requested": ctx.recipe.gptq_damp}
+        try:
+            q, scales, done = gptq_quantize(w, h, d.block, damp=ctx.recipe.gptq_damp,
+                                            act_order=ctx.recipe.gptq_act_order, dtype=np_dtype, clip=clip)
+            info.update(done)
+        except np.linalg.LinAlgError as exc:
+            q, scales = rtn_q, rtn_s
+            info["fallback"] = f"round to nearest: the Hessian is {exc}"
+        loss_rtn = proxy_loss(w, rtn_q, h)
+        loss = proxy_loss(w, q, h) if "fallback" not in info else loss_rtn
+        if "fallback" not in info and not loss < loss_rtn:
+            q, scales, loss = rtn_q, rtn_s, loss_rtn
+            info["fallback"] = "round to nearest: GPTQ's output error on the calibration data was not lower"
+        info.update(output_error_rtn=loss_rtn, output_error=loss,
+                    error_vs_rtn=loss / loss_rtn if loss_rtn > 0 else 1.0)
+        plan.weight, plan.scales, plan.info = q, scales, {"gptq": info}
+        return plan
+
+
+QUANT_METHODS.register(GPTQ())

@@ -1,0 +1,90 @@
+"""INT4 TensorRT-LLM checkpoints from every INT4 preset, on SmolLM-135M's shape (issue 16).
+
+Hidden 576 and intermediate 1536: block 128 does not divide 576, so quantize uses block 64 there
+and keeps 128 for K=1536. The default int4-awq artifact of such a model was refused ("mixed
+block sizes"); W4A16 takes one group size, and a block of 128 is two groups of 64 with the same
+scale, so the checkpoint is written with group 64 and must hold exactly the ONNX artifact's
+weights, read back within the perplexity gate.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from trtforge.engines.trtllm import CheckpointOptions, export_checkpoint
+from trtforge.engines.trtllm.checks import common_group_size, preflight
+from trtforge.engines.trtllm.reader import CheckpointReader
+from trtforge.errors import QuantizationError
+from trtforge.vocab import Precision
+
+from ..conftest import DATA  # noqa: TID252
+
+# SmolLM-135M's layer shape (9 query / 3 KV heads of 64, tied embeddings), 2 layers, small vocab
+SMOL = dict(num_hidden_layers=2, vocab_size=1000, max_position_embeddings=256)
+FAST = ("num_samples=8", "seq_len=64")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def smol(exported, tmp_path_factory):
+    from trtforge.calibration import quantize
+    from trtforge.recipes import load_quant_recipe
+
+    src = exported("llama-100m", task="causal-lm-with-past", dtype="fp16", **SMOL)
+    root = tmp_path_factory.mktemp("int4-ck")
+    cache: dict = {}
+
+    def get(recipe: str):
+        if recipe not in cache:
+            art = quantize(src, load_quant_recipe(recipe, FAST), root / f"q-{recipe}", calib=[DATA / "calib-apache-2.0.txt"])
+            ck = export_checkpoint(art, root / f"ck-{recipe}", CheckpointOptions(max_samples=3))
+            cache[recipe] = (art, ck)
+        return cache[recipe]
+
+    return get
+
+
+def test_common_group_size():
+    assert common_group_size({64, 128}) == 64
+    assert common_group_size({128}) == 128
+    assert common_group_size({32, 128}) is None  # the kernels have no group 32
+    assert common_group_size(set()) is None
+
+
+@pytest.mark.parametrize("recipe", ["int4-awq", "int4-gptq", pytest.param("int4-rtn", marks=pytest.mark.slow),
+                                    pytest.param("int4-awq-gptq", marks=pytest.mark.slow)])
+def test_every_int4_preset_writes_a_checkpoint_on_the_smollm_shape(smol, recipe):
+    art, ck = smol(recipe)
+    nodes = [n for n in art.manifest["quantization"]["nodes"] if n["status"] == "quantized"]
+    assert {n["block_size"] for n in nodes} == {64, 128}  # the mix the issue reports
+    m = ck.manifest
+    reader = CheckpointReader(ck.path)
+    reader.check()
+    assert reader.quant["quant_algo"] == "W4A16_AWQ" and reader.quant["group_size"] == 64
+    assert any("group_size 64 for every layer" in n for n in m["conversion"]["notes"])
+    down = reader.tensor("model.layers.0.mlp.down_proj.weight_scale")
+    assert tuple(down.shape) == (576, 1536 // 64)
+    w = m["verification"]["weights"]
+    assert w["stored_identical"] == w["linears_quantized"]  # the ONNX integers, unchanged
+    assert w["served_max_rel_err"] < 1e-6  # regrouped scales serve the same weights
+    gate = m["verification"]["perplexity_gate"]
+    assert gate["checked"] and gate["passed"], gate
+    assert m["verification"]["parity"]["checkpoint_vs_onnx"]["cosine_mean"] > 0.999
+
+
+def test_preflight_accepts_the_fallback_the_checkpoint_can_hold_and_refuses_the_rest():
+    cfg = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "head_dim": 64}
+    preflight(precision=Precision.INT4, model_type="llama", recipe={"block_size": 128}, config=cfg)
+    with pytest.raises(QuantizationError, match=r"hidden_size \(96\), where quantize would use block size 32"):
+        preflight(precision=Precision.INT4, model_type="llama", recipe={"block_size": 128},
+                  config={**cfg, "hidden_size": 96})
