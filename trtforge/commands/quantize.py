@@ -42,8 +42,12 @@ def quantize(export_dir: Path, recipe_spec: str, calib: tuple[Path, ...], ranges
     b = q.budget
     if b:
         share = b.get("weight_share", {}).get(q.precision.value, 0.0)
-        text += (f"\nbudget {b['text']}: {b['metric']} {b['measured']:.4g} on {b['held_out_samples']} held-out samples "
-                 f"(every GEMM quantized: {b['measured_all_quantized']:.4g}); {b['groups_kept']} of {b['groups']} groups "
+
+        def fmt(v: float) -> str:
+            return f"{v:+.3f}%" if b.get("unit") == "%" else f"{v:.8f}"
+
+        text += (f"\nbudget {b['text']}: {b['metric']} {fmt(b['measured'])} on {b['held_out_samples']} held-out samples "
+                 f"(every GEMM quantized: {fmt(b['measured_all_quantized'])}); {b['groups_kept']} of {b['groups']} groups "
                  f"kept unquantized, {100 * share:.1f}% of GEMM weights in {q.precision}")
     emit(art.manifest, as_json, text)
 
