@@ -12,7 +12,8 @@ import typing
 from dataclasses import asdict, dataclass, fields
 from enum import Enum
 
-from trtforge.errors import RecipeError
+from trtforge.calibration.budget_spec import parse_budget
+from trtforge.errors import OptionError, RecipeError
 from trtforge.vocab import RECIPE_PRECISIONS, Granularity, Precision
 
 
@@ -80,6 +81,9 @@ class QuantRecipe:
     batch_size: int = 8
     keep_tokens: int = 512  # rows per tensor kept for SmoothQuant auto-alpha / AWQ search
     histogram_bins: int = 2048
+    # --- accuracy budget (calibration/budget.py): e.g. "perplexity=1%"; None: quantize every GEMM
+    # the recipe selects. With a budget the fewest weight bytes stay unquantized until it holds.
+    budget: str | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -130,6 +134,11 @@ class QuantRecipe:
                 raise RecipeError(f"{source}: {n} must be at least {lo}", f"set {n} >= {lo}")
         if not 0.0 < self.gptq_damp <= 1.0:
             raise RecipeError(f"{source}: gptq_damp {self.gptq_damp} is outside (0, 1]", "use 0.01 (1% of the Hessian's mean diagonal)")
+        if self.budget is not None:
+            try:
+                parse_budget(self.budget)
+            except OptionError as exc:
+                raise RecipeError(f"{source}: {exc.problem}", exc.hint) from None
         if self.precision == Precision.INT4 and self.smoothquant:
             raise RecipeError(f"{source}: smoothquant applies to INT8/FP8 activations, not INT4 weight-only", "set smoothquant = false")
 

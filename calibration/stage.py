@@ -12,6 +12,9 @@ import numpy as np
 import onnx
 
 from trtforge.artifacts import OnnxArtifact, copy_side_files, sha256_file
+from trtforge.calibration.budget import search as budget_search
+from trtforge.calibration.budget import split_held_out
+from trtforge.calibration.budget_spec import check_applies, parse_budget
 from trtforge.calibration.collect import ActivationRanges, collect_ranges, model_key
 from trtforge.calibration.methods.base import needs_hessians
 from trtforge.calibration.quantize import (
@@ -80,6 +83,13 @@ def quantize(
                           fields=("calib", "ranges"))
     dims = art.dims
     timings = output.manifest.timings
+    budget = parse_budget(recipe.budget) if recipe.budget else None
+    if budget is not None:
+        check_applies(budget, src.source.task)
+        if ranges:
+            raise OptionError("a budget is measured on held-out calibration samples, and reused ranges bring none",
+                              "pass calib instead of ranges with a budget", fields=("budget", "ranges"))
+    held = None
 
     t = time.perf_counter()
     # The graph without its weights: they stay in the export's files (its external data, or
@@ -115,36 +125,63 @@ def quantize(
         timings["tokenize_s"] = time.perf_counter() - t
         bmm = set(attention_bmm_inputs(model, idx))
         hessians = {name for name in watched if name not in bmm} if needs_hessians(recipe) else None
+        if budget is not None:  # ranges from one part, the budget measured on the other
+            samples, held = split_held_out(samples)
         with output.timed("calibrate_s"):
             r = collect_ranges(model, watched, samples, dims, batch_size=recipe.batch_size,
                                bins=recipe.histogram_bins, keep=recipe.keep_tokens, seed=recipe.seed,
                                providers=providers, per_tensor=bmm, base_dir=art.path, hessians=hessians)
         samples_info = r.calibration
+        if held is not None:
+            samples_info = {**samples_info, "held_out": {**held.describe(), "use": "budget measurement only, never ranges"}}
     del idx
     # a forced-external export stays external; a big one is external anyway
     external = art.manifest.model.external_data is not None or needs_external(weight_bytes(model))
 
     checks = _Reference(art, dims)
     with output.open() as tmp:
-        data = weights.out = DataFile(tmp / DATA_FILE) if external else None
-        try:
-            with output.timed("prepare_s"):
-                prep = prepare(model, recipe, r, dims, weights=weights)
-            smooth_check = None
-            if prep.smoothings:
-                with output.timed("smoothing_check_s"):
-                    smooth_check = _check_same_function(art, prep.model, weights, tmp, checks)
-            with output.timed("quantize_s"):
-                qmodel, report = finish(prep, dtype=dtype)
-            with output.timed("write_s"):
-                write_model(qmodel, tmp / MODEL_FILE, weights, external=external, data=data)
-        finally:
-            if data is not None:
-                data.close()
-        del qmodel, prep, model, weights
-        with output.timed("check_s"):
-            check_onnx(tmp / MODEL_FILE, stage=STAGE)
-            quick = _quick_check(tmp / MODEL_FILE, art, checks)
+        search = None
+        if budget is not None:
+            with output.timed("budget_search_s"):
+                search = budget_search(art, recipe, r, held, dims, dtype, budget, tmp / "_budget")
+            shutil.rmtree(tmp / "_budget", ignore_errors=True)
+        plain = recipe
+        while True:
+            recipe = search.recipe(plain) if search is not None else plain
+            data = weights.out = DataFile(tmp / DATA_FILE) if external else None
+            try:
+                with output.timed("prepare_s"):
+                    prep = prepare(model, recipe, r, dims, weights=weights)
+                smooth_check = None
+                if prep.smoothings:
+                    with output.timed("smoothing_check_s"):
+                        smooth_check = _check_same_function(art, prep.model, weights, tmp, checks)
+                with output.timed("quantize_s"):
+                    qmodel, report = finish(prep, dtype=dtype)
+                with output.timed("write_s"):
+                    write_model(qmodel, tmp / MODEL_FILE, weights, external=external, data=data)
+            finally:
+                if data is not None:
+                    data.close()
+            del qmodel, prep, model, weights
+            with output.timed("check_s"):
+                check_onnx(tmp / MODEL_FILE, stage=STAGE)
+                quick = _quick_check(tmp / MODEL_FILE, art, checks)
+            if search is None:
+                break
+            with output.timed("budget_verify_s"):  # the final graph itself, not the search's estimate
+                value = search.verify(tmp / MODEL_FILE)
+            if budget.met(value):
+                report["layers"], report["budget"] = search.records(report)
+                break
+            if not search.more():
+                raise QuantizationError(f"the quantized model measures {budget.metric.name} {budget.show(value)} on "
+                                        f"the held-out samples, outside budget {budget.text}, with every group kept",
+                                        "this is a trtforge bug; quantize without a budget meanwhile")
+            log.warning("budget %s: the written model measures %s; keeping one more group", budget.text, budget.show(value))
+            model = load_graph(art.model_path)
+            weights = Weights(model, art.path)
+            inline_identity_initializers(model, weights)
         r.save(tmp / RANGES_FILE)
         copy_side_files(art.path, tmp)
         _write_manifest(output, art, tmp, recipe, dtype, external, samples_info, smooth_check, quick, report)

@@ -259,6 +259,16 @@ class QuantizationInfo(Section):
     def nodes(self) -> list[dict[str, Any]]:
         return self.extra.get("nodes") or []
 
+    @property
+    def layers(self) -> list[dict[str, Any]]:
+        """With a budget: every GEMM as {name, group, precision, sensitivity, reason, weight_bytes}."""
+        return self.extra.get("layers") or []
+
+    @property
+    def budget(self) -> dict[str, Any] | None:
+        """With a budget: {metric, limit, measured, measured_all_quantized, held_out_samples, met, ...}."""
+        return self.extra.get("budget")
+
 
 # --------------------------------------------------------------------------- manifest
 

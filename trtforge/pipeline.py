@@ -49,6 +49,7 @@ from trtforge._version import __version__
 from trtforge.artifacts import hash_files, os_error, read_json, sha256_file, sha256_json, write_json
 from trtforge.backend import Backend, BuildIntent, backend_for_target
 from trtforge.calibration import quantize
+from trtforge.calibration.budget_spec import check_applies, parse_budget
 from trtforge.engines import build
 from trtforge.engines.targets import Target, resolve_target
 from trtforge.errors import LockedError, OptionError, RecipeError, TargetError, TrtforgeError
@@ -205,6 +206,14 @@ class Runner:
         for t in self.planned[0]:
             backend = backend_for_target(t)
             self._recipe_errors(backend, lambda b=backend, t=t: b.preflight(intent, t, self.options[b.name]))
+        if r.quant.budget:  # [quantize] budget: a metric this model can be measured by, and data to hold out
+            try:
+                check_applies(parse_budget(r.quant.budget), src.task)
+            except OptionError as exc:
+                raise RecipeError(f"{r.source}: [quantize] {exc.problem}", exc.hint) from None
+            if r.ranges:
+                raise RecipeError(f"{r.source}: [quantize] budget is measured on held-out calibration samples, and "
+                                  "[calibration] ranges brings none", "set [calibration] data instead of ranges")
         for p in [*r.calib_data, *r.parity_data, *([r.ranges] if r.ranges else [])]:
             if not Path(p).exists():
                 raise TrtforgeError(f"data file {p} does not exist", "check calibration.data / parity.data in the recipe")

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from trtforge.calibration import quantize as run
+from trtforge.calibration.budget_spec import parse_budget
 from trtforge.commands.base import emit
 from trtforge.recipes import load_quant_recipe
 
@@ -19,19 +20,35 @@ from trtforge.recipes import load_quant_recipe
               help="Calibration data: text files, a folder, JSONL (field set by text_field) or one .npz. Repeatable.")
 @click.option("--ranges", type=click.Path(path_type=Path), help="Reuse ranges.json from an earlier quantize run.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--budget", metavar="METRIC=VALUE",
+              help="Accuracy budget, e.g. perplexity=1% (decoders) or embedding_cosine=0.999 (encoders): the fewest "
+                   "GEMM weights stay unquantized until it holds on held-out calibration samples.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a recipe key, e.g. --set alpha=0.8.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def quantize(export_dir: Path, recipe_spec: str, calib: tuple[Path, ...], ranges: Path | None, out: Path,
-             sets: tuple[str, ...], force: bool, as_json: bool) -> None:
+             budget: str | None, sets: tuple[str, ...], force: bool, as_json: bool) -> None:
     """Quantize an exported model: SmoothQuant + INT8, FP8, or INT4 weight-only (AWQ/RTN)."""
     recipe = load_quant_recipe(recipe_spec, sets)
+    if budget is not None:
+        parse_budget(budget)  # refused here, naming --budget, before the recipe check words it for files
+        recipe = recipe.replace(budget=budget)
     art = run(export_dir, recipe, out, calib=list(calib) or None, ranges=ranges, force=force)
     q = art.manifest.quantization
     qc, counts = q.extra["quick_check"], q.extra["counts"]
     text = (f"{art.path}  {q.precision} ({recipe.name}): {counts['quantized']} GEMMs quantized, "
             f"{counts['excluded']} excluded; {qc['output']} cosine vs float {qc['mean_cosine_vs_float']:.4f} "
             f"on {qc['rows']} held-out rows; {art.manifest.model.size_bytes / 2**20:.1f} MiB")
+    b = q.budget
+    if b:
+        share = b.get("weight_share", {}).get(q.precision.value, 0.0)
+
+        def fmt(v: float) -> str:
+            return f"{v:+.3f}%" if b.get("unit") == "%" else f"{v:.8f}"
+
+        text += (f"\nbudget {b['text']}: {b['metric']} {fmt(b['measured'])} on {b['held_out_samples']} held-out samples "
+                 f"(every GEMM quantized: {fmt(b['measured_all_quantized'])}); {b['groups_kept']} of {b['groups']} groups "
+                 f"kept unquantized, {100 * share:.1f}% of GEMM weights in {q.precision}")
     emit(art.manifest, as_json, text)
 
 

@@ -1,0 +1,215 @@
+"""Quantizing under an accuracy budget (issue 17): the plain recipe beside the same recipe with --budget.
+
+For each case: the plain recipe and the budgeted one, each quantized in its own process (time
+and peak RSS are its own), then both measured on held-out text that no calibration saw
+(examples/data/eval-gpl-3.0.txt): perplexity change over the FP32 export for decoders (256-token
+windows), mean cosine of mean-pooled sentence embeddings for encoders. Reported: the budget's
+own held-out measurement (from the manifest), the eval-text figure, the share of the GEMM
+weights the plain recipe quantizes that stay quantized, and the search time against the plain
+recipe's time.
+
+    python bench/budget.py [--only gemma3-fp8,minilm-fp8,...] [--json docs/results/budget.json]
+    python bench/budget.py --table docs/results/budget.json   # the markdown table of docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DATA, REPO, cosine, machine, mean_pool, minilm_dir, sentences  # noqa: E402,I001
+
+OUT = Path(os.environ.get("TRTFORGE_BENCH_OUT", REPO / "bench" / "out")) / "budget"
+GEMMA = Path(os.environ.get("TRTFORGE_GEMMA3_EXPORT", "/work/artifacts/gemma3-fp32"))
+CALIB = [DATA / "calib-apache-2.0.txt", DATA / "calib-mpl-lgpl.txt"]
+EVAL = DATA / "eval-gpl-3.0.txt"
+
+# name -> (export, recipe, budget, eval kind)
+CASES = {
+    "gemma3-fp8": ("gemma3", "fp8", "perplexity=1%"),
+    "gemma3-int4-awq": ("gemma3", "int4-awq", "perplexity=10%"),
+    "minilm-fp8": ("minilm", "fp8", "embedding_cosine=0.999"),
+    "minilm-int8-sq": ("minilm", "int8-sq", "embedding_cosine=0.999"),
+}
+
+
+def export_minilm() -> Path:
+    out = OUT / "minilm-export"
+    if not (out / "manifest.json").exists():
+        from trtforge.exporter import ExportOptions, export_onnx
+
+        export_onnx(minilm_dir(), out, ExportOptions(), force=True)
+    return out
+
+
+def source(kind: str) -> Path:
+    return GEMMA if kind == "gemma3" else export_minilm()
+
+
+def child(src: Path, recipe: str, budget: str | None, out: Path) -> dict:
+    """Quantize in this process (called as a child); prints the result as JSON."""
+    from trtforge.calibration import quantize
+    from trtforge.recipes import load_quant_recipe
+
+    rec = load_quant_recipe(recipe)
+    if budget:
+        rec = rec.replace(budget=budget)
+    t = time.perf_counter()
+    art = quantize(src, rec, out, calib=CALIB, force=True)
+    wall = time.perf_counter() - t
+    with open("/proc/self/status") as f:
+        hwm = next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM"))
+    q = art.manifest.quantization
+    return {"wall_s": wall, "peak_rss_mib": hwm, "timings": art.manifest.timings,
+            "size_mib": art.manifest.model.size_bytes / 2**20,
+            "quantized": {n["node"]: n["k"] * n["n"] for n in q.nodes if n["status"] == "quantized"},
+            "budget": q.extra.get("budget")}
+
+
+def run_child(src: Path, recipe: str, budget: str | None, out: Path) -> dict:
+    cmd = [sys.executable, __file__, "--child", str(src), recipe, budget or "", str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if p.returncode:
+        sys.stderr.write(p.stderr[-3000:])
+        return {"error": (p.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
+    v = logits.shape[-1]
+    rows, tgt = logits[:, :-1].reshape(-1, v), ids[:, 1:].reshape(-1)
+    total = 0.0
+    for k in range(0, rows.shape[0], 64):
+        x = rows[k : k + 64].astype(np.float64)
+        m = x.max(1, keepdims=True)
+        total += float((m[:, 0] + np.log(np.exp(x - m).sum(1)) - x[np.arange(len(x)), tgt[k : k + 64]]).sum())
+    return total, rows.shape[0]
+
+
+def eval_decoder(paths: list[Path], windows: int = 12, seq: int = 256) -> list[float]:
+    """Mean NLL per model on the first ``windows`` 256-token windows of the eval text."""
+    from transformers import AutoTokenizer
+
+    from trtforge.ort import NO_PREPACKING, release_memory, session
+
+    tok = AutoTokenizer.from_pretrained(str(paths[0]), local_files_only=True)
+    ids = np.asarray(tok(EVAL.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"], np.int64)
+    wins = [ids[i * seq : (i + 1) * seq] for i in range(min(windows, len(ids) // seq))]
+    out = []
+    for p in paths:
+        sess = session(p / "model.onnx", config=NO_PREPACKING)
+        names = [i.name for i in sess.get_inputs()]
+        nll = n = 0
+        for w in wins:
+            feeds = {"input_ids": w[None], "attention_mask": np.ones((1, len(w)), np.int64)}
+            if "position_ids" in names:
+                feeds["position_ids"] = np.arange(len(w), dtype=np.int64)[None]
+            s, c = _nll(sess.run(["logits"], {k: feeds[k] for k in names})[0], w[None])
+            nll, n = nll + s, n + c
+        out.append(nll / n)
+        del sess
+        release_memory()
+    return out
+
+
+def eval_encoder(paths: list[Path]) -> list[np.ndarray]:
+    from transformers import AutoTokenizer
+
+    from trtforge.ort import session
+
+    tok = AutoTokenizer.from_pretrained(str(paths[0]), local_files_only=True)
+    texts = sentences(EVAL)
+    out = []
+    for p in paths:
+        sess = session(p / "model.onnx")
+        names = [i.name for i in sess.get_inputs()]
+        embs = []
+        for i in range(0, len(texts), 16):
+            enc = tok(texts[i : i + 16], padding=True, truncation=True, max_length=128, return_tensors="np")
+            feeds = {k: enc[k].astype(np.int64) for k in names}
+            h = sess.run(["last_hidden_state"], feeds)[0]
+            embs.append(mean_pool(h, enc["attention_mask"]))
+        out.append(np.concatenate(embs))
+    return out
+
+
+def case(name: str) -> dict:
+    kind, recipe, budget = CASES[name]
+    src = source(kind)
+    plain = run_child(src, recipe, None, OUT / f"{name}-plain")
+    budgeted = run_child(src, recipe, budget, OUT / f"{name}-budget")
+    res = {"case": name, "recipe": recipe, "budget": budget, "plain": plain, "budgeted": budgeted}
+    if "error" in plain or "error" in budgeted:
+        return res
+    paths = [src, OUT / f"{name}-plain", OUT / f"{name}-budget"]
+    if kind == "gemma3":
+        ref, a, b = eval_decoder(paths)
+        res["eval"] = {"metric": "perplexity change % (eval-gpl-3.0, 12 x 256 tokens)", "ppl_fp32": float(np.exp(ref)),
+                       "plain": 100 * (np.exp(a - ref) - 1), "budgeted": 100 * (np.exp(b - ref) - 1)}
+    else:
+        ref, a, b = eval_encoder(paths)
+        res["eval"] = {"metric": f"mean embedding cosine (eval-gpl-3.0, {len(ref)} sentences)",
+                       "plain": float(cosine(ref, a).mean()), "budgeted": float(cosine(ref, b).mean())}
+    pq, bq = plain["quantized"], budgeted["quantized"]
+    res["share_kept_quantized"] = sum(v for k, v in bq.items() if k in pq) / max(1, sum(pq.values()))
+    res["time_ratio"] = budgeted["wall_s"] / plain["wall_s"]
+    return res
+
+
+def table(results: dict) -> str:
+    rows = ["| case | budget | held-out calib (plain -> budget) | eval text: plain | eval text: budget | "
+            "GEMM weights still quantized | groups kept | time plain / budget (x) |", "|---|---|---|---|---|---|---|---|"]
+    for r in results["cases"]:
+        if "eval" not in r:
+            rows.append(f"| {r['case']} | {r['budget']} | failed: {r['budgeted'].get('error') or r['plain'].get('error')} |||||")
+            continue
+        b = r["budgeted"]["budget"]
+        pct = b["unit"] == "%"
+        fmt = (lambda v: f"{v:+.2f}%") if pct else (lambda v: f"{v:.5f}")
+        e = r["eval"]
+        rows.append(f"| {r['case']} | {r['budget']} | {fmt(b['measured_all_quantized'])} -> {fmt(b['measured'])} | "
+                    f"{fmt(e['plain'])} | {fmt(e['budgeted'])} | {100 * r['share_kept_quantized']:.1f}% | "
+                    f"{b['groups_kept']} of {b['groups']} | {r['plain']['wall_s']:.0f}s / {r['budgeted']['wall_s']:.0f}s "
+                    f"({r['time_ratio']:.1f}x) |")
+    return "\n".join(rows)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default=",".join(CASES))
+    ap.add_argument("--json", type=Path, default=REPO / "docs" / "results" / "budget.json")
+    ap.add_argument("--table", type=Path)
+    ap.add_argument("--child", nargs=4)
+    a = ap.parse_args()
+    if a.child:
+        src, recipe, budget, out = a.child
+        print(json.dumps(child(Path(src), recipe, budget or None, Path(out))))
+        return 0
+    if a.table:
+        print(table(json.loads(a.table.read_text())))
+        return 0
+    OUT.mkdir(parents=True, exist_ok=True)
+    results = {"machine": machine(), "cases": []}
+    if a.json.exists():
+        old = json.loads(a.json.read_text())
+        results["cases"] = [c for c in old.get("cases", []) if c["case"] not in a.only.split(",")]
+    for name in a.only.split(","):
+        print(f"== {name}", file=sys.stderr, flush=True)
+        results["cases"].append(case(name))
+        results["cases"].sort(key=lambda c: list(CASES).index(c["case"]))
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(results, indent=1, default=float))
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,219 @@
+"""Quantizing under an accuracy budget (calibration/budget.py) on tiny models with injected outliers.
+
+The outliers sit in one group only (layer 1's MLP input of a LLaMA, layer 1's attention-output
+LayerNorm of a BERT), so under per-tensor INT8 activations that group carries most of the error:
+the search must keep exactly it, the budget must hold on the held-out samples (measured on the
+written model), and the manifest must list every GEMM with its precision and sensitivity.
+
+The decoder is calibrated on token ids sampled from the float model itself: on text drawn from
+the model, the expected perplexity increase of a perturbed model is its KL divergence, so the
+budget measures quantization error rather than a random model's luck on English text.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from trtforge.calibration import get_preset, quantize
+from trtforge.calibration.budget import split_held_out
+from trtforge.calibration.budget_spec import check_applies, parse_budget
+from trtforge.cli import main
+from trtforge.errors import OptionError, RecipeError
+from trtforge.manifest import Manifest
+from trtforge.pipeline_recipe import load_pipeline_recipe
+from trtforge.textdata import Samples
+from trtforge.vocab import Task
+
+from ..conftest import DATA, one_line_error  # noqa: TID252
+
+CH = [3, 17, 40]
+
+
+@pytest.fixture(scope="module")
+def decoder(tmp_path_factory):
+    """(export, calibration .npz): LLaMA with outliers into layers.1 gate/up, sharp logits."""
+    import torch
+    import transformers
+
+    from trtforge.exporter import ExportOptions, export_onnx
+    from trtforge.testing.tinymodels import make_model
+
+    root = tmp_path_factory.mktemp("budget-decoder")
+    src = make_model("llama", root / "src", seed=1)
+    m = transformers.AutoModelForCausalLM.from_pretrained(str(src)).eval()
+    with torch.no_grad():
+        m.model.norm.weight *= 8.0  # confident logits: the perplexity responds to hidden-state noise
+        layer = m.model.layers[1]
+        layer.post_attention_layernorm.weight[CH] *= 80.0  # same function in float
+        for lin in (layer.mlp.gate_proj, layer.mlp.up_proj):
+            lin.weight[:, CH] /= 80.0
+        torch.manual_seed(0)
+        ids = m.generate(torch.randint(0, m.config.vocab_size, (24, 1)), do_sample=True, max_new_tokens=47,
+                         min_new_tokens=47, top_k=0, pad_token_id=0)
+    out = root / "model"
+    m.save_pretrained(str(out), safe_serialization=True)
+    transformers.AutoTokenizer.from_pretrained(str(src)).save_pretrained(str(out))
+    npz = root / "sampled.npz"
+    np.savez(npz, input_ids=ids.numpy().astype(np.int64))
+    return export_onnx(out, root / "export", ExportOptions()), npz
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    """BERT whose layer-1 FFN has three 40x intermediate channels (what layer 1's output dense reads)."""
+    import torch
+    import transformers
+
+    from trtforge.exporter import ExportOptions, export_onnx
+    from trtforge.testing.tinymodels import make_model
+
+    root = tmp_path_factory.mktemp("budget-encoder")
+    src = make_model("bert", root / "src", seed=1)
+    m = transformers.AutoModel.from_pretrained(str(src)).eval()
+    with torch.no_grad():
+        ffn = m.encoder.layer[1]
+        ffn.intermediate.dense.weight[CH] *= 40.0
+        ffn.intermediate.dense.bias[CH] = 3.0
+        ffn.output.dense.weight[:, CH] /= 40.0
+    out = root / "model"
+    m.save_pretrained(str(out), safe_serialization=True)
+    transformers.AutoTokenizer.from_pretrained(str(src)).save_pretrained(str(out))
+    return export_onnx(out, root / "export", ExportOptions())
+
+
+def _kept(q) -> set[str]:
+    return {ly["name"] for ly in q.layers if ly["precision"] != q.precision.value and "budget" in ly["reason"]}
+
+
+def _check_manifest(art, budget_text: str) -> dict:
+    q = Manifest.from_json(json.loads((art.path / "manifest.json").read_text())).quantization
+    b = q.budget
+    assert b["met"] is True and b["text"] == budget_text
+    for key in ("metric", "limit", "measured", "measured_all_quantized", "held_out_samples", "met"):
+        assert key in b
+    assert b["held_out_samples"] >= 1
+    # every GEMM of the plain record is in layers, with the schema the report renders
+    assert {ly["name"] for ly in q.layers} == {n["node"] for n in q.nodes}
+    for ly in q.layers:
+        assert set(ly) >= {"name", "group", "precision", "sensitivity", "reason", "weight_bytes"}
+        assert ly["weight_bytes"] > 0
+    shares = b["weight_share"]
+    assert abs(sum(shares.values()) - 1.0) < 1e-9
+    # ranges and the budget came from disjoint parts of the calibration data
+    cal = q.calibration
+    assert cal["held_out"]["num_samples"] == b["held_out_samples"]
+    assert cal["num_samples"] + cal["held_out"]["num_samples"] >= 2
+    return b
+
+
+def test_decoder_keeps_the_outlier_group_and_meets_the_budget(decoder, tmp_path):
+    exp, npz = decoder
+    out = tmp_path / "q"
+    r = CliRunner().invoke(main, ["quantize", str(exp.path), "--recipe", "int8", "--set", "num_samples=24",
+                                  "--budget", "perplexity=1%", "--calib", str(npz), "-o", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.stdout)
+    assert m["quantization"]["budget"]["measured_all_quantized"] > 1.0  # the plain recipe misses it
+    art_q = Manifest.from_json(m).quantization
+    assert _kept(art_q) == {"/model/model/layers.1/mlp/gate_proj/MatMul", "/model/model/layers.1/mlp/up_proj/MatMul"}
+    from trtforge.artifacts import OnnxArtifact
+
+    b = _check_manifest(OnnxArtifact.open(out), "perplexity=1%")
+    assert b["measured"] <= 1.0 < b["measured_all_quantized"]
+    # the outlier group is the most sensitive one measured
+    sens = {ly["name"]: ly["sensitivity"] for ly in art_q.layers if ly["sensitivity"] is not None}
+    assert max(sens, key=sens.get).startswith("/model/model/layers.1/mlp/")
+    # parity's --per-layer record: the kept GEMMs are excluded in the recorded recipe, so a re-quantization matches
+    assert any("layers.1/mlp/gate_proj" in p for p in m["quantization"]["recipe"]["exclude"])
+
+
+def test_encoder_keeps_the_outlier_group_and_meets_the_budget(encoder, tmp_path):
+    # a random tiny BERT's embeddings barely move (its output is mostly the residual stream), hence 5 nines
+    recipe = get_preset("int8").replace(budget="embedding_cosine=0.99999")
+    art = quantize(encoder, recipe, tmp_path / "q", calib=[DATA / "calib-mpl-lgpl.txt"])
+    q = art.manifest.quantization
+    b = _check_manifest(art, "embedding_cosine=0.99999")
+    assert b["measured_all_quantized"] < 0.99999 <= b["measured"]
+    assert _kept(q) == {"/model/encoder/layer.1/output/dense/MatMul"}
+    # a budget the plain recipe already meets keeps nothing
+    easy = quantize(encoder, get_preset("int8").replace(budget="embedding_cosine=0.999"), tmp_path / "easy",
+                    calib=[DATA / "calib-mpl-lgpl.txt"])
+    assert not _kept(easy.manifest.quantization)
+    assert easy.manifest.quantization.budget["groups_kept"] == 0
+
+
+def test_an_impossible_budget_is_one_error_and_writes_nothing(encoder, tmp_path):
+    out = tmp_path / "q"
+    r = CliRunner().invoke(main, ["quantize", str(encoder.path), "--recipe", "int8", "--set", "dtype=fp16",
+                                  "--budget", "embedding_cosine=1", "--calib", str(DATA / "calib-mpl-lgpl.txt"),
+                                  "-o", str(out)])
+    line = one_line_error(r, "cannot be met", "no GEMM quantized", "embedding_cosine 0.9999")
+    assert "held-out" in line
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name != "q"]
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("perplexity=abc", "'abc' is not a number"),
+    ("perplexity", "is not METRIC=VALUE"),
+    ("bleu=3", "unknown metric 'bleu'"),
+    ("embedding_cosine=1.5", "must be in (0, 1]"),
+    ("perplexity=-1%", "cannot be negative"),
+])
+def test_malformed_budgets_are_refused_naming_the_flag(exported, tmp_path, text, needle):
+    out = tmp_path / "q"
+    r = CliRunner().invoke(main, ["quantize", str(exported("llama").path), "--recipe", "fp8", "--budget", text,
+                                  "--calib", str(DATA / "calib-mpl-lgpl.txt"), "-o", str(out)])
+    line = one_line_error(r, needle)
+    assert "--budget" in line and "(e.g. --budget " in line  # the flag and an example
+    assert not out.exists()
+
+
+def test_an_encoder_metric_on_a_decoder_is_refused_before_any_work(exported, tmp_path):
+    out = tmp_path / "q"
+    r = CliRunner().invoke(main, ["quantize", str(exported("llama").path), "--recipe", "fp8", "--budget",
+                                  "embedding_cosine=0.999", "--calib", str(DATA / "calib-mpl-lgpl.txt"), "-o", str(out)])
+    line = one_line_error(r, "compares sentence embeddings", "causal-lm")
+    assert "--budget perplexity=1%" in line and not out.exists()
+    with pytest.raises(OptionError, match="measures a causal LM"):
+        check_applies(parse_budget("perplexity=2"), Task.FEATURE_EXTRACTION)
+
+
+def test_budget_parsing():
+    b = parse_budget("perplexity=1%")
+    assert (b.metric.name, b.limit) == ("perplexity", 1.0) and parse_budget("perplexity=1.5").limit == 1.5
+    assert b.met(0.99) and not b.met(1.01) and not b.met(None) and not b.met(float("nan"))
+    c = parse_budget(" embedding_cosine = 0.999 ")
+    assert c.met(0.9995) and not c.met(0.998)
+
+
+def test_held_out_part_is_disjoint_and_spread():
+    s = Samples([np.arange(i, i + 4) for i in range(50)], "windows", ["x"])
+    rest, held = split_held_out(s)
+    assert len(held.ids) == 10 and len(rest.ids) == 40
+    firsts = [int(a[0]) for a in held.ids]
+    assert not set(firsts) & {int(a[0]) for a in rest.ids}
+    assert firsts[0] < 10 and firsts[-1] > 40  # spread over the data, not its tail
+    with pytest.raises(Exception, match="at least 2 calibration samples"):
+        split_held_out(Samples([np.arange(4)], "windows", ["x"]))
+
+
+def test_pipeline_budget_key(tmp_path, tiny_model):
+    model = tiny_model("llama")
+    calib = DATA / "calib-mpl-lgpl.txt"
+    p = tmp_path / "r.toml"
+    p.write_text(f'[model]\npath = "{model}"\n\n[calibration]\ndata = ["{calib}"]\n\n[quantize]\nrecipe = "fp8"\n'
+                 'budget = "perplexity=1%"\n')
+    assert load_pipeline_recipe(p).quant.budget == "perplexity=1%"
+    p.write_text(p.read_text().replace('"perplexity=1%"', '"perplexity=abc"'))
+    with pytest.raises(RecipeError, match=r"r\.toml:9: \[quantize\] budget 'perplexity=abc': 'abc' is not a number"):
+        load_pipeline_recipe(p)
+    # an encoder metric on a decoder: refused by trtforge run before anything is written
+    p.write_text(p.read_text().replace('"perplexity=abc"', '"embedding_cosine=0.99"'))
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["run", str(p), "-o", str(out)])
+    one_line_error(r, "[quantize] budget 'embedding_cosine=0.99' compares sentence embeddings")
+    assert not out.exists()
