@@ -34,6 +34,7 @@ Selected by ``int4_method = "gptq"`` (preset ``int4-gptq``) or ``"awq-gptq"`` (`
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -54,26 +55,43 @@ LAZY_ROWS = 128  # rows per lazy batch update (the reference's blocksize)
 DAMP_RETRIES = 3
 
 
-def _inverse_factor(h: np.ndarray, damp: float) -> tuple[np.ndarray, float]:
-    """Upper Cholesky factor U of (H + d I)^-1 (U^T U = H^-1), and the dampening d used."""
-    k = h.shape[0]
-    mean = float(np.mean(np.diag(h))) or 1.0
+@dataclass
+class HessianFactor:
+    """What GPTQ needs from one input's Hessian, shared by the GEMMs reading that input."""
+
+    dead: np.ndarray  # bool [K]: inputs never active in calibration (their weights are zeroed)
+    perm: np.ndarray  # row order of the pass (act order: decreasing diag H)
+    u: np.ndarray  # float32 upper Cholesky factor of (H + d I)^-1 in ``perm`` order (U^T U = H^-1)
+    damp: float  # the dampening used (a fraction of mean diag H)
+    act_order: bool
+
+
+def factor_hessian(h: np.ndarray, damp: float = 0.01, act_order: bool = False) -> HessianFactor:
+    """Dead inputs, the pass order and U, retrying with 10x the dampening where H + d I is not
+    positive definite (float32, as the reference code computes it)."""
+    h = np.array(h, np.float64)
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(h.shape[0])
+    hp = h[perm][:, perm]
+    mean = float(np.mean(np.diag(hp))) or 1.0
+    eye = np.eye(hp.shape[0])
     for attempt in range(DAMP_RETRIES + 1):
         frac = damp * 10**attempt
         try:
-            hd = h + (frac * mean) * np.eye(k)
-            low = np.linalg.cholesky(hd)
-            inv_low = np.linalg.solve(low, np.eye(k))  # L^-1 (lower)
-            hinv = inv_low.T @ inv_low
-            return np.linalg.cholesky(hinv).T, frac
+            u = np.linalg.cholesky(np.linalg.inv((hp + (frac * mean) * eye).astype(np.float32))).T
+            if np.isfinite(u).all():
+                return HessianFactor(dead, perm, np.ascontiguousarray(u), frac, act_order)
         except np.linalg.LinAlgError:
-            continue
+            pass
     raise np.linalg.LinAlgError(f"not positive definite with dampening {damp * 10**DAMP_RETRIES:g}")
 
 
-def gptq_quantize(w_kn: np.ndarray, h: np.ndarray, block: int, *, damp: float = 0.01, act_order: bool = False,
-                  dtype=np.float32, clip: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
-    """GPTQ of one [K, N] weight with its input Hessian h [K, K].
+def gptq_quantize(w_kn: np.ndarray, h: np.ndarray | HessianFactor, block: int, *, damp: float = 0.01,
+                  act_order: bool = False, dtype=np.float32,
+                  clip: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """GPTQ of one [K, N] weight with its input Hessian h [K, K], or that Hessian's
+    :func:`factor_hessian` (then ``damp`` and ``act_order`` are the factor's).
 
     Returns (Q, scales, info): Q [K, N] float32 = integers x scales (exactly what the INT4 block
     DequantizeLinear gives back from ``scales``), scales [K/B, N] in ``dtype``, and what was done.
@@ -81,22 +99,17 @@ def gptq_quantize(w_kn: np.ndarray, h: np.ndarray, block: int, *, damp: float = 
     k, n = w_kn.shape
     if k % block:
         raise ValueError(f"K={k} is not a multiple of block {block}")
+    f = h if isinstance(h, HessianFactor) else factor_hessian(h, damp, act_order)
+    act_order = f.act_order
     w = np.array(w_kn, np.float32)
-    h = np.array(h, np.float64)
-    dead = np.diag(h) <= 0
-    h[dead, dead] = 1.0
-    w[dead, :] = 0.0
+    w[f.dead, :] = 0.0
     nblocks = k // block
     ratio = np.ones((nblocks, n), np.float32) if clip is None else np.asarray(clip, np.float32)
     scales = np.empty((nblocks, n), dtype)
     if act_order:  # static groups: every scale from the weights as they are before the pass
         scales[:] = int4_block_scales(w, block, dtype, ratio)
-        perm = np.argsort(-np.diag(h), kind="stable")
-    else:
-        perm = np.arange(k)
-    w, hp = w[perm], h[perm][:, perm]
-    u, damp_used = _inverse_factor(hp, damp)
-    u = u.astype(np.float32)
+    perm, u = f.perm, f.u
+    w = w[perm]
     q = np.empty_like(w)
     lazy = max(LAZY_ROWS, block) if not act_order else LAZY_ROWS
     for i1 in range(0, k, lazy):
@@ -118,7 +131,7 @@ def gptq_quantize(w_kn: np.ndarray, h: np.ndarray, block: int, *, damp: float = 
         w[i2:] -= u[i1:i2, i2:].T @ err
     out = np.empty_like(q)
     out[perm] = q
-    return out, scales, {"damp": damp_used, "dead_inputs": int(dead.sum()), "act_order": act_order}
+    return out, scales, {"damp": f.damp, "dead_inputs": int(f.dead.sum()), "act_order": act_order}
 
 
 def proxy_loss(w_kn: np.ndarray, q_kn: np.ndarray, h: np.ndarray) -> float:
@@ -157,8 +170,12 @@ class GPTQ(AWQ):
 
     def plan_weights(self, ctx: PlanContext) -> list[WeightPlan]:
         todo = ctx.quantized()
-        plans = [self.plan_weight(ctx, d, weight_granularity(ctx.recipe), None)
-                 for d in progress(todo, len(todo), "gptq (GEMMs)")]
+        self._factors: dict[str, HessianFactor | np.linalg.LinAlgError] = {}  # by input tensor: q/k/v, gate/up share one
+        try:
+            plans = [self.plan_weight(ctx, d, weight_granularity(ctx.recipe), None)
+                     for d in progress(todo, len(todo), "gptq (GEMMs)")]
+        finally:
+            self._factors = {}
         fell_back = [p.gemm.node for p in plans if (p.info or {}).get("gptq", {}).get("fallback")]
         if fell_back:
             log.warning("gptq: %d of %d GEMMs kept round-to-nearest weights (see the manifest's gptq.fallback): %s",
@@ -189,9 +206,18 @@ class GPTQ(AWQ):
         h = self.hessian(ctx, d)
         rtn_q, rtn_s = _rtn(w, d.block, np_dtype, clip)
         info: dict = {"damp_requested": ctx.recipe.gptq_damp}
+        cache = getattr(self, "_factors", {})
         try:
-            q, scales, done = gptq_quantize(w, h, d.block, damp=ctx.recipe.gptq_damp,
-                                            act_order=ctx.recipe.gptq_act_order, dtype=np_dtype, clip=clip)
+            f = cache.get(d.gemm.act)
+            if f is None:
+                try:
+                    f = factor_hessian(h, ctx.recipe.gptq_damp, ctx.recipe.gptq_act_order)
+                except np.linalg.LinAlgError as exc:
+                    f = exc
+                cache[d.gemm.act] = f
+            if isinstance(f, np.linalg.LinAlgError):
+                raise f
+            q, scales, done = gptq_quantize(w, f, d.block, dtype=np_dtype, clip=clip)
             info.update(done)
         except np.linalg.LinAlgError as exc:
             q, scales = rtn_q, rtn_s
