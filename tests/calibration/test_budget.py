@@ -217,3 +217,17 @@ def test_pipeline_budget_key(tmp_path, tiny_model):
     r = CliRunner().invoke(main, ["run", str(p), "-o", str(out)])
     one_line_error(r, "[quantize] budget 'embedding_cosine=0.99' compares sentence embeddings")
     assert not out.exists()
+
+
+def test_int4_weight_only_falls_back_to_the_float_rest(decoder, tmp_path):
+    """INT4 blocks behind a switch: what the search measured is what the written model measures."""
+    exp, npz = decoder
+    recipe = get_preset("int4-rtn").replace(budget="perplexity=0.5%", num_samples=24, block_size=32)
+    art = quantize(exp, recipe, tmp_path / "q", calib=[npz])
+    q = art.manifest.quantization
+    b = _check_manifest(art, "perplexity=0.5%")
+    assert b["measured_all_quantized"] > 0.5 >= b["measured"]
+    assert b["groups_kept"] >= 1 and b["measured"] == pytest.approx(b["measured_search"], abs=1e-6)
+    kept = _kept(q)
+    assert kept and {ly["precision"] for ly in q.layers if ly["name"] in kept} == {"fp32"}
+    assert set(b["weight_share"]) == {"int4-weight-only", "fp32"}
