@@ -19,10 +19,15 @@ Each candidate's parity run is ``trtforge parity`` in its own process; the figur
 report.json. Every candidate is checked against every preset's limits, so the table shows which
 presets it passes.
 
-    python bench/parity_gates.py --model gemma3 --out /work/out/reports/gates \
-        --json docs/results/parity-gates-gemma3.json
-    python bench/parity_gates.py --model minilm --out /work/out/reports/gates \
-        --json docs/results/parity-gates-minilm.json
+    python bench/parity_gates.py --model gemma3 --recipes int8-sq --out /work/out/reports/gates \
+        --json docs/results/parity-gates-gemma3-int8.json        # + faults planted in the first recipe
+    python bench/parity_gates.py --model gemma3 --recipes fp8 --faults wscale8 ...
+    python bench/parity_gates.py --model minilm --json docs/results/parity-gates-minilm.json
+    python bench/parity_gates.py --table docs/results/parity-gates-*.json   # the table of docs/parity.md
+    python bench/parity_gates.py --size-of REPORT_DIR    # folder size, outputs.json it would need, page height
+
+Parity runs use 16 texts of at most 64 tokens in batches of 1 and 4 (--num-samples, --max-len,
+--batch-sizes): a 262k-vocabulary model's logits in float64 otherwise take the run past 6 GB.
 """
 
 from __future__ import annotations
@@ -296,7 +301,7 @@ def verdicts(fig: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=("gemma3", "minilm"), required=True)
+    ap.add_argument("--model", choices=("gemma3", "minilm"))
     ap.add_argument("--out", type=Path, default=Path("/work/out/reports/gates"))
     ap.add_argument("--recipes", default=",".join(RECIPES))
     ap.add_argument("--faults", default="wscale8,range8", help="faults planted in the first recipe's artifact")
@@ -305,8 +310,12 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="1,4", help="parity's --batch-sizes (1,4 keeps a 262k-vocab run under 6 GB)")
     ap.add_argument("--reference", type=Path, help="the FP32 export (default: the model's, module docstring)")
     ap.add_argument("--size-of", type=Path, help="only report a report folder's size and page before/after, then exit")
+    ap.add_argument("--table", type=Path, nargs="+", help="print the evidence table of these result files, then exit")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
+    if a.table:
+        print(table(a.table))
+        return
     if a.size_of:
         files = {p.name: p.stat().st_size for p in sorted(a.size_of.iterdir()) if p.is_file()}
         res = {"report_dir": str(a.size_of), "files": files, "report_bytes": sum(files.values()),
@@ -319,6 +328,8 @@ def main() -> None:
             a.json.parent.mkdir(parents=True, exist_ok=True)
             a.json.write_text(text + "\n")
         return
+    if a.model is None:
+        ap.error("--model is required (unless --table or --size-of)")
     out = a.out / a.model
     out.mkdir(parents=True, exist_ok=True)
     decoder = a.model == "gemma3"
@@ -348,6 +359,39 @@ def main() -> None:
                 _write(a, rows, ref)
     if a.json:
         _write(a, rows, ref)
+
+
+COLUMNS = (("primary_cosine_mean", "cosine (logits / hidden state)"), ("cosine_min", "cosine min (worst output)"),
+           ("snr_db", "SNR dB (worst output)"), ("top1_agreement", "top-1"), ("top5_agreement", "top-5"),
+           ("kl_mean", "KL nats"), ("ppl_change_pct", "ppl %"), ("task_agreement", "task agreement (worst category)"),
+           ("task_accuracy_drop", "accuracy drop pts (worst)"), ("embedding_cosine_mean", "emb. cosine"),
+           ("embedding_cosine_min", "emb. cosine min"))
+
+
+def table(paths: list[Path]) -> str:
+    """The evidence table of docs/parity.md from result files: one row per candidate, the preset
+    metrics, and the presets whose limits it meets (today's limits, re-evaluated here)."""
+    rows = []
+    for path in paths:
+        res = json.loads(path.read_text())
+        for r in res["rows"]:
+            if "figures" in r:
+                rows.append((res["model"], r))
+    used = [(k, h) for k, h in COLUMNS if k == "primary_cosine_mean" or any(r["figures"].get(k) is not None
+                                                                         for _, r in rows)]
+    out = ["| model | candidate | " + " | ".join(h for _, h in used) + " | meets presets |",
+           "|---|---|" + "---:|" * len(used) + "---|"]
+    for model, r in rows:
+        f = {**r["figures"]}
+        f["primary_cosine_mean"] = f.get("logits_cosine_mean", f.get("last_hidden_state_cosine_mean"))
+        cells = []
+        for k, _ in used:
+            v = f.get(k)
+            cells.append("" if v is None else f"{v:.4f}" if k.endswith(("cosine_mean", "cosine_min")) or k.startswith(
+                ("top", "task_agreement")) else f"{v:.3g}")
+        meets = ", ".join(p for p, v in verdicts(f).items() if v["passed"]) or "none"
+        out.append(f"| {model} | {r['candidate']} | " + " | ".join(cells) + f" | {meets} |")
+    return "\n".join(out)
 
 
 def _write(a: argparse.Namespace, rows: list, ref: Path) -> None:

@@ -474,21 +474,36 @@ def _tasks(t: dict[str, Any]) -> str:
         shown = flipped + [("diverged", i) for i in c["diverged"] if i not in seen]
         if not shown:
             continue
-        rows = []
-        for what, i in shown[:25]:
-            p = by_index[i]
-            answer = f"<br><span class='muted'>answer: {_e(p['answer'])}</span>" if p["answer"] else ""
-            rows.append(f"<tr><td>{_e(what)}</td><td class='text'>{_text(p['prompt'])}{answer}</td>"
-                        f"<td class='text'>{_continuation(p['reference'], p['common_prefix'], p['agree'])}</td>"
-                        f"<td class='text'>{_continuation(p['candidate'], p['common_prefix'], p['agree'])}</td>"
-                        f"<td class='num'>{_n(p['tokens_before_divergence'])}</td></tr>")
-        more = f" (first 25 of {len(shown)})" if len(shown) > 25 else ""
-        head = "".join(f"<th>{x}</th>" for x in ("", "prompt", "reference continuation", "candidate continuation",
-                                                 "same tokens"))
-        parts.append(f"<h3>{_e(cat)}: flipped and diverging prompts{more}</h3>"
-                     f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+        shown = shown[:25]
+        more = f" (first 25 of {len(flipped) + len(c['diverged']) - len(seen & set(c['diverged']))})" \
+            if len(shown) == 25 else ""
+        # what changed an answer is shown; prompts that only diverged (no answer, or the same verdict)
+        # are collapsed, except in the worst category when nothing flipped there
+        open_items = [x for x in shown if x[0] != "diverged"] or (shown[:3] if cat == t["order"][0] else [])
+        rest = [x for x in shown if x not in open_items]
+        parts.append(f"<h3>{_e(cat)}: flipped and diverging prompts{more}</h3>")
+        if open_items:
+            parts.append(_prompt_table(open_items, by_index))
+        if rest:
+            parts.append(f"<details><summary>{len(rest)} {'more ' if open_items else ''}prompts whose continuation "
+                         f"diverged</summary>{_prompt_table(rest, by_index)}</details>")
     parts.append("</section>")
     return "".join(parts)
+
+
+def _prompt_table(items: list[tuple[str, int]], by_index: dict[int, dict[str, Any]]) -> str:
+    """Prompts with both continuations side by side, what follows the shared prefix highlighted."""
+    head = "".join(f"<th>{x}</th>" for x in ("", "prompt", "reference continuation", "candidate continuation"))
+    rows = []
+    for what, i in items:
+        p = by_index[i]
+        answer = f"<br><span class='muted'>answer: {_e(p['answer'])}</span>" if p["answer"] else ""
+        rows.append(f"<tr><td>{_e(what)}</td><td class='text'>{_text(p['prompt'])}{answer}</td>"
+                    f"<td class='text'>{_continuation(p['reference'], p['common_prefix'], p['agree'])}</td>"
+                    f"<td class='text'>{_continuation(p['candidate'], p['common_prefix'], p['agree'])}</td>"
+                    f"<td class='num'>{_n(p['tokens_before_divergence'])}</td></tr>")
+    return (f"<table><thead><tr>{head}<th class='num'>same tokens</th></tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table>")
 
 
 def _data_section(data: dict[str, Any]) -> str:

@@ -88,29 +88,35 @@ class Preset(str, Enum):
     INT4 = "int4"
 
 
-# Why these numbers: docs/parity.md ("The gate and the threshold presets"). FP16 is rounding
-# only; the quantized presets follow what healthy W8A8 SmoothQuant, FP8 E4M3 and INT4 AWQ models
-# keep, with head-room, so a healthy recipe passes and a broken layer (SNR collapse, arg-max
-# flips) fails. Task limits (docs/parity.md, "Task-level parity"): agreement over 32 greedy
-# tokens is about the per-step agreement to the 32nd power, so 0.75 / 0.5 / 0.3 allow about one
-# flipped step in 110 / 47 / 27 (FP16 vs FP32 of Gemma 3 270M measured one in 230; its broken
-# INT8 one in 11); accuracy drops are in points per category.
+# Why these numbers: docs/parity.md ("The gate and the threshold presets", "The gate's evidence").
+# FP16 is rounding only. The quantized presets come from real models measured by
+# bench/parity_gates.py (docs/results/parity-gates-*.json): each limit leaves a healthy artifact
+# of today's recipes at least 1.5x its error (1 - cosine) or 3 dB of SNR of head-room, and fails
+# every planted fault (one GEMM's weight scale x8, or its activation range / 8). FP8 is held to
+# INT8's limits: on all-MiniLM-L6-v2 (embedding cosine 0.9975 vs 0.9981) and on the 135M LLaMA of
+# issue 16 (ppl +2.6 % vs +2.3 %, top-1 0.854 vs 0.862) it measured no closer than INT8
+# SmoothQuant, so a tighter FP8 gate failed healthy FP8. SNR 18 dB: 3 dB under healthy FP8 / INT8
+# MiniLM (21.8 / 22.5 dB); the wrong-range fault measures 13.4 dB. INT4 AWQ on MiniLM measures embedding
+# cosine 0.972 and 12.3 dB: its cosine / SNR / embedding limits are set from that (0.95, 9 dB,
+# 0.95 / 0.94); the decoder limits (top-1, KL, perplexity) and every task limit are unchanged: no
+# healthy quantized decoder has been measured (Gemma 3 270M's int8-sq fails on its tasks, rightly).
+# Task limits (docs/parity.md, "Task-level parity"): agreement over 32 greedy tokens is about the
+# per-step agreement to the 32nd power, so 0.75 / 0.5 / 0.3 allow about one flipped step in
+# 110 / 47 / 27; accuracy drops are in points per category.
+_INT8 = dict(cosine_mean=0.99, cosine_min=0.90, snr_db=18.0, top1_agreement=0.90,
+             top5_agreement=0.85, kl_mean=0.03, ppl_change_pct=5.0,
+             embedding_cosine_mean=0.99, embedding_cosine_min=0.97,
+             task_agreement=0.50, task_accuracy_drop=5.0)
 _PRESETS: dict[Preset, dict[str, float | None]] = {
     Preset.FP16: dict(cosine_mean=0.9999, cosine_min=0.999, snr_db=40.0, top1_agreement=0.99,
                       top5_agreement=0.97, kl_mean=1e-3, ppl_change_pct=0.5,
                       embedding_cosine_mean=0.9999, embedding_cosine_min=0.999,
                       task_agreement=0.75, task_accuracy_drop=2.0),
-    Preset.FP8: dict(cosine_mean=0.995, cosine_min=0.92, snr_db=20.0, top1_agreement=0.93,
-                     top5_agreement=0.88, kl_mean=0.02, ppl_change_pct=3.0,
-                     embedding_cosine_mean=0.995, embedding_cosine_min=0.98,
-                     task_agreement=0.50, task_accuracy_drop=5.0),
-    Preset.INT8: dict(cosine_mean=0.99, cosine_min=0.90, snr_db=20.0, top1_agreement=0.90,
-                      top5_agreement=0.85, kl_mean=0.03, ppl_change_pct=5.0,
-                      embedding_cosine_mean=0.99, embedding_cosine_min=0.97,
-                      task_agreement=0.50, task_accuracy_drop=5.0),
-    Preset.INT4: dict(cosine_mean=0.98, cosine_min=0.85, snr_db=15.0, top1_agreement=0.85,
+    Preset.FP8: dict(_INT8),
+    Preset.INT8: dict(_INT8),
+    Preset.INT4: dict(cosine_mean=0.95, cosine_min=0.85, snr_db=9.0, top1_agreement=0.85,
                       top5_agreement=0.80, kl_mean=0.1, ppl_change_pct=10.0,
-                      embedding_cosine_mean=0.98, embedding_cosine_min=0.95,
+                      embedding_cosine_mean=0.95, embedding_cosine_min=0.94,
                       task_agreement=0.30, task_accuracy_drop=10.0),
 }
 
