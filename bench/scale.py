@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -35,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DATA, REPO, machine  # noqa: E402
 
-OUT = REPO / "bench" / "out" / "scale"
+OUT = Path(os.environ.get("TRTFORGE_SCALE_OUT", REPO / "bench" / "out" / "scale"))  # sources and stage outputs
 CALIB = DATA / "calib-mpl-lgpl.txt"
 
 MODELS = {

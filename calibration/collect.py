@@ -19,12 +19,13 @@ import onnx
 from onnx import helper
 
 from trtforge.artifacts import read_json, sha256_json, write_json
+from trtforge.calibration.layerwise import layer_stats, wants_layerwise
 from trtforge.calibration.stats import TensorStats
 from trtforge.errors import CalibrationError, InputError
 from trtforge.graph import needed_subgraph, tensor_types
 from trtforge.inputs import make_feeds
 from trtforge.manifest import ModelDims
-from trtforge.onnx_io import has_external_data
+from trtforge.onnx_io import has_external_data, weight_bytes
 from trtforge.ort import NO_PREPACKING, graph_session, release_memory
 from trtforge.progress import progress
 from trtforge.textdata import Samples
@@ -172,6 +173,18 @@ def _probe_session(model: onnx.ModelProto, watched: list[str], types: dict[str, 
         graph_outputs.extend(saved)
 
 
+def _collect_layerwise(model, watched, samples, dims, *, batch_size, hessians=None, **kw) -> ActivationRanges:
+    """collect_ranges layer block by layer block (calibration/layerwise.py); same batches, and
+    the same Hessians (GPTQ) accumulated from each block's outputs."""
+    groups = batches(samples, batch_size)
+    hess: dict[str, np.ndarray] = {}
+    observe = (lambda name, x: _add_hessian(hess, name, x) if name in hessians else None) if hessians else None
+    stats, meta = layer_stats(model, watched, samples, dims, groups=groups, observe=observe, **kw)
+    meta["batch_size"] = batch_size
+    _finish_hessians(hess, stats, meta)
+    return ActivationRanges(model_key(model, watched), stats, samples.describe(), meta, hess)
+
+
 def collect_ranges(
     model: onnx.ModelProto,
     watched: list[str],
@@ -186,13 +199,23 @@ def collect_ranges(
     per_tensor: set[str] | None = None,
     base_dir: str | Path | None = None,
     hessians: set[str] | None = None,
+    layerwise: bool | None = None,
+    layers_per_block: int = 1,
 ) -> ActivationRanges:
     """``per_tensor`` tensors (attention BMM inputs, whose last axis may be the sequence) get
     per-tensor statistics only and no kept rows. ``base_dir``: where the model's external data
     is (a graph loaded without it); the probe reads the weights from there, never copying them.
-    ``hessians``: GEMM inputs whose X^T X to accumulate (GPTQ), one float32 [K, K] each."""
+    ``hessians``: GEMM inputs whose X^T X to accumulate (GPTQ), one float32 [K, K] each.
+    ``layerwise`` (None: :func:`.layerwise.wants_layerwise` decides, for graphs whose weights
+    stay in their files): calibrate block by block of ``layers_per_block`` decoder layers, so
+    that memory holds one block's weights, not the model's."""
     if not samples.ids:
         raise CalibrationError("no calibration samples", "pass calibration text")
+    if base_dir is not None and has_external_data(model) and (
+            wants_layerwise(weight_bytes(model)) if layerwise is None else layerwise):
+        return _collect_layerwise(model, watched, samples, dims, batch_size=batch_size, bins=bins, keep=keep,
+                                  seed=seed, providers=providers, per_tensor=per_tensor, base_dir=base_dir,
+                                  layers_per_block=layers_per_block, hessians=hessians)
     types = tensor_types(model)
     sess = _probe_session(model, watched, types, base_dir, providers)
     input_names = [i.name for i in model.graph.input]
@@ -235,12 +258,17 @@ def collect_ranges(
     }
     sess = run = None  # noqa: F841 - the session goes now, not when the caller is done
     release_memory()  # the probe's weights and activations, back to the system before the next step
+    _finish_hessians(hess, stats, meta)
+    return ActivationRanges(model_key(model, watched), stats, samples.describe(), meta, hess)
+
+
+def _finish_hessians(hess: dict[str, np.ndarray], stats: dict, meta: dict) -> None:
+    """Accumulated X^T X divided by the rows counted, and their size in the meta."""
     for name, h in hess.items():
         h /= max(stats[name].count, 1)
     if hess:
         meta["hessians"] = {"tensors": len(hess), "mib": round(sum(h.nbytes for h in hess.values()) / 2**20, 1),
                             "dtype": "float32", "what": "X^T X / rows of each GEMM input"}
-    return ActivationRanges(model_key(model, watched), stats, samples.describe(), meta, hess)
 
 
 def _add_hessian(hess: dict[str, np.ndarray], name: str, x: np.ndarray) -> None:

@@ -6,6 +6,8 @@ transformers at module level; the rest of the package imports it lazily.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import logging
 import warnings
@@ -19,6 +21,8 @@ import transformers
 
 from trtforge.architectures import Architecture, NormKind
 from trtforge.errors import ExportError, InputError
+from trtforge.exporter.fold import fold_constants
+from trtforge.onnx_io import DataFile, new_tensor
 from trtforge.vocab import Task
 
 log = logging.getLogger(__name__)
@@ -29,15 +33,21 @@ def load_model(folder: Path, arch: Architecture, task: Task) -> torch.nn.Module:
 
     Eager attention exports as explicit MatMul/Softmax/MatMul, which is what Q/DQ placement on
     the attention batched matmuls and TensorRT's attention fusion patterns expect.
+
+    Memory: a checkpoint held in BF16 or FP16 safetensors is loaded in that dtype and then
+    upcast parameter by parameter (:func:`upcast`), so the process never holds the FP32 model
+    beside the loader's reduced-precision copy (loading straight to FP32 peaked at 1.5x the FP32
+    weights on TinyLlama's shape).
     """
     auto = getattr(transformers, arch.auto_class[task])
+    dtype = checkpoint_dtype(sorted(folder.glob("*.safetensors")))
     transformers.utils.logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model, info = auto.from_pretrained(
                 str(folder),
-                dtype=torch.float32,
+                dtype=dtype,
                 attn_implementation="eager",
                 trust_remote_code=False,
                 local_files_only=True,
@@ -54,8 +64,96 @@ def load_model(folder: Path, arch: Architecture, task: Task) -> torch.nn.Module:
     if task == Task.SEQUENCE_CLASSIFICATION and any("classifier" in k or "score" in k for k in info.get("missing_keys", [])):
         raise InputError(f"{folder} has no classification head weights", "use --task feature-extraction")
     model.eval()
+    if dtype != torch.float32:
+        upcast(model)
     check_finite(model)
     return model
+
+
+_SAFETENSORS_FLOATS = {"BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def checkpoint_dtype(files: list[Path]) -> torch.dtype:
+    """BF16 or FP16 where every floating tensor of the safetensors ``files`` is of that dtype (read
+    from their headers, no data), else FP32 (mixed, FP32, or pickled weights)."""
+    import json
+    import struct
+
+    kinds: set[str] = set()
+    if not files:
+        return torch.float32
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                if n > 100 << 20:
+                    return torch.float32
+                header = json.loads(fh.read(n))
+        except (OSError, ValueError, struct.error):
+            return torch.float32  # from_pretrained says what is wrong with the file
+        kinds |= {v.get("dtype") for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
+                  and str(v.get("dtype", "")).startswith(("F", "BF"))}
+    return _SAFETENSORS_FLOATS[next(iter(kinds))] if len(kinds) == 1 and kinds <= set(_SAFETENSORS_FLOATS) else torch.float32
+
+
+_MADV_PAGEOUT = 21  # Linux 5.4+
+
+
+def _page_out(t: torch.Tensor) -> None:
+    """Let the kernel reclaim the pages under ``t`` now (their contents stay valid).
+
+    transformers maps safetensors files into memory and hands out tensors that are views of
+    the mapping; every page the upcast reads stays resident until the whole file is unmapped,
+    which would add the checkpoint's size to the peak. ``MADV_PAGEOUT`` drops them as they are
+    read. Elsewhere (anonymous memory, older kernels, not Linux) it does nothing or fails
+    harmlessly, and a page read again is simply read from the file again."""
+    import ctypes
+    import mmap
+
+    libc = _libc()
+    if libc is None:
+        return
+    page = mmap.PAGESIZE
+    start = -(-t.data_ptr() // page) * page  # whole pages inside the tensor only
+    end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
+    if end > start:
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_PAGEOUT)
+
+
+@functools.cache
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
+def upcast(model: torch.nn.Module) -> None:
+    """Every floating parameter and buffer to FP32, in place, one tensor at a time (each reduced-
+    precision tensor is freed as its FP32 copy replaces it; tied parameters stay tied).
+
+    A scalar buffer that transformers computes from a Python float (Gemma's ``embed_scale``,
+    kept as ``scalar_embed_scale``) takes that exact value: loaded in BF16 it would be rounded
+    (sqrt(640) = 25.298 becomes 25.25), which an FP32 load does not do."""
+    done: dict[int, torch.nn.Parameter] = {}
+    for mod in model.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is None or not p.is_floating_point() or p.dtype == torch.float32:
+                continue
+            if id(p) not in done:
+                done[id(p)] = torch.nn.Parameter(p.detach().float(), requires_grad=p.requires_grad)
+                _page_out(p)
+            mod._parameters[name] = done[id(p)]
+            del p
+        for name, b in list(mod._buffers.items()):
+            if b is None or not b.is_floating_point() or b.dtype == torch.float32:
+                continue
+            scalar = getattr(mod, f"scalar_{name}", None)
+            exact = b.dim() == 0 and isinstance(scalar, (int, float)) and not isinstance(scalar, bool)
+            mod._buffers[name] = torch.tensor(float(scalar), dtype=torch.float32) if exact else b.float()
 
 
 def _load_error(folder: Path, exc: BaseException) -> InputError:
@@ -86,7 +184,7 @@ def check_finite(model: torch.nn.Module) -> None:
     bad = []
     with torch.no_grad():
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if t.is_floating_point() and not _all_finite(t):
                 bad.append((name, int(torch.isnan(t).sum()), int(torch.isinf(t).sum())))
     if bad:
         name, nans, infs = bad[0]
@@ -95,6 +193,13 @@ def check_finite(model: torch.nn.Module) -> None:
             f"the model's weights are not finite: {name} has {nans} NaN and {infs} Inf values{more}",
             "the checkpoint is damaged or was saved from a diverged run; use an intact copy of the weights",
         )
+
+
+def _all_finite(t: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """``isfinite(t).all()`` a slice at a time: on a whole tensor it allocates a float copy and a
+    mask of it (+540 MB for a 49k x 2048 embedding)."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk))
 
 
 def load_tokenizer(folder: Path):
@@ -295,6 +400,7 @@ def export(
     output_names: list[str],
     dynamic_axes: dict[str, dict[int, str]],
     opset: int,
+    data: DataFile | None = None,
 ) -> tuple[onnx.ModelProto, str]:
     """Export with the TorchScript exporter (``dynamo=False``); returns (model, how weights got in).
 
@@ -305,13 +411,18 @@ def export(
 
     Memory: with its parameters embedded, torch.onnx.export peaked at about 5x the weights
     (2.5 GB for a 432 MB LLaMA, bench/export.py): it holds the traced constants, the folded
-    copies and the serialized proto at once. So the graph is exported without parameters and
-    each one is attached afterwards straight from the module, one copy in all. Where an input
-    cannot be matched to a parameter, the export falls back to embedding them.
+    copies and the serialized proto at once. Even without parameters its constant folding
+    computes the transpose of every Linear weight (+0.9x the weights on TinyLlama's shape). So
+    the graph is traced without parameters and without the exporter's folding; :mod:`.fold`
+    folds its constants, and each parameter (transposed where the graph transposes it) is then
+    attached straight from the module: written to ``data`` tensor by tensor when given (the
+    graph then refers to it), else held in the graph. Where an input cannot be matched to a
+    parameter, the export falls back to embedding them (more memory).
     """
-    _torch_export(wrapper, dummy, path, output_names, dynamic_axes, opset, export_params=False)
-    proto = onnx.load(str(path))
-    if attach_parameters(proto, wrapper, set(dummy)):
+    _torch_export(wrapper, dummy, path, output_names, dynamic_axes, opset, export_params=False, fold=False)
+    proto = onnx.load(str(path), load_external_data=False)  # the traced graph holds no weights
+    fold_constants(proto)
+    if attach_parameters(proto, wrapper, set(dummy), data):
         return proto, "attached from the module"
     del proto
     log.info("could not attach every parameter directly; exporting with embedded weights (more memory)")
@@ -319,10 +430,11 @@ def export(
     return onnx.load(str(path), load_external_data=True), "embedded by torch.onnx.export"
 
 
-def _torch_export(wrapper, dummy, path, output_names, dynamic_axes, opset, *, export_params: bool) -> None:
+def _torch_export(wrapper, dummy, path, output_names, dynamic_axes, opset, *, export_params: bool,
+                  fold: bool = True) -> None:
     args = tuple(torch.from_numpy(dummy[name]) for name in dummy)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _shape_inference_without_values(not export_params):
             warnings.simplefilter("ignore")
             with torch.no_grad():
                 torch.onnx.export(
@@ -333,7 +445,7 @@ def _torch_export(wrapper, dummy, path, output_names, dynamic_axes, opset, *, ex
                     output_names=output_names,
                     dynamic_axes=dynamic_axes,
                     opset_version=opset,
-                    do_constant_folding=True,
+                    do_constant_folding=fold,
                     export_params=export_params,
                     dynamo=False,
                 )
@@ -346,43 +458,111 @@ def _torch_export(wrapper, dummy, path, output_names, dynamic_axes, opset, *, ex
         ) from exc
 
 
-def attach_parameters(proto: onnx.ModelProto, wrapper: torch.nn.Module, real_inputs: set[str]) -> bool:
-    """Turn the parameter inputs of a graph exported with ``export_params=False`` into initializers.
+@contextlib.contextmanager
+def _shape_inference_without_values(active: bool):
+    """The TorchScript exporter's whole-graph ONNX shape inference without the parameters' values.
 
-    An input is either a parameter or buffer by name, or a constant the exporter folded from one:
-    in these graphs, only the transpose of a Linear weight feeding a MatMul, found through the
-    MatMul's module path in its node name. Shapes must match exactly. Returns False (and changes
-    nothing) if any input cannot be resolved.
+    It is handed every parameter's value and converts them to ONNX tensors for the inference:
+    +0.8x the weights for a 0.38B LLaMA (1.15 GB), though a graph whose parameters are inputs
+    (``export_params=False``) has their shapes and types on those inputs already. Without the
+    values the exported graph is the same, byte for byte (checked on TinyLlama's shape)."""
+    c = torch._C
+    original = getattr(c, "_jit_pass_onnx_graph_shape_type_inference", None)
+    if not active or original is None:
+        yield
+        return
+    c._jit_pass_onnx_graph_shape_type_inference = lambda graph, params, opset: original(graph, {}, opset)
+    try:
+        yield
+    finally:
+        c._jit_pass_onnx_graph_shape_type_inference = original
+
+
+def attach_parameters(proto: onnx.ModelProto, wrapper: torch.nn.Module, real_inputs: set[str],
+                      data: DataFile | None = None) -> bool:
+    """Turn the parameter inputs of a graph exported with ``export_params=False`` into initializers
+    (with ``data``: references to their bytes, appended to that file one tensor at a time).
+
+    An input is a parameter or buffer by name. ``Transpose`` of a 2-D parameter (a Linear weight
+    feeding a MatMul, in graphs traced without folding) becomes an initializer holding the
+    transposed weight, named ``onnx::MatMul_<n>`` as the exporter's folding names it; a tied
+    weight read both ways (embedding and lm_head) is written both ways. With folding, an input
+    may also be a constant folded from a parameter: only the transpose of a Linear weight feeding
+    a MatMul, found through the MatMul's module path in its node name. Shapes must match exactly.
+    Returns False (and changes nothing) if any input cannot be resolved.
     """
     from onnx import helper, numpy_helper
 
     # remove_duplicate=False: a tied lm_head is the embedding Parameter under a second name
     named = dict(wrapper.named_parameters(remove_duplicate=False)) | dict(wrapper.named_buffers(remove_duplicate=False))
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in proto.graph.node:
-        for i in node.input:
-            consumers.setdefault(i, []).append(node)
-    resolved: dict[str, np.ndarray] = {}
-    for inp in proto.graph.input:
-        if inp.name in real_inputs:
-            continue
-        shape = [d.dim_value for d in inp.type.tensor_type.shape.dim]
-        arr = None
-        if inp.name in named:
-            arr = named[inp.name].detach().cpu().numpy()
-        else:
-            users = consumers.get(inp.name, [])
-            if len(users) == 1 and users[0].op_type == "MatMul" and users[0].input[1] == inp.name:
-                parts = [p for p in users[0].name.strip("/").split("/") if p][:-1]
-                w = named.get(".".join(parts) + ".weight")
-                if w is not None:
-                    arr = w.detach().cpu().numpy().T
-        if arr is None or list(arr.shape) != shape:
-            return False
-        resolved[inp.name] = arr
     g = proto.graph
+    graph_inputs = {i.name for i in g.input}
+    outputs = {o.name for o in g.output}
+    taken = graph_inputs | {o for n in g.node for o in n.output}
+    # Transpose(parameter) -> a transposed initializer (planned first; nothing changes on failure)
+    folded: dict[str, tuple[str, str]] = {}  # transpose output -> (new initializer, parameter)
+    k = 0
+    for node in g.node:
+        x = node.input[0] if node.op_type == "Transpose" and node.input else None
+        if (x in graph_inputs and x not in real_inputs and x in named and named[x].dim() == 2
+                and _perm(node) in (None, [1, 0]) and node.output[0] not in outputs):
+            while f"onnx::MatMul_{k}" in taken:
+                k += 1
+            folded[node.output[0]] = (f"onnx::MatMul_{k}", x)
+            taken.add(f"onnx::MatMul_{k}")
+    # by position: protobuf hands out a new Python object for a message on each access
+    dropped = {j for j, n in enumerate(g.node) if n.op_type == "Transpose" and n.output and n.output[0] in folded}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for j, node in enumerate(g.node):
+        if j in dropped:
+            continue
+        for i in node.input:
+            consumers.setdefault(folded[i][0] if i in folded else i, []).append(node)
+
+    wanted: dict[str, tuple[list[int], tuple[str, bool]]] = {}  # initializer -> (shape, (source, transposed))
+    for inp in g.input:
+        if inp.name in real_inputs or inp.name not in consumers:
+            continue
+        wanted[inp.name] = ([d.dim_value for d in inp.type.tensor_type.shape.dim], (inp.name, False))
+    for new, param in folded.values():
+        wanted[new] = (list(named[param].shape)[::-1], (param, True))
+
+    resolved: dict[str, tuple[str, bool]] = {}
+    for name, (shape, (key, transpose)) in wanted.items():
+        source = None
+        if key in named:
+            source = (key, transpose)
+        else:
+            users = consumers.get(name, [])
+            if len(users) == 1 and users[0].op_type == "MatMul" and users[0].input[1] == name:
+                parts = [p for p in users[0].name.strip("/").split("/") if p][:-1]
+                if ".".join(parts) + ".weight" in named:
+                    source = (".".join(parts) + ".weight", True)
+        if source is None:
+            return False
+        t = named[source[0]]
+        if (list(t.shape)[::-1] if source[1] else list(t.shape)) != shape:
+            return False
+        resolved[name] = source
+
+    if folded:
+        keep_nodes = [n for j, n in enumerate(g.node) if j not in dropped]
+        for node in keep_nodes:
+            for j, i in enumerate(node.input):
+                if i in folded:
+                    node.input[j] = folded[i][0]
+        del g.node[:]
+        g.node.extend(keep_nodes)
     keep = [i for i in g.input if i.name in real_inputs]
-    for name, arr in resolved.items():
+    for name, (key, transpose) in resolved.items():
+        arr = named[key].detach().cpu().numpy()
+        if transpose:
+            arr = arr.T
+        if data is not None:
+            # one tensor at a time: a transposed view is made contiguous (one copy of this tensor),
+            # written, and dropped before the next
+            g.initializer.append(new_tensor(arr, name, data))
+            continue
         # Built in place: appending a finished TensorProto copies it once more, and tobytes()
         # writes a transposed view in C order itself, so no contiguous copy comes first either
         # (for Gemma 3's tied 262k-token lm_head each of those is 671 MB).
@@ -394,6 +574,13 @@ def attach_parameters(proto: onnx.ModelProto, wrapper: torch.nn.Module, real_inp
     del g.input[:]
     g.input.extend(keep)
     return True
+
+
+def _perm(node: onnx.NodeProto) -> list[int] | None:
+    for a in node.attribute:
+        if a.name == "perm":
+            return list(a.ints)
+    return None
 
 
 @torch.no_grad()

@@ -8,9 +8,10 @@ Out: OUT_DIR with ``model.onnx`` (+ ``model.onnx.data`` for large models), the t
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
+import os
+import shutil
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
@@ -20,7 +21,7 @@ import onnx
 
 from trtforge.architectures import Architecture
 from trtforge.artifacts import OnnxArtifact, copy_side_files, hash_files, sha256_file
-from trtforge.errors import InputError
+from trtforge.errors import InputError, TrtforgeError
 from trtforge.exporter.validate import Case, validate
 from trtforge.fp16 import convert_to_fp16
 from trtforge.graph import GraphIndex, describe_io
@@ -35,7 +36,19 @@ from trtforge.inputs import (
     tokenize_batch,
 )
 from trtforge.manifest import IOInfo, ModelDims, ModelFile, SourceInfo, TensorInfo
-from trtforge.onnx_io import DATA_FILE, MODEL_FILE, check_onnx, save_model
+from trtforge.onnx_io import (
+    DATA_FILE,
+    MODEL_FILE,
+    DataFile,
+    Weights,
+    check_onnx,
+    external_info,
+    is_external,
+    needs_external,
+    tensor_nbytes,
+    write_model,
+)
+from trtforge.ort import release_memory
 from trtforge.registry import ARCHITECTURES
 from trtforge.sample_text import SENTENCES
 from trtforge.stage import StageOutput
@@ -46,6 +59,7 @@ log = logging.getLogger(__name__)
 # The export wrappers hold the Hugging Face model as attribute ``model``.
 WRAPPER_PREFIX = "model."
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+_MAX16 = float(np.finfo(np.float16).max)
 
 
 class DType(str, Enum):
@@ -199,12 +213,19 @@ def export_onnx(
     with stage.open() as tmp:
         raw_dir = tmp / "_raw"
         raw_dir.mkdir()
-        with stage.timed("export_s"):
-            proto, weights_how = _torch.export(wrapper, dummy_inputs(src.task, dims, io, options.seed),
-                                               raw_dir / MODEL_FILE, io.output_names, io.dynamic_axes, options.opset)
+        # the attached weights go straight to a scratch data file, one tensor at a time: the
+        # graph in memory refers to them and holds none
+        scratch = DataFile(raw_dir / DATA_FILE)
+        try:
+            with stage.timed("export_s"):
+                proto, weights_how = _torch.export(wrapper, dummy_inputs(src.task, dims, io, options.seed),
+                                                   raw_dir / MODEL_FILE, io.output_names, io.dynamic_axes,
+                                                   options.opset, data=scratch)
+        finally:
+            scratch.close()
 
-        # PyTorch's outputs for validation now, then free the model: the weights are never held
-        # three times (module, graph, serialized bytes) while the graph is saved.
+        # PyTorch's outputs for validation now, then free the model: the weights are held once by
+        # PyTorch, and once by ONNX Runtime after it, never both.
         expected: dict = {}
         cases: list[Case] = []
         if options.validate:
@@ -212,21 +233,21 @@ def export_onnx(
                 cases = validation_cases(src, io, dims, tokenizer)
                 expected = {id(c.feeds): _torch.run(wrapper, c.feeds, io.output_names) for c in cases}
         del wrapper, model
-        gc.collect()
+        release_memory()
 
         with stage.timed("postprocess_s"):
             proto = name_weights(proto)
+            weights = Weights(proto, raw_dir)
             if options.dtype == DType.FP16:
-                proto = convert_to_fp16(proto)
+                proto = convert_to_fp16(proto, initializer_to16=_cast_to_fp16(weights))
+                weights.rebind(proto)
             proto.producer_name = "trtforge"
             proto.doc_string = f"{src.config.get('model_type')} {src.task.value} exported by trtforge"
-            external = save_model(proto, tmp / MODEL_FILE, force_external=options.external_data)
+            external = _save(proto, weights, tmp, raw_dir, force_external=options.external_data)
             inputs, outputs = describe_io(proto.graph.input), describe_io(proto.graph.output)
             opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-            del proto
-            for p in raw_dir.iterdir():
-                p.unlink()
-            raw_dir.rmdir()
+            del proto, weights
+            shutil.rmtree(raw_dir)
 
         with stage.timed("check_s"):
             check_onnx(tmp / MODEL_FILE)
@@ -273,6 +294,50 @@ def export_onnx(
     log.info("exported %s (%s, %s) to %s in %.1fs", src.folder.name, src.task.value, options.dtype.value, stage.path,
              m.timings["total_s"])
     return OnnxArtifact.open(stage.path)
+
+
+def _cast_to_fp16(weights: Weights):
+    """convert_to_fp16's initializer cast, recorded on ``weights`` (applied as each tensor is written)."""
+    def cast(t: onnx.TensorProto) -> None:
+        weights.transform(t, lambda a: np.clip(a, -_MAX16, _MAX16), np.float16)
+    return cast
+
+
+def _final_bytes(model: onnx.ModelProto) -> int:
+    """Weight bytes as they will be written (a recorded FP16 cast halves an external FP32 tensor)."""
+    total = 0
+    for t in model.graph.initializer:
+        if is_external(t) and t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+            total += int(np.prod(t.dims, dtype=np.int64)) * (2 if t.data_type == onnx.TensorProto.FLOAT16 else 4)
+        else:
+            total += tensor_nbytes(t)
+    return total
+
+
+def _save(model: onnx.ModelProto, weights: Weights, tmp: Path, raw_dir: Path, *, force_external: bool) -> bool:
+    """Write ``tmp/model.onnx`` (+ ``model.onnx.data``) tensor by tensor from the scratch data in
+    ``raw_dir``; returns whether the weights are external. An FP32 export whose weights are all in
+    the scratch file keeps that file as its data file (renamed, not copied)."""
+    external = force_external or needs_external(_final_bytes(model))
+    scratch = raw_dir / DATA_FILE
+    try:
+        as_is = external and all(
+            not weights.pending(t.name) and external_info(t).get("location") == DATA_FILE
+            for t in model.graph.initializer if is_external(t))
+        if as_is:
+            os.replace(scratch, tmp / DATA_FILE)
+            weights.base = tmp
+            data = DataFile(tmp / DATA_FILE, append=True)  # small tensors the graph still holds go here
+            try:
+                write_model(model, tmp / MODEL_FILE, weights, external=True, data=data)
+            finally:
+                data.close()
+        else:
+            write_model(model, tmp / MODEL_FILE, weights, external=external)
+    except OSError as exc:
+        raise TrtforgeError(f"export: writing {tmp / MODEL_FILE} failed: {exc.strerror or exc}",
+                            "check free disk space and permissions") from exc
+    return external
 
 
 def name_weights(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -16,6 +16,9 @@ import numpy as np
 
 from trtforge.errors import ValidationError
 from trtforge.inputs import valid_mask_for
+from trtforge.onnx_io import load_graph
+from trtforge.ort import NO_PREPACKING, graph_session
+from trtforge.vocab import Precision
 
 # Tolerance on max|ort - torch| / max(1, max|torch|), on valid positions.
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
@@ -48,6 +51,19 @@ def masked_errors(ref: np.ndarray, got: np.ndarray, valid: np.ndarray | None) ->
     }
 
 
+def _session(path: Path, dtype: str):
+    """A CPU session that holds the weights about once: the graph is read without its weights
+    (those in model.onnx itself become references into it, like external data), so ONNX Runtime
+    maps or reads each tensor from its file instead of parsing the whole file and copying every
+    tensor out of it; no prepacked second copy of the GEMM weights. For an FP16 graph, ONNX
+    Runtime's CPU kernels need FP32 for most ops and its constant folding would keep an FP32 copy
+    of every weight beside the FP16 one: without graph optimizations the casts run per call and
+    their outputs are freed (no memory arena)."""
+    half = dtype == Precision.FP16
+    return graph_session(load_graph(path), base_dir=path.parent, config=NO_PREPACKING,
+                         optimization="ORT_DISABLE_ALL" if half else None, arena=not half)
+
+
 def validate(
     onnx_path: Path,
     cases: list[Case],
@@ -61,13 +77,9 @@ def validate(
     ``expected``: PyTorch's outputs by ``id(case.feeds)`` (computed before the model was freed),
     or a function computing them.
     """
-    import onnxruntime as ort
-
     tol = tolerance if tolerance is not None else TOLERANCE[dtype]
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
     t0 = time.perf_counter()
-    sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    sess = _session(Path(onnx_path), dtype)
     float_in = {i.name: i.type for i in sess.get_inputs()}
     report: dict = {"tolerance": tol, "metric": "max_abs_err / max(1, max_abs_ref) on valid positions", "cases": []}
     worst = 0.0

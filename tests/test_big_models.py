@@ -264,3 +264,62 @@ def test_a_one_file_model_is_read_as_references_into_itself(exports, monkeypatch
     from trtforge.ort import graph_session
     for a, b in zip(graph_session(light, art.path).run(None, feeds), _outputs(art, feeds), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("preset,dtype", [("llama", "fp32"), ("llama", "fp16"), ("gemma3_text", "fp32")])
+def test_export_without_a_whole_model(exports, tiny_model, tmp_path, preset, dtype):
+    """Export streams every weight to external data (never a ModelProto holding them) and gives
+    the graph the one-file export gives."""
+    opts = ExportOptions(task=Task("causal-lm"), dtype=dtype, external_data=True)
+    big = guarded(export_onnx, tiny_model(preset), tmp_path / "big", opts)
+    _assert_external(big)
+    assert big.manifest["model"]["weights"] == "attached from the module"
+    assert big.manifest["validation"]["passed"]
+    small = export_onnx(tiny_model(preset), tmp_path / "small", ExportOptions(task=Task("causal-lm"), dtype=dtype))
+    assert small.manifest["model"]["external_data"] is None
+    _same_function(big, small, 1e-6)
+
+
+def _bf16_copy(folder, out):
+    import shutil
+
+    import torch
+    import transformers
+
+    m = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    m.to(torch.bfloat16).save_pretrained(str(out), safe_serialization=True)
+    for p in folder.iterdir():
+        if p.is_file() and not p.name.endswith(".safetensors") and p.name != "config.json":
+            shutil.copy(p, out / p.name)
+    return out
+
+
+@pytest.mark.parametrize("preset", ["llama", "gemma3_text"])
+def test_a_bf16_checkpoint_exports_what_loading_it_in_fp32_computes(tiny_model, tmp_path, preset):
+    """A BF16 checkpoint is loaded in BF16 and upcast tensor by tensor (no FP32 copy beside the
+    loader's); the graph must compute what transformers computes with the same file loaded in FP32,
+    Gemma's embedding scale included (BF16 would round sqrt(hidden))."""
+    import torch
+    import transformers
+
+    from trtforge.exporter._torch import checkpoint_dtype
+
+    src = _bf16_copy(tiny_model(preset), tmp_path / "bf16")
+    assert checkpoint_dtype(sorted(src.glob("*.safetensors"))) == torch.bfloat16
+    assert checkpoint_dtype([tiny_model(preset) / "model.safetensors"]) == torch.float32
+    art = export_onnx(src, tmp_path / "out", ExportOptions(task=Task("causal-lm")))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32, attn_implementation="eager")
+    feeds = _feeds(art)
+    with torch.no_grad():
+        want = ref(input_ids=torch.from_numpy(feeds["input_ids"]), attention_mask=torch.from_numpy(feeds["attention_mask"]),
+                   position_ids=torch.from_numpy(feeds["position_ids"])).logits.numpy()
+    (got,) = _outputs(art, feeds)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * max(1.0, float(np.abs(want).max())))
+
+
+def test_the_exporter_shape_inference_patch_is_undone(tiny_model, tmp_path):
+    import torch
+
+    before = torch._C._jit_pass_onnx_graph_shape_type_inference
+    export_onnx(tiny_model("llama"), tmp_path / "o", ExportOptions(task=Task("causal-lm")))
+    assert torch._C._jit_pass_onnx_graph_shape_type_inference is before

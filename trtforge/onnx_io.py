@@ -219,11 +219,11 @@ def _read_bytes(ref: _Ref) -> bytes:
 class DataFile:
     """One external-data file, written tensor by tensor (appended; big tensors page-aligned)."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, append: bool = False) -> None:
         self.path = Path(path)
         self.name = self.path.name
-        self._f = open(self.path, "wb")  # noqa: SIM115 - closed by close() / the writer
-        self.size = 0
+        self._f = open(self.path, "ab" if append else "wb")  # noqa: SIM115 - closed by close() / the writer
+        self.size = self._f.tell() if append else 0
 
     def _align(self, n: int) -> None:
         if n >= ALIGN and self.size % ALIGN:
@@ -343,7 +343,7 @@ class Weights:
     def put(self, array: np.ndarray, name: str) -> TensorProto:
         """A new tensor holding ``array``: written to ``out`` now when there is one (and it is not tiny),
         else held in the graph. The caller adds it to the graph."""
-        t = _new_tensor(array, name, self.out)
+        t = new_tensor(array, name, self.out)
         if is_external(t):
             self._dirs[name] = self.out.path.parent
         return t
@@ -353,7 +353,7 @@ class Weights:
         self._pending.pop(name, None)
 
 
-def _new_tensor(array: np.ndarray, name: str, data: DataFile | None) -> TensorProto:
+def new_tensor(array: np.ndarray, name: str, data: DataFile | None) -> TensorProto:
     """``array`` as a tensor, its bytes appended to ``data`` unless it is tiny or there is no file."""
     array = np.asarray(array)
     dt = _PLAIN_TYPES.get(array.dtype)
@@ -425,7 +425,7 @@ def _written(t: TensorProto, weights: Weights, data: DataFile | None, folder: Pa
              links: dict[Path, str | None] | None) -> TensorProto:
     """The tensor as it is written: a reference into ``data`` (or a linked file), or embedded."""
     if weights.pending(t.name):
-        new = _new_tensor(weights.array(t), t.name, data)
+        new = new_tensor(weights.array(t), t.name, data)
         new.doc_string = t.doc_string
         return new
     if is_external(t):

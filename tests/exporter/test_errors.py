@@ -102,6 +102,7 @@ def test_write_failure_leaves_nothing(tiny_model, tmp_path, monkeypatch):
 
     monkeypatch.setattr(onnx, "save_model", boom)
     monkeypatch.setattr(trtforge.onnx_io, "save_streaming", boom)
+    monkeypatch.setattr(trtforge.onnx_io, "_write_streaming", boom)
     _one_line_error(run("export", str(tiny_model("bert")), "-o", str(tmp_path / "out")), "No space left", "disk space")
     assert not (tmp_path / "out").exists()
     assert leftovers(tmp_path) == []

@@ -1,0 +1,217 @@
+"""Layer-by-layer calibration: the float graph cut into blocks of decoder layers, each run as a
+session of its own on every calibration batch, fed with the previous blocks' outputs.
+
+In:  the same arguments as :func:`trtforge.calibration.collect.collect_ranges` (a graph loaded
+     without its weights' data, its folder), ``layers_per_block``.
+Out: the same ActivationRanges: every watched tensor sees the same batches in the same order, so
+     the statistics equal the whole-graph probe's (up to float rounding of ONNX Runtime's fusions,
+     which cannot cross a cut).
+
+Memory: one block's weights (memory-mapped by its session, unmapped when the session goes) plus
+one batch's activations; what later blocks need (the hidden state, the mask and rotary tables)
+is spilled to a temporary folder on disk between blocks, so the peak does not grow with depth.
+A node belongs to the layer its name says (``/layers.N/``, ``/h.N/``, ``/layer.N/``); a node
+without one to the latest block among its inputs' producers (the embedding before the first
+layer, the final norm after the last).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from trtforge.calibration.stats import TensorStats
+from trtforge.errors import CalibrationError
+from trtforge.graph import tensor_types
+from trtforge.inputs import make_feeds
+from trtforge.manifest import ModelDims
+from trtforge.onnx_io import copy_fields
+from trtforge.ort import NO_PREPACKING, graph_session, release_memory
+from trtforge.progress import progress
+from trtforge.textdata import Samples
+
+_LAYER = re.compile(r"/(?:layers|h|layer|blocks)\.(\d+)/")
+
+
+def node_layers(model: onnx.ModelProto) -> list[int]:
+    """Layer of every node (-1: before the first layer), never below its inputs' producers'."""
+    producer_layer: dict[str, int] = {}
+    out = []
+    for node in model.graph.node:
+        m = _LAYER.search(node.name or "")
+        layer = max([int(m.group(1)) if m else -1] + [producer_layer.get(i, -1) for i in node.input if i])
+        out.append(layer)
+        for o in node.output:
+            producer_layer[o] = layer
+    return out
+
+
+def plan_blocks(model: onnx.ModelProto, watched: list[str], layers_per_block: int = 1) -> list[list[int]]:
+    """Node indices of each block, in order; only nodes the watched tensors need."""
+    g = model.graph
+    producer = {o: k for k, n in enumerate(g.node) for o in n.output}
+    need: set[int] = set()
+    stack = [producer[w] for w in watched if w in producer]
+    while stack:
+        k = stack.pop()
+        if k in need:
+            continue
+        need.add(k)
+        stack += [producer[i] for i in g.node[k].input if i in producer]
+    layers = node_layers(model)
+    blocks: dict[int, list[int]] = {}
+    for k in sorted(need):
+        b = -1 if layers[k] < 0 else layers[k] // max(1, layers_per_block)
+        blocks.setdefault(b, []).append(k)
+    return [blocks[b] for b in sorted(blocks)]
+
+
+def _block_model(model: onnx.ModelProto, nodes: list[int], inputs: list[str], outputs: list[str],
+                 types: dict[str, int]) -> onnx.ModelProto:
+    g = model.graph
+    sub = onnx.ModelProto()
+    copy_fields(model, sub, skip="graph")
+    sub.graph.name = g.name
+    picked = [g.node[k] for k in nodes]
+    sub.graph.node.extend(picked)
+    used = {i for n in picked for i in n.input}
+    sub.graph.initializer.extend(t for t in g.initializer if t.name in used)  # references, for external data
+    graph_inputs = {i.name: i for i in g.input}
+    for name in inputs:
+        sub.graph.input.append(graph_inputs.get(name) or helper.make_tensor_value_info(name, types.get(name, 1), None))
+    for name in outputs:
+        sub.graph.output.append(helper.make_tensor_value_info(name, types.get(name, 1), None))
+    return sub
+
+
+def wants_layerwise(weight_bytes: int) -> bool:
+    """Whether calibration goes layer by layer: ``TRTFORGE_CALIB_LAYERWISE=1`` (or ``0``) decides;
+    otherwise when the weights exceed 60% of the memory available now (``MemAvailable``)."""
+    forced = os.environ.get("TRTFORGE_CALIB_LAYERWISE", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return False
+    return weight_bytes > 0.6 * avail
+
+
+def layer_stats(
+    model: onnx.ModelProto,
+    watched: list[str],
+    samples: Samples,
+    dims: ModelDims | dict,
+    *,
+    groups: list[list[int]],
+    bins: int = 2048,
+    keep: int = 512,
+    seed: int = 0,
+    providers: list[str] | None = None,
+    per_tensor: set[str] | None = None,
+    base_dir: str | Path | None = None,
+    layers_per_block: int = 1,
+    spill_dir: str | Path | None = None,
+    observe=None,
+):
+    """Statistics of every watched tensor and the run's meta (see the module docstring);
+    ``groups``: the sample indices of each batch (the whole-graph probe's batches, so that the
+    statistics are the same); ``observe(name, x)``, when given, sees every watched batch output
+    after it is counted (GPTQ's Hessians)."""
+    if not samples.ids:
+        raise CalibrationError("no calibration samples", "pass calibration text")
+    g = model.graph
+    types = tensor_types(model)
+    inits = {t.name for t in g.initializer}
+    graph_inputs = [i.name for i in g.input]
+    float_dtype = np.float16 if any(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for i in g.input) else np.float32
+    blocks = plan_blocks(model, watched, layers_per_block)
+    produced_in = {}
+    for b, nodes in enumerate(blocks):
+        for k in nodes:
+            for o in g.node[k].output:
+                produced_in[o] = b
+    last_use: dict[str, int] = {}
+    block_inputs: list[list[str]] = []
+    for b, nodes in enumerate(blocks):
+        own = {o for k in nodes for o in g.node[k].output}
+        ins = []
+        for k in nodes:
+            for i in g.node[k].input:
+                if i and i not in own and i not in inits and i not in ins:
+                    ins.append(i)
+                    last_use[i] = b
+        block_inputs.append(ins)
+    watched_set = set(watched)
+    stats: dict[str, TensorStats] = {}
+    own_spill = spill_dir is None
+    spill = Path(tempfile.mkdtemp(prefix="trtforge-layers-")) if own_spill else Path(spill_dir)
+    spill.mkdir(parents=True, exist_ok=True)
+    files: dict[tuple[int, str], Path] = {}
+    try:
+        for b, nodes in enumerate(progress(blocks, len(blocks), "calibration (layer blocks)")):
+            own = [o for k in nodes for o in g.node[k].output]
+            carried = [o for o in own if last_use.get(o, -1) > b]
+            outs = [o for o in own if o in watched_set] + [o for o in carried if o not in watched_set]
+            if not outs:
+                continue
+            sess = graph_session(_block_model(model, nodes, block_inputs[b], outs, types), base_dir,
+                                 providers=providers, arena=False, config=NO_PREPACKING)
+            for bi, idx in enumerate(groups):
+                ids = np.stack([samples.ids[i] for i in idx])
+                tt = np.stack([samples.token_type_ids[i] for i in idx]) if samples.token_type_ids else None
+                feeds = {}
+                base = None
+                for name in block_inputs[b]:
+                    if name in graph_inputs:
+                        if base is None:
+                            base = make_feeds(ids, graph_inputs, dims, float_dtype, tt)
+                        feeds[name] = base[name]
+                    else:
+                        feeds[name] = np.load(files[(bi, name)])
+                results = sess.run(outs, feeds)
+                feeds = base = None
+                for name, x in zip(outs, results):
+                    if name in carried:
+                        path = spill / f"{bi}-{len(files)}.npy"
+                        np.save(path, x)
+                        files[(bi, name)] = path
+                    if name not in watched_set:
+                        continue
+                    st = stats.get(name)
+                    if st is None:
+                        flat = per_tensor is not None and name in per_tensor
+                        st = stats[name] = TensorStats(name, 0 if flat else int(x.shape[-1]), bins=bins,
+                                                       keep=0 if flat else keep, seed=seed)
+                    try:
+                        st.update(x)
+                    except FloatingPointError:
+                        raise CalibrationError(
+                            f"activation {name} is non-finite (inf or NaN) on calibration batch {bi}",
+                            "the model overflows on this data: calibrate the fp32 export, or check the weights",
+                        ) from None
+                    if observe is not None:
+                        observe(name, x)
+                results = None
+            sess = None
+            for key in [k for k in files if last_use.get(k[1], -1) <= b]:  # no later block reads these
+                files.pop(key).unlink(missing_ok=True)
+            release_memory()
+    finally:
+        if own_spill:
+            shutil.rmtree(spill, ignore_errors=True)
+    missing = [w for w in watched if w not in stats]
+    if missing:
+        raise CalibrationError(f"layer-wise calibration did not reach {missing[0]}", "report this with the model")
+    meta = {"batches": len(groups), "layer_blocks": len(blocks), "layers_per_block": layers_per_block,
+            "histogram_bins": bins, "kept_rows_per_tensor": keep,
+            "providers": list(providers or ["CPUExecutionProvider"])}
+    return {w: stats[w] for w in watched}, meta
