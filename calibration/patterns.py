@@ -8,7 +8,9 @@ can be folded without changing the function:
   LLaMA, GPT-2), when every consumer of the norm output is one of the group's GEMMs;
 * ``gemm``  into the output columns (and bias) of the GEMM that produced it through linear ops:
   v_proj -> attention -> o_proj (not with a KV cache: it would change ``present.*.value``),
-  and up_proj -> act(gate) * up -> down_proj;
+  and up_proj -> act(gate) * up -> down_proj; for fused projections (Phi-3's qkv_proj and
+  gate_up_proj, GPT-2's c_attn) into the columns of the piece the output splits into (v, up),
+  found through a Split or Slices with bounds known before run time (:func:`column_pieces`);
 * ``mul``   nowhere exact: an explicit per-channel Mul is inserted on the GEMM branch
   (post-norm BERT, whose norm output is also the residual; GELU outputs).
 """
@@ -159,18 +161,148 @@ def find_groups(model: onnx.ModelProto, dims: dict | None = None, idx: GraphInde
 
 
 def _feeds_attention(idx: GraphIndex, members: list[Gemm]) -> bool:
-    """GPT-2's fused c_attn: one GEMM whose output is split into q, k, v."""
+    """One fused GEMM whose output splits into three pieces (q, k, v): GPT-2's c_attn (Split),
+    Phi-3's qkv_proj (three Slices). A fused gate_up_proj splits into two."""
     nodes = {n.name: n for n in idx.graph.node}
     for m in members:
         t = nodes[m.node].output[0]
         for _ in range(3):
             c = idx.consumers.get(t, [])
-            if any(x.op_type == "Split" for x in c):
+            if any(x.op_type == "Split" and len(x.output) >= 3 for x in c):
+                return True
+            if sum(x.op_type == "Slice" for x in c) >= 3 and column_pieces(idx, t, m.n) is not None:
                 return True
             if len(c) != 1 or c[0].op_type not in PASSTHROUGH:
                 break
             t = c[0].output[0]
     return False
+
+
+INT64_MAX = np.iinfo(np.int64).max
+
+
+def _eval_index(idx: GraphIndex, name: str, last: dict[str, int], depth: int = 0) -> np.ndarray | None:
+    """The value of a small integer tensor computed in the graph from constants and from
+    ``Shape(t)[-1]`` of tensors whose last dimension is known (``last``: tensor -> size): the
+    bounds torch.chunk exports for gate_up_proj (Shape -> Gather(-1) -> Add -> Div -> Mul).
+    None when it depends on anything else."""
+    v = idx.const_value(name)
+    if v is not None or depth > 12:
+        return None if v is None else np.asarray(v)
+    p = idx.producer.get(name)
+    if p is None:
+        return None
+    if p.op_type == "Gather" and _attr(p, "axis", 0) == 0:
+        shape = idx.producer.get(p.input[0])
+        i = idx.const_value(p.input[1])
+        if (shape is not None and shape.op_type == "Shape" and shape.input[0] in last and i is not None
+                and _attr(shape, "end") is None and int(_attr(shape, "start", 0)) == 0 and np.all(np.asarray(i) == -1)):
+            return np.full(np.shape(i), last[shape.input[0]], np.int64)
+        return None
+    args = [_eval_index(idx, i, last, depth + 1) for i in p.input]
+    if any(a is None for a in args):
+        return None
+    if p.op_type in ("Cast", "Identity"):
+        return args[0].astype(np.int64) if args[0].dtype.kind in "iu" else None
+    if p.op_type in ("Unsqueeze", "Squeeze", "Reshape"):
+        return args[0].reshape(-1) if args[0].size == 1 else None
+    if p.op_type == "Concat":
+        return np.concatenate([a.reshape(-1) for a in args])
+    ops = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply}
+    if p.op_type in ops:
+        return ops[p.op_type](*args)
+    if p.op_type == "Div" and all(a.dtype.kind in "iu" for a in args) and np.all(args[1] > 0) and np.all(args[0] >= 0):
+        return args[0] // args[1]
+    return None
+
+
+def _keeps_last_dim(idx: GraphIndex, node: onnx.NodeProto, n: int) -> bool:
+    """A Cast/Identity, or a Reshape whose target shape ends in n (GPT-2's Gemm [B*S, n] ->
+    Reshape [B, S, n]: the target is Concat(batch, seq, n))."""
+    if node.op_type != "Reshape":
+        return True
+    shape = idx.const_value(node.input[1])
+    if shape is None:
+        cat = idx.producer.get(node.input[1])
+        if cat is None or cat.op_type != "Concat" or not cat.input:
+            return False
+        shape = idx.const_value(cat.input[-1])
+    return shape is not None and np.asarray(shape).size >= 1 and int(np.asarray(shape).reshape(-1)[-1]) == n
+
+
+def column_pieces(idx: GraphIndex, out: str, n: int) -> dict[str, tuple[int, int]] | None:
+    """How a fused GEMM's output ``out`` (n columns) is cut into pieces: {piece tensor: (start,
+    stop)} on the last axis, from one Split or from Slices whose bounds are known before run time.
+    None when the cut is not known, or when anything other than the pieces (and shape-only ops)
+    reads ``out``, or when the pieces overlap: then a factor on one piece's columns could reach
+    another reader."""
+    if out in idx.graph_outputs:
+        return None
+    readers = [c for c in idx.consumers.get(out, []) if c.op_type not in SHAPE_ONLY]
+    pieces: dict[str, tuple[int, int]] = {}
+    axes: set[int] = set()
+    for r in readers:
+        if r.op_type == "Split" and len(readers) == 1:
+            sizes = idx.const_value(r.input[1]) if len(r.input) > 1 and r.input[1] else None
+            if sizes is None or int(np.sum(sizes)) != n:
+                return None
+            axes.add(int(_attr(r, "axis", 0)))
+            ends = np.cumsum(np.asarray(sizes, np.int64))
+            for o, start, stop in zip(r.output, ends - sizes, ends):
+                pieces[o] = (int(start), int(stop))
+            continue
+        if r.op_type != "Slice" or len(r.input) < 4 or r.input[0] != out:
+            return None
+        starts, ends, ax = (_eval_index(idx, r.input[k], {out: n}) for k in (1, 2, 3))
+        steps = _eval_index(idx, r.input[4], {out: n}) if len(r.input) > 4 and r.input[4] else np.ones(1, np.int64)
+        if any(a is None or a.size != 1 for a in (starts, ends, ax, steps)) or int(steps[0]) != 1:
+            return None
+        start, stop = (int(x[0]) + n if int(x[0]) < 0 else min(int(x[0]), n) for x in (starts, ends))
+        axes.add(int(ax[0]))
+        pieces[r.output[0]] = (start, stop)
+    if not pieces or len(axes) != 1:
+        return None
+    spans = sorted(pieces.values())
+    if any(a[1] > b[0] for a, b in zip(spans, spans[1:])) or any(lo >= hi for lo, hi in spans):
+        return None
+    # the last axis: -1, or a positive axis whose pieces cover exactly the n columns of the GEMM
+    if axes != {-1} and not (spans[0][0] == 0 and spans[-1][1] == n and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))):
+        return None
+    return pieces
+
+
+def _fused_piece(idx: GraphIndex, tensor: str, by_node: dict[str, Gemm]) -> tuple[Gemm, int, int] | None:
+    """The GEMM and its column range [start, stop) when ``tensor`` is one piece of a fused
+    GEMM's output (cut by a Split or a Slice, after the bias and channel-preserving ops)."""
+    p = idx.producer.get(tensor)
+    if p is None or p.op_type not in ("Slice", "Split"):
+        return None
+    passed: list[onnx.NodeProto] = []
+    name = p.input[0]
+    while True:
+        src = idx.producer.get(name)
+        if src is None:
+            return None
+        if src.name in by_node:
+            gemm = by_node[src.name]
+            if gemm.bias_add is not None:
+                return None  # the cut reads the GEMM before its bias Add
+            break
+        if src.op_type == "Add":  # the bias Add of a MatMul
+            gemm = next((g for g in by_node.values() if g.bias_add == src.name), None)
+            if gemm is None:
+                return None
+            break
+        if src.op_type not in PASSTHROUGH or not _only_feeds(idx, src.input[0], src.name):
+            return None
+        passed.append(src)
+        name = src.input[0]
+    if not all(_keeps_last_dim(idx, x, gemm.n) for x in passed):
+        return None
+    pieces = column_pieces(idx, p.input[0], gemm.n)
+    if pieces is None or tensor not in pieces:
+        return None
+    return gemm, *pieces[tensor]
 
 
 def _readers_through_passthrough(idx: GraphIndex, src: str) -> list[onnx.NodeProto]:
@@ -205,11 +337,13 @@ def _match_gemm_fold(idx: GraphIndex, grp: Group, src: str, by_node: dict[str, G
             s, passed = _upstream(idx, i)
             p = idx.producer.get(s)
             if p is not None and p.name in by_node and not passed:
-                cands.append((by_node[p.name], s))
+                cands.append((by_node[p.name], s, 0, by_node[p.name].n))
+            elif not passed and (piece := _fused_piece(idx, s, by_node)) is not None:
+                cands.append((piece[0], s, piece[1], piece[2]))  # Phi-3: up = gate_up_proj[..., I:2I]
         if len(cands) == 1:
-            up, s = cands[0]
-            if up.n == grp.channels and up.bias is None and _only_feeds(idx, s, prod.name):
-                grp.fold, grp.prev, grp.prev_cols = "gemm", up.node, np.arange(grp.channels)
+            up, s, start, stop = cands[0]
+            if stop - start == grp.channels and up.bias is None and _only_feeds(idx, s, prod.name):
+                grp.fold, grp.prev, grp.prev_cols = "gemm", up.node, start + np.arange(grp.channels)
                 return
         grp.why = "the MLP input is not act(gate) * up of one GEMM"
         return
@@ -245,14 +379,15 @@ def _match_value_path(idx: GraphIndex, grp: Group, v: str, user: str, by_node: d
         if p.op_type == "Concat":
             grp.why = "the values are concatenated (KV cache): smoothing would change present.*.value"
             return
-        if p.op_type == "Split":
-            k = list(p.output).index(name)
-            sizes = idx.const_value(p.input[1]) if len(p.input) > 1 and p.input[1] else None
-            if sizes is None:
-                grp.why = "fused QKV split without constant sizes"
+        if p.op_type in ("Split", "Slice"):  # fused QKV: GPT-2's c_attn (Split), Phi-3's qkv_proj (Slices)
+            piece = _fused_piece(idx, name, by_node)
+            if piece is None:
+                grp.why = f"fused QKV cut by {p.op_type} with bounds not known before run time"
                 return
-            offset, vcols = int(np.sum(sizes[:k])), int(sizes[k])
-        elif p.op_type == "Expand":
+            gemm, offset, stop = piece
+            vcols = stop - offset
+            break
+        if p.op_type == "Expand":
             repeated = True
         elif p.op_type == "Add":
             a, b = p.input

@@ -114,6 +114,24 @@ def _family(model_type: str | None, architecture: str | None) -> Checkpoint:
     return ck
 
 
+def _refuse_for_family(ck: Checkpoint | None, name: str, quant_algo: str, config: Mapping[str, Any] | None) -> None:
+    """What this family's loader cannot read (its Architecture entry's ``refuse``), and a Phi-3 whose
+    q rows are not hidden_size (its loader slices qkv_proj there)."""
+    if ck is None:
+        return
+    why = ck.refuse.get(quant_algo)
+    if why:
+        other = "--recipe fp8 (per-tensor FP8)" if quant_algo != QUANT_ALGO_FP8 else "a TensorRT engine ('trtforge build')"
+        raise QuantizationError(f"{name} cannot be written as a {quant_algo} TensorRT-LLM checkpoint: {why}",
+                                f"use {other} for this family, or build a TensorRT engine from the ONNX artifact")
+    cfg = config or {}
+    heads, hidden, hd = cfg.get("num_attention_heads"), cfg.get("hidden_size"), cfg.get("head_dim")
+    if ck.q_rows_are_hidden and heads and hidden and hd and int(heads) * int(hd) != int(hidden):
+        raise InputError(f"{name} has {heads} heads of {hd} ({int(heads) * int(hd)} query rows) but hidden_size {hidden}; "
+                         f"TensorRT-LLM's {ck.architecture}.load_weights takes q as the first hidden_size rows of qkv_proj "
+                         "and head_dim as hidden_size // heads", "build a TensorRT engine from the ONNX artifact instead")
+
+
 def _refuse_precision(precision: Precision) -> None:
     if precision == Precision.INT8:
         raise QuantizationError(SQ_REFUSAL, SQ_HINT)
@@ -154,6 +172,10 @@ def preflight(*, precision: Precision, model_type: str, architecture: str = "", 
         raise InputError(f"task {task} is not text generation, which a TensorRT-LLM checkpoint needs",
                          "export with --task causal-lm-with-past (the default for decoders)")
     _refuse_precision(precision)
+    ck = checkpoint_of(model_type)
+    _refuse_for_family(ck, architecture or model_type,
+                       QUANT_ALGO_W4A16_AWQ if precision == Precision.INT4 else
+                       QUANT_ALGO_FP8 if options.fp8_scheme == Fp8Scheme.TENSOR else QUANT_ALGO_FP8_ROWWISE, config)
     recipe = recipe or {}
     if precision == Precision.INT4:
         block = recipe.get("block_size", 128)
@@ -271,9 +293,10 @@ def plan(art: OnnxArtifact, options: CheckpointOptions, *, available: int | None
                          "W4A16_GPTQ path reads the AutoGPTQ layout with zero points (has_zero_point) and refuses desc_act")
     else:
         raise InputError(f"{art.path} has precision {str(precision)!r}", "quantize with --recipe fp8 or --recipe int4-awq")
+    _refuse_for_family(ck, src.architecture or src.model_type, quant_algo, _read_config(art.path))
     exclude = sorted({module_of(n["node"]) for n in nodes if n.get("status") != "quantized"})
     exclude.append("model.embed_tokens")
-    dtype = _resolve_dtype(art, options.dtype)
+    dtype = _resolve_dtype(art, options.dtype, ck.auto_dtype)
     memory = estimate_memory(art, parity=options.parity, available=available)
     return Plan(art, quant_algo, group_size, dtype, exclude, memory, granularity, notes, ck.architecture, fused)
 
@@ -295,12 +318,13 @@ def _check_fused(by_module: dict[str, dict], fused: Fused) -> None:
                 "exclude all of them or none when quantizing")
 
 
-def _resolve_dtype(art: OnnxArtifact, want: CkptDType) -> str:
+def _resolve_dtype(art: OnnxArtifact, want: CkptDType, family_default: str = "float16") -> str:
+    """The asked dtype, else the source model's float16/bfloat16, else the family's (Gemma: bfloat16)."""
     if want != CkptDType.AUTO:
         return want.value
     cfg = _read_config(art.path)
     src = str(cfg.get("dtype") or cfg.get("torch_dtype") or "")
-    return src if src in ("float16", "bfloat16") else "float16"
+    return src if src in ("float16", "bfloat16") else family_default
 
 
 def _read_config(folder: Path) -> dict:

@@ -27,13 +27,14 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from trtforge.architectures.base import TRTLLM_FUSED
+from trtforge.architectures.base import TRTLLM_FUSED, Checkpoint
 from trtforge.engines.trtllm.formats import (
     QUANT_ALGO_FP8,
     QUANT_ALGO_FP8_ROWWISE,
     QUANT_ALGO_W4A16_AWQ,
     Fused,
     fused_group,
+    norm_offset,
 )
 from trtforge.engines.trtllm.onnx_source import LinearSource, OnnxSource
 from trtforge.engines.trtllm.pack import FP8, pack_int4, requantize_fp8_per_tensor
@@ -67,8 +68,9 @@ class Converted:
 
 
 def convert(src: OnnxSource, layout: HfLayout, *, quant_algo: str, group_size: int | None, dtype: str,
-            fused: Fused = TRTLLM_FUSED) -> Converted:
-    """``fused``: the groups the loader fuses for this family (its Architecture entry's checkpoint)."""
+            fused: Fused = TRTLLM_FUSED, checkpoint: Checkpoint | None = None) -> Converted:
+    """``fused``: the groups the loader fuses for this family (its Architecture entry's checkpoint);
+    ``checkpoint``: that entry, for the family's tensor conventions (Gemma's norms: formats.norm_offset)."""
     fdt = NP_DTYPES[dtype]
     out = Converted({}, [])
     linear_modules = set(layout.linears)
@@ -76,7 +78,11 @@ def convert(src: OnnxSource, layout: HfLayout, *, quant_algo: str, group_size: i
         module = name.rpartition(".")[0]
         if module in linear_modules:
             continue  # Linear weights and biases come from the GEMMs below
-        out.tensors[name] = np.ascontiguousarray(src.param(module, shape).astype(fdt))
+        value = src.param(module, shape)
+        offset = norm_offset(name, checkpoint)
+        if offset:  # Gemma: the graph's scale is 1 + w; the checkpoint holds w (in FP32 before the cast)
+            value = value.astype(np.float32) - np.float32(offset)
+        out.tensors[name] = np.ascontiguousarray(value.astype(fdt))
     missing = sorted(set(layout.linears) - set(src.linears))
     if missing:
         raise InputError(f"the ONNX artifact has no GEMM for {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""),

@@ -33,6 +33,11 @@ SOURCES: dict[str, str] = {
     "requirements": "NVIDIA/TensorRT-LLM requirements.txt @ 000867d9 (transformers==4.57.1, nvidia-modelopt~=0.37)",
     "modelopt_pack": "nvidia-modelopt 0.47.0 modelopt/torch/export/quant_utils.py pack_int4_in_uint8",
     "removal": "NVIDIA/TensorRT-LLM docs/source/legacy/tensorrt-backend-removal.md @ 335107a7",
+    "gemma3": "NVIDIA/TensorRT-LLM tensorrt_llm/_torch/models/modeling_gemma3.py @ b35ac1b6, "
+              "checkpoints/hf/gemma3_weight_mapper.py @ 2a9abd95",
+    "qk_norm": "NVIDIA/TensorRT-LLM tensorrt_llm/_torch/modules/qk_norm_attention.py @ 034c3f0a",
+    "phi3": "NVIDIA/TensorRT-LLM tensorrt_llm/_torch/models/modeling_phi3.py @ bd6f83f8 (the version @ 000a01de "
+            "passed only 'weight' for qkv_proj/gate_up_proj and loads no quantized Phi-3)",
 }
 
 # What the format targets: TensorRT-LLM 1.0 made the PyTorch backend (which reads these
@@ -112,6 +117,53 @@ SQ_REFUSAL = (
     "ValueError('unsupported quant mode'), and the TensorRT engine backend that ran SmoothQuant was removed"
 )
 SQ_HINT = "quantize the export with --recipe fp8 (Ada/Hopper) or --recipe int4-awq (Ampere and later); keep int8-sq for TensorRT engines"
+
+
+def norm_offset(name: str, ck: Checkpoint | None) -> float:
+    """What the family's loader adds to the tensor ``name`` before use: Gemma's 1 on every norm
+    weight (Gemma3HfWeightMapper.handle_manual_copy: ``'norm' in module_name``); 0 otherwise.
+    The checkpoint holds the ONNX graph's scale minus it."""
+    if ck is None or not ck.norm_offset or not name.endswith(".weight"):
+        return 0.0
+    return ck.norm_offset if "norm" in name.rpartition(".")[0] else 0.0
+
+
+def loader_config(cfg: dict, ck: Checkpoint | None) -> dict:
+    """config.json as TensorRT-LLM's pinned transformers 4.57 (formats.SOURCES requirements) reads it.
+
+    transformers 5 writes RoPE settings only as ``rope_parameters``, a key 4.57 does not know: it
+    would fall back to its defaults (rope_theta 10000, no scaling), wrong for Qwen3 (1e6), Gemma 3's
+    global layers (1e6) and Phi-4-mini's longrope. The flat keys are added beside it, from it:
+    ``rope_theta``, ``rope_scaling`` (a non-default rope_type), ``partial_rotary_factor``; per layer
+    type (Gemma 3) through the family's ``rope_keys``. Keys already present are kept."""
+    out = dict(cfg)
+    rp = cfg.get("rope_parameters")
+    if not isinstance(rp, dict):
+        return out
+    per_type = ck.rope_keys if ck is not None else {}
+    main = rp
+    if per_type and all(isinstance(v, dict) for v in rp.values()):
+        for layer_type, key in per_type.items():
+            if "rope_theta" in (rp.get(layer_type) or {}):
+                out.setdefault(key, rp[layer_type]["rope_theta"])
+        main = next((rp.get(t) or {} for t, k in per_type.items() if k == "rope_theta"), {})
+    if "rope_theta" in main:
+        out.setdefault("rope_theta", main["rope_theta"])
+    if "partial_rotary_factor" in main:
+        out.setdefault("partial_rotary_factor", main["partial_rotary_factor"])
+    kind = main.get("rope_type", main.get("type", "default"))
+    if kind == "longrope":
+        # Phi3Config 4.x accepts exactly these three keys, and reads original_max_position_embeddings
+        # at the top level
+        out.setdefault("rope_scaling", {"type": "longrope", "long_factor": main.get("long_factor"),
+                                        "short_factor": main.get("short_factor")})
+        if "original_max_position_embeddings" in main:
+            out["original_max_position_embeddings"] = main["original_max_position_embeddings"]
+    elif kind not in (None, "default"):
+        scaling = {k: v for k, v in main.items() if k not in ("rope_theta", "partial_rotary_factor")}
+        scaling["rope_type"] = kind
+        out.setdefault("rope_scaling", scaling)
+    return out
 
 
 def fused_group(module: str, fused: Fused = TRTLLM_FUSED) -> tuple[str, str, str] | None:

@@ -29,9 +29,12 @@ from trtforge.engines.trtllm.formats import (
     QUANT_ALGO_FP8_ROWWISE,
     QUANT_ALGO_W4A16_AWQ,
     W4A16_GROUP_SIZES,
+    checkpoint_of,
     fused_group,
     fused_of,
     is_modelopt_inline,
+    loader_config,
+    norm_offset,
     read_quant_config,
 )
 from trtforge.engines.trtllm.pack import unpack_int4
@@ -76,6 +79,7 @@ class CheckpointReader:
         self.weight_map = _weight_map(self.folder)
         # the groups the loader fuses for this family (its Architecture entry, by config model_type)
         self.fused = fused_of(self.config.get("model_type"))
+        self.checkpoint = checkpoint_of(self.config.get("model_type"))
         self._layout = None
 
     # ------------------------------------------------------------------ tensors
@@ -103,6 +107,11 @@ class CheckpointReader:
             self._layout = torch_adapter().hf_layout(self.config)
         return self._layout
 
+    def norm_offset(self, name: str) -> float:
+        """What the family's loader adds to tensor ``name`` (Gemma's norms: 1): the checkpoint holds
+        the computed scale minus it."""
+        return norm_offset(name, self.checkpoint)
+
     def excluded(self, module: str) -> bool:
         """apply_quant_config_exclude_modules: a pattern matching the module, or for a fused layer
         any of the HF modules it is made of (q/k/v, gate/up load as one layer)."""
@@ -121,6 +130,11 @@ class CheckpointReader:
         algo = self.quant_algo
         if algo not in (None, QUANT_ALGO_FP8, QUANT_ALGO_FP8_ROWWISE, QUANT_ALGO_W4A16_AWQ):
             raise ValidationError(f"quant_algo {algo!r} is not one this reader checks", "use FP8 or W4A16_AWQ checkpoints")
+        ck = self.checkpoint
+        if ck is not None and algo in ck.refuse:
+            raise ValidationError(f"{arch} cannot load quant_algo {algo}: {ck.refuse[algo]}",
+                                  "write this family as FP8 per tensor, or build a TensorRT engine")
+        self._check_config(arch)
         group = (self.quant or {}).get("group_size")
         if algo == QUANT_ALGO_W4A16_AWQ and group not in W4A16_GROUP_SIZES:
             raise ValidationError(f"W4A16_AWQ needs group_size 64 or 128 in {self.quant_source}, got {group!r}",
@@ -136,6 +150,25 @@ class CheckpointReader:
             self._check_linear(module, inf, outf, algo, group)
             if has_bias:
                 self._expect(f"{module}.bias", (outf,), (self.dtype,))
+
+    def _check_config(self, arch: str) -> None:
+        """The config keys the loader's transformers 4.x reads (formats.loader_config): with only
+        transformers 5's rope_parameters it would run RoPE with its defaults."""
+        cfg, ck = self.config, self.checkpoint
+        if not isinstance(cfg.get("rope_parameters"), dict):
+            return
+        want = loader_config({k: cfg[k] for k in ("rope_parameters",)}, ck)
+        missing = [k for k in want if k != "rope_parameters" and k not in cfg]
+        if missing:
+            raise ValidationError(f"config.json has rope_parameters but no {missing[0]}, which {arch}'s loader reads "
+                                  "(TensorRT-LLM pins transformers 4.57, which does not know rope_parameters)",
+                                  "write the checkpoint again with trtforge export-checkpoint")
+        if ck is not None and ck.q_rows_are_hidden:
+            heads, hidden = int(cfg.get("num_attention_heads") or 0), int(cfg.get("hidden_size") or 0)
+            hd = int(cfg.get("head_dim") or (hidden // heads if heads else 0))
+            if heads and heads * hd != hidden:
+                raise ValidationError(f"{arch}: {heads} heads of {hd} != hidden_size {hidden}; the loader slices q at "
+                                      "hidden_size rows of qkv_proj", "build a TensorRT engine instead")
 
     def _check_linear(self, module: str, inf: int, outf: int, algo: str | None, group: int | None) -> None:
         w = f"{module}.weight"

@@ -87,7 +87,7 @@ def compare_weights(reader: CheckpointReader, src: OnnxSource, *, requantized: b
         if lin is not None:
             want = lin.bias if leaf == "bias" else lin.dequantized()
         else:
-            want = src.param(module, arr.shape)
+            want = src.param(module, arr.shape) - reader.norm_offset(name)  # Gemma's norms: the file holds (1 + w) - 1
         floats.append({"tensor": name, "rel_err": _rel(arr, want)})
     q = [r for r in rows if r["quantized"]]
     summary = {

@@ -1,7 +1,8 @@
 """export-checkpoint: quantize-stage ONNX artifact -> quantized checkpoint TensorRT-LLM loads.
 
-In:  a folder written by ``trtforge quantize`` (recipe fp8 or int4-awq/int4-rtn) of a LLaMA,
-     Mistral or Qwen2 export, CheckpointOptions, an output folder.
+In:  a folder written by ``trtforge quantize`` (recipe fp8 or int4-awq/int4-rtn) of an export of a
+     family whose Architecture entry says the checkpoint is writable (LLaMA, Mistral, Qwen2, Qwen3,
+     Gemma 3; Phi-3 in FP8 per tensor), CheckpointOptions, an output folder.
 Out: OUT_DIR, a Hugging Face checkpoint in NVIDIA Model Optimizer's unified format:
      ``config.json`` (architectures, dtype, ``quantization_config`` with group_size),
      ``hf_quant_config.json``, ``model.safetensors`` (or shards + ``model.safetensors.index.json``),
@@ -42,7 +43,7 @@ from trtforge.engines.trtllm.checks import (
     plan,
 )
 from trtforge.engines.trtllm.convert import convert
-from trtforge.engines.trtllm.formats import SOURCES, TARGET, CheckpointFormat
+from trtforge.engines.trtllm.formats import SOURCES, TARGET, CheckpointFormat, checkpoint_of, loader_config
 from trtforge.engines.trtllm.onnx_source import read_source
 from trtforge.engines.trtllm.reader import CheckpointReader, torch_adapter
 from trtforge.errors import InputError
@@ -89,7 +90,8 @@ def export_checkpoint(
         proto = art.load()
         src = read_source(proto)
         del proto
-        conv = convert(src, layout, quant_algo=p.quant_algo, group_size=p.group_size, dtype=p.dtype, fused=p.fused)
+        conv = convert(src, layout, quant_algo=p.quant_algo, group_size=p.group_size, dtype=p.dtype, fused=p.fused,
+                       checkpoint=checkpoint_of(art.manifest.source.model_type))
         fmt = CheckpointFormat(p.quant_algo, p.group_size, tuple(p.exclude_modules))
 
     m = stage.manifest
@@ -154,7 +156,8 @@ def export_checkpoint(
 
 
 def _write_configs(tmp: Path, art: OnnxArtifact, cfg: dict, fmt: CheckpointFormat, p: Plan, arch: str) -> None:
-    config = dict(cfg)
+    # the flat RoPE keys TensorRT-LLM's transformers 4.x reads, beside transformers 5's rope_parameters
+    config = loader_config(cfg, checkpoint_of(art.manifest.source.model_type if art.manifest.source else None))
     config["architectures"] = [arch]
     # transformers >= 4.56 reads "dtype"; older releases only "torch_dtype": write both
     config["dtype"] = p.dtype

@@ -53,9 +53,26 @@ class Checkpoint:
     """What TensorRT-LLM's PyTorch-backend loader expects of this family."""
 
     architecture: str  # the HF class name the loader maps (e.g. LlamaForCausalLM)
-    # groups the loader fuses into one GEMM and re-scales with one FP8/INT4 scale
+    # groups the loader fuses into one GEMM and re-scales with one FP8/INT4 scale; a group of one
+    # module (Phi-3's qkv_proj) is a layer stored fused, which the loader splits into shards that
+    # share its one scale
     fused: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(TRTLLM_FUSED))
     writable: bool = True  # trtforge writes it (False: TensorRT-LLM has the class, trtforge's names differ)
+    # the Hugging Face weight of every norm (a module whose name contains "norm") is the ONNX
+    # graph's scale minus this: Gemma's x * (1 + w) is exported with the sum 1 + w as its scale,
+    # and TensorRT-LLM's Gemma3HfWeightMapper.handle_manual_copy adds 1 back to every "norm" module
+    norm_offset: float = 0.0
+    # quant_algo -> why the family's loader cannot read it (export-checkpoint refuses with this line)
+    refuse: dict[str, str] = field(default_factory=dict)
+    # per-layer-type rope_parameters (transformers 5) -> the flat config keys TensorRT-LLM's pinned
+    # transformers 4.x reads, e.g. Gemma 3: full_attention -> rope_theta, sliding -> rope_local_base_freq
+    rope_keys: dict[str, str] = field(default_factory=dict)
+    # the checkpoint dtype when the source is FP32 and none is asked for ("float16" unless the
+    # family overflows in it: Gemma's activations exceed FP16's range, it is trained in bfloat16)
+    auto_dtype: str = "float16"
+    # the loader slices qkv_proj at q = hidden_size rows, head_dim = hidden_size // heads (Phi-3):
+    # a config with heads * head_dim != hidden_size loads wrongly and is refused
+    q_rows_are_hidden: bool = False
 
 
 @dataclass(frozen=True)

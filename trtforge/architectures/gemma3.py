@@ -44,8 +44,14 @@ GEMMA3 = ARCHITECTURES.register(Architecture(
     # normalizes the attention output before the residual add: no GEMM reads it).
     smoothing_groups=LLAMA_SMOOTHING,
     cache=CacheLayout(),
-    # TensorRT-LLM's PyTorch backend has Gemma3ForCausalLM; export-checkpoint does not write it yet
-    checkpoint=Checkpoint("Gemma3ForCausalLM", fused=dict(TRTLLM_FUSED), writable=False),
+    # TensorRT-LLM's PyTorch backend: Gemma3ForCausalLM (tensorrt_llm/_torch/models/modeling_gemma3.py) reads
+    # the HF names (q/k/v and gate/up fused as for llama; self_attn.q_norm / k_norm); its weight
+    # mapper (checkpoints/hf/gemma3_weight_mapper.py) adds 1 to every "norm" module's weight, so the
+    # checkpoint holds w = (1 + w) - 1, and skips lm_head when tie_word_embeddings. Its config is read
+    # by transformers 4.57 (rope_theta for global layers, rope_local_base_freq for sliding ones).
+    checkpoint=Checkpoint("Gemma3ForCausalLM", fused=dict(TRTLLM_FUSED), norm_offset=1.0,
+                          rope_keys={"full_attention": "rope_theta", "sliding_attention": "rope_local_base_freq"},
+                          auto_dtype="bfloat16"),
     notes="(1 + w) RMSNorm x4 per layer, QK-norm, scaled embeddings, sliding/global layers with per-kind RoPE; "
           "full-length KV cache for every layer, window applied as a mask in the graph",
 ))

@@ -24,8 +24,19 @@ PHI3 = ARCHITECTURES.register(Architecture(
     padding_side="left",
     smoothing_groups={"attn-in": ("qkv_proj",), "mlp-in": ("gate_up_proj",)},
     cache=CacheLayout(),
-    # TensorRT-LLM's PyTorch backend has Phi3ForCausalLM and reads qkv_proj / gate_up_proj as
-    # they are (already one GEMM each: nothing for its loader to fuse); not written yet
-    checkpoint=Checkpoint("Phi3ForCausalLM", fused={}, writable=False),
+    # TensorRT-LLM's PyTorch backend: Phi3ForCausalLM.load_weights (tensorrt_llm/_torch/models/modeling_phi3.py)
+    # reads qkv_proj and gate_up_proj fused as stored, slices them by rows into q/k/v (q = the first
+    # hidden_size rows) and gate/up (intermediate_size rows each) and gives every shard the layer's one
+    # weight_scale / input_scale: each is a fused layer of one module here.
+    checkpoint=Checkpoint("Phi3ForCausalLM", fused={"qkv": ("qkv_proj",), "gate_up": ("gate_up_proj",)},
+                          q_rows_are_hidden=True, refuse={
+        "W4A16_AWQ": "TensorRT-LLM's Phi3ForCausalLM.load_weights (modeling_phi3.py) slices qkv_proj and gate_up_proj "
+                     "at rows of the stored weight and splits weight_scale only when its first dimension equals the "
+                     "weight's: a packed INT4 weight has out/2 rows and its [out, in/group] scale out, so the shards get "
+                     "the wrong rows and the whole scale",
+        "FP8_PER_CHANNEL_PER_TOKEN": "TensorRT-LLM's Phi3ForCausalLM.load_weights (modeling_phi3.py) slices a fused "
+                                     "layer's weight_scale as weight_scale[:n, :], which a per-channel FP8 scale "
+                                     "(one dimension, [out]) does not have",
+    }),
     notes="fused qkv_proj (q|k|v) and gate_up_proj (gate|up); partial rotary",
 ))

@@ -27,7 +27,8 @@ QWEN3 = ARCHITECTURES.register(Architecture(
     padding_side="left",
     smoothing_groups=LLAMA_SMOOTHING,
     cache=CacheLayout(),
-    # TensorRT-LLM's PyTorch backend has Qwen3ForCausalLM; export-checkpoint does not write it yet
-    checkpoint=Checkpoint("Qwen3ForCausalLM", fused=dict(TRTLLM_FUSED), writable=False),
+    # TensorRT-LLM's PyTorch backend: Qwen3ForCausalLM reads the HF names through its generic weight
+    # mapper (q/k/v and gate/up fused as for llama; self_attn.q_norm / k_norm as they are, plain RMSNorm)
+    checkpoint=Checkpoint("Qwen3ForCausalLM", fused=dict(TRTLLM_FUSED)),
     notes="QK-norm (RMSNorm over head_dim on q and k before RoPE)",
 ))
