@@ -101,3 +101,14 @@ def test_doctor_does_not_offer_int8_where_the_integer_gemm_is_wrong(monkeypatch)
     assert "not int8: ONNX Runtime's U8U8 integer GEMM is not exact" in text
     cpu_line = next(ln for ln in text.splitlines() if ln.strip().startswith("cpu "))
     assert "int8" not in cpu_line
+
+
+def test_run_recipe_asks_for_full_parity_outputs_with_a_typed_key(tmp_path):
+    from trtforge.errors import RecipeError
+    from trtforge.pipeline_recipe import load_pipeline_recipe
+
+    base = ["model.path=" + str(tmp_path), "calibration.data=" + str(tmp_path)]
+    r = load_pipeline_recipe("cpu-int8", [*base, "parity.save_outputs=true"])
+    assert r.raw["parity"]["save_outputs"] is True
+    with pytest.raises(RecipeError, match="save_outputs"):
+        load_pipeline_recipe("cpu-int8", [*base, "parity.save_outputs=3"])
