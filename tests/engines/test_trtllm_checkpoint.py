@@ -243,7 +243,8 @@ def test_reader_refuses_what_the_loader_refuses(ckpt, tmp_path):
 def test_refusals_before_any_work(q_art, tmp_path, case):
     args, match = {
         "int8": (("int8", "calib_method=max"), r"W8A8 SmoothQuant.*linear\.py.*--recipe fp8"),
-        "gpt2": (("fp8",), r"GPT2LMHeadModel.*LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"),
+        "gpt2": (("fp8",), r"GPT2LMHeadModel.*Gemma3ForCausalLM, LlamaForCausalLM, MistralForCausalLM, Phi3ForCausalLM, "
+                 r"Qwen2ForCausalLM, Qwen3ForCausalLM"),
         "block32": (("int4-rtn", "block_size=32"), r"group size of 64 or 128.*block size 32"),
         "fp8-mul": (("fp8", "smoothquant=true", "smooth_attention_output=true", "smooth_with_mul=true", "alpha=0.5"), r"pre_quant_scale.*smooth_with_mul=false"),
         "fused-partial": (("fp8", 'exclude=["*lm_head*", "*layers.0.self_attn.k_proj*"]'), r"k_proj not.*fuses"),
