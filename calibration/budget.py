@@ -53,8 +53,8 @@ from trtforge.graph import GraphIndex, inline_identity_initializers, needed_subg
 from trtforge.inputs import make_feeds
 from trtforge.manifest import ModelDims
 from trtforge.metrics import mean_pool, row_cosine
-from trtforge.onnx_io import MODEL_FILE, Weights, load_graph, write_model
-from trtforge.ort import NO_PREPACKING, graph_session, release_memory, session
+from trtforge.onnx_io import DATA_FILE, MODEL_FILE, DataFile, Weights, load_graph, write_model
+from trtforge.ort import NO_PREPACKING, graph_session, release_memory
 from trtforge.progress import progress
 from trtforge.textdata import Samples
 from trtforge.vocab import Precision, Task
@@ -158,13 +158,19 @@ class _Eval:
         return float(np.mean(cos)) if np.isfinite(cos).all() else -math.inf
 
     def set_reference(self, export_model: Path) -> None:
-        sess = session(export_model, config=NO_PREPACKING)
+        sess = _mapped_session(export_model)
         self.reference = self.value(sess)
         del sess
         release_memory()
 
     def hidden(self, sess, flags: dict[str, bool], tensor: str) -> list[np.ndarray]:
         return [np.asarray(h, np.float64) for _, h in self.outputs(sess, flags, tensor, self.rank_batches)]
+
+
+def _mapped_session(path: Path):
+    """A session whose weights ONNX Runtime reads from their file (a model held in one file
+    included: its graph is loaded without them), never parsed into this process whole."""
+    return graph_session(load_graph(path), path.parent, config=NO_PREPACKING)
 
 
 def _nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
@@ -217,8 +223,10 @@ def _groups(prep, quantized: list[str]) -> list[_Group]:
     return out
 
 
-def _add_switches(model: onnx.ModelProto, weights: Weights, floats: dict[str, np.ndarray], groups: list[_Group]) -> None:
-    """``Where(flag, float, dequantized)`` on each quantized GEMM input (module docstring, 1)."""
+def _add_switches(model: onnx.ModelProto, weights: Weights, floats: dict[str, onnx.TensorProto],
+                  groups: list[_Group]) -> None:
+    """``Where(flag, float, dequantized)`` on each quantized GEMM input (module docstring, 1);
+    ``floats``: each GEMM's float weight as a tensor already written (:meth:`Weights.put`)."""
     idx = GraphIndex(model, weights)
     producer = {o: n for n in model.graph.node for o in n.output}
     nodes = {n.name: n for n in model.graph.node}
@@ -232,13 +240,12 @@ def _add_switches(model: onnx.ModelProto, weights: Weights, floats: dict[str, np
             if dq is None or dq.op_type != "DequantizeLinear":
                 raise QuantizationError(f"the budget search cannot find {name}'s dequantized weight",
                                         "this is a trtforge bug; quantize without --budget meanwhile")
-            scale = inits[dq.input[1]]
-            dt = helper.tensor_dtype_to_np_dtype(scale.data_type)
             w = floats[name]
-            if dt == np.float16:
-                w = np.clip(w, -65504.0, 65504.0)
-            wname = idx.unique(f"{name}_budget_float_weight")
-            model.graph.initializer.append(weights.put(w.astype(dt), wname))
+            if w.data_type != inits[dq.input[1]].data_type:  # the rest's float type is the scales' type
+                raise QuantizationError(f"the budget search planned {name}'s float weight in the wrong type",
+                                        "this is a trtforge bug; quantize without --budget meanwhile")
+            wname = w.name
+            model.graph.initializer.append(w)
             out = idx.unique(f"{name}_budget_weight")
             new = [helper.make_node("Where", [g.flag, wname, node.input[1]], [out], name=idx.unique(f"{name}_budget_w"))]
             node.input[1] = out
@@ -307,7 +314,7 @@ class Search:
         return recipe.replace(exclude=[*recipe.exclude, *(_glob_escape(n) for n in self.keep())])
 
     def verify(self, model_path: Path) -> float:
-        sess = session(model_path, config=NO_PREPACKING)
+        sess = _mapped_session(model_path)
         self.measured = self.eval.value(sess)
         del sess
         release_memory()
@@ -376,24 +383,36 @@ def search(art, recipe: QuantRecipe, ranges: ActivationRanges, held: Samples, di
     model = load_graph(art.model_path)
     weights = Weights(model, art.path)
     inline_identity_initializers(model, weights)
-    prep = prepare(model, recipe, ranges, dims, weights=weights)
-    quantized = [n for n, d in prep.decisions.items() if d.quantize]
-    if not quantized:
-        raise QuantizationError(f"recipe {recipe.name} quantizes no GEMM of this model, so there is nothing to budget",
-                                "quantize without --budget, or loosen the recipe's exclude patterns")
-    idx = GraphIndex(prep.model, weights)
-    by_name = {n.name: n for n in prep.model.graph.node}
-    floats = {n: np.array(idx.array(by_name[n].input[1]), copy=True) for n in quantized}
-    del idx
-    groups = _groups(prep, quantized)
-    qmodel, _ = finish(prep, dtype=dtype)
-    _add_switches(qmodel, weights, floats, groups)
-    del floats
-    output = "logits" if task.is_decoder else "last_hidden_state"
-    hidden = _hidden_tensor(qmodel, output)
     scratch.mkdir(parents=True, exist_ok=True)
     path = scratch / MODEL_FILE
-    write_model(qmodel, path, weights, external=True, link=True)
+    # every new tensor (the float copies, the quantized weights) goes to the scratch data file as
+    # it is made, and ONNX Runtime maps it from there: nothing of the model is held twice
+    data = weights.out = DataFile(scratch / DATA_FILE)
+    try:
+        prep = prepare(model, recipe, ranges, dims, weights=weights)
+        quantized = [n for n, d in prep.decisions.items() if d.quantize]
+        if not quantized:
+            raise QuantizationError(f"recipe {recipe.name} quantizes no GEMM of this model, so there is nothing to budget",
+                                    "quantize without --budget, or loosen the recipe's exclude patterns")
+        idx = GraphIndex(prep.model, weights)
+        by_name = {n.name: n for n in prep.model.graph.node}
+        rest = np.float16 if (dtype == Precision.FP16 or prep.dtype == Precision.FP16) else np.float32
+        floats = {}
+        for n in quantized:  # the smoothed float weight, in the type of the unquantized rest
+            w = idx.array(by_name[n].input[1]).astype(np.float32)
+            w = np.clip(w, -65504.0, 65504.0).astype(rest) if rest == np.float16 else w
+            floats[n] = weights.put(w, idx.unique(f"{n}_budget_float_weight"))
+            del w
+        del idx
+        groups = _groups(prep, quantized)
+        qmodel, _ = finish(prep, dtype=dtype)
+        _add_switches(qmodel, weights, floats, groups)
+        del floats
+        output = "logits" if task.is_decoder else "last_hidden_state"
+        hidden = _hidden_tensor(qmodel, output)
+        write_model(qmodel, path, weights, external=True, data=data, link=True)
+    finally:
+        data.close()
     del qmodel, prep, model, weights
     release_memory()
 
@@ -404,7 +423,7 @@ def search(art, recipe: QuantRecipe, ranges: ActivationRanges, held: Samples, di
     s.gemm_elements = {g.name: g.elements for g in groups}
     everything = {g.flag: True for g in groups}
 
-    sess = session(path, config=NO_PREPACKING)
+    sess = _mapped_session(path)
     s.unquantized = ev.value(sess, everything)
     s.evaluations.append({"kept_groups": len(groups), "value": s.unquantized})
     if not budget.met(s.unquantized):
@@ -438,7 +457,7 @@ def search(art, recipe: QuantRecipe, ranges: ActivationRanges, held: Samples, di
     release_memory()
     s.order = sorted(range(len(groups)), key=lambda i: -(groups[i].sensitivity or 0.0) / max(groups[i].elements, 1))
 
-    sess = session(path, config=NO_PREPACKING)
+    sess = _mapped_session(path)
     cache: dict[int, float] = {0: s.all_quantized, len(groups): s.unquantized}
 
     def at(k: int) -> float:
