@@ -193,15 +193,11 @@ PRESETS: dict[str, QuantRecipe] = {
     "int8-sq-0.5": QuantRecipe(name="int8-sq-0.5", precision=Precision.INT8, smoothquant=True, alpha=0.5,
                                unsmoothed_calib_method=CalibMethod.MSE),
     "int8": QuantRecipe(name="int8", precision=Precision.INT8, smoothquant=False, calib_method=CalibMethod.MSE),
-    # FP8 E4M3: weights per tensor, one scale shared by the GEMMs of a fused group (q/k/v,
-    # gate/up). E4M3's relative rounding error is the same at every scale, so per-channel scales
-    # buy nothing (real Gemma 3 270M, bench/fp8_probe.py: mean per-GEMM output error 5.44e-4 per
-    # tensor vs 5.33e-4 per channel), and per tensor is what TensorRT-LLM's FP8 checkpoint holds:
-    # export-checkpoint then stores these FP8 values as they are instead of rounding them twice.
-    # No smoothing by default: on Gemma 3 it moved top-1 agreement by 0.01 and perplexity within
-    # the noise of the held-out text, at twice the quantize time (docs/quantization.md).
-    "fp8": QuantRecipe(name="fp8", precision=Precision.FP8, smoothquant=False, calib_method=CalibMethod.MAX,
-                       weight_granularity=Granularity.TENSOR),
+    # FP8: per-channel weights, amax/448 activations, no smoothing. Measured on the real Gemma 3
+    # 270M (bench/fp8_real.py, 12 held-out windows): per-tensor weights with one scale per fused
+    # group (what TensorRT-LLM's FP8 checkpoint holds) +16.7% perplexity against +9.3% per channel;
+    # SmoothQuant for FP8 no better than none (docs/quantization.md).
+    "fp8": QuantRecipe(name="fp8", precision=Precision.FP8, smoothquant=False, calib_method=CalibMethod.MAX),
     "int4-awq": QuantRecipe(name="int4-awq", precision=Precision.INT4, int4_method=Int4Method.AWQ),
     "int4-rtn": QuantRecipe(name="int4-rtn", precision=Precision.INT4, int4_method=Int4Method.RTN, awq_clip=False),
     # GPTQ: blockwise error feedback through the inverse Hessian of each GEMM's input (X^T X,

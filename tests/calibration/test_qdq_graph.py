@@ -187,7 +187,7 @@ def test_exclusion_globs_and_only():
 
 def test_fp8_weights_are_e4m3_and_saturate():
     model = _graph()
-    q, _ = quantize_model(model, get_preset("fp8").replace(exclude=[], weight_granularity="channel"), _ranges(model))
+    q, _ = quantize_model(model, get_preset("fp8").replace(exclude=[]), _ranges(model))
     t = next(t for t in q.graph.initializer if t.name == "a.weight_quantized")
     arr = numpy_helper.to_array(t)
     assert arr.dtype == ml_dtypes.float8_e4m3fn
@@ -195,10 +195,9 @@ def test_fp8_weights_are_e4m3_and_saturate():
     assert Precision.FP8.value == "fp8"
 
 
-def test_fp8_preset_weights_per_tensor_shared_by_a_group():
+def test_per_tensor_weight_scales_option():
     model = _graph()
-    assert get_preset("fp8").weight_granularity == "tensor"
-    q, rep = quantize_model(model, get_preset("fp8").replace(exclude=[]), _ranges(model))
+    q, rep = quantize_model(model, get_preset("fp8").replace(exclude=[], weight_granularity="tensor"), _ranges(model))
     onnx.checker.check_model(q, full_check=True)
     assert all(n["scale_shape"] == [] for n in rep["nodes"])
     dq = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("weight_quantized")]

@@ -133,10 +133,8 @@ def test_int4_awq_layout_and_exact_agreement(q_art, ckpt):
     assert set(ck.manifest["files"]) == files - {"manifest.json"}
 
 
-def test_fp8_default_artifact_keeps_the_onnx_values(q_art, ckpt):
-    # the fp8 preset stores per-tensor weights shared by each fused group: the checkpoint holds
-    # the ONNX artifact's FP8 values and scales as they are, rounded once (issues 15/16)
-    art, ck = q_art("fp8"), ckpt("fp8")
+def test_fp8_per_tensor_keeps_the_onnx_values(q_art, ckpt):
+    art, ck = q_art("fp8", "weight_granularity=tensor"), ckpt("fp8", "weight_granularity=tensor")
     t, ref = tensors(ck.path), onnx_inits(art)
     man = json.loads((art.path / "manifest.json").read_text())["quantization"]["nodes"]
     act = {n["weight"]: n["activation"]["scale"] for n in man if n["status"] == "quantized"}
