@@ -156,6 +156,7 @@ def layer_stats(
     spill = Path(tempfile.mkdtemp(prefix="trtforge-layers-")) if own_spill else Path(spill_dir)
     spill.mkdir(parents=True, exist_ok=True)
     files: dict[tuple[int, str], Path] = {}
+    spilled = 0
     try:
         for b, nodes in enumerate(progress(blocks, len(blocks), "calibration (layer blocks)")):
             own = [o for k in nodes for o in g.node[k].output]
@@ -181,7 +182,8 @@ def layer_stats(
                 feeds = base = None
                 for name, x in zip(outs, results):
                     if name in carried:
-                        path = spill / f"{bi}-{len(files)}.npy"
+                        spilled += 1  # a new name each time: files of finished tensors are deleted
+                        path = spill / f"{bi}-{spilled}.npy"
                         np.save(path, x)
                         files[(bi, name)] = path
                     if name not in watched_set:

@@ -20,9 +20,10 @@ from ..conftest import DATA
 def setup(tiny_model, tmp_path_factory):
     out = {}
 
-    def get(preset):
-        if preset not in out:
-            art = export_onnx(tiny_model(preset), tmp_path_factory.mktemp("lw") / preset,
+    def get(preset, **kw):
+        key = (preset, tuple(sorted(kw.items())))
+        if key not in out:
+            art = export_onnx(tiny_model(preset, **kw), tmp_path_factory.mktemp("lw") / preset,
                               ExportOptions(task=Task("causal-lm"), external_data=True))
             model = load_graph(art.model_path)
             dims = art.manifest["dims"]
@@ -30,14 +31,15 @@ def setup(tiny_model, tmp_path_factory):
             samples = build_samples([DATA / "calib-mpl-lgpl.txt"], load_tokenizer(art.path), mode="windows",
                                     num_samples=6, seq_len=24, seed=0, max_positions=dims["max_positions"],
                                     vocab_size=dims["vocab_size"], text_field="text")
-            out[preset] = (art, model, dims, watched, samples)
-        return out[preset]
+            out[key] = (art, model, dims, watched, samples)
+        return out[key]
     return get
 
 
-@pytest.mark.parametrize("preset,per_block", [("llama", 1), ("qwen3", 1), ("gemma3_text", 2)])
-def test_layerwise_ranges_equal_the_whole_graph(setup, preset, per_block, tmp_path):
-    art, model, dims, watched, samples = setup(preset)
+@pytest.mark.parametrize("preset,per_block,layers", [("llama", 1, 5), ("qwen3", 1, None), ("gemma3_text", 2, None)])
+def test_layerwise_ranges_equal_the_whole_graph(setup, preset, per_block, layers, tmp_path):
+    # five layers: what the first blocks spill must outlive later blocks' files (the mask, rotary)
+    art, model, dims, watched, samples = setup(preset, **({"num_hidden_layers": layers} if layers else {}))
     kw = dict(batch_size=2, bins=256, keep=64, seed=0, base_dir=art.path)
     whole = collect_ranges(model, watched, samples, dims, layerwise=False, **kw)
     layered = collect_ranges(model, watched, samples, dims, layerwise=True, layers_per_block=per_block, **kw)
