@@ -79,7 +79,8 @@ def quantize_section(q: dict) -> str:
             if r["method"] == "FP32":
                 out.append(f"| FP32 | {r['ppl']:.3f} | | 1.000 | | | | {r['size_mib']:.0f} |")
             elif f and "ppl" not in r:
-                t = f"{r['seconds']:.0f} | {_cpu(r)} | {r['peak_rss_mib']:.0f} | {r['size_mib']:.0f}" if "seconds" in r else " | | "
+                t = f"{r['seconds']:.0f} | {_cpu(r)} | {r['peak_rss_mib']:.0f} | {r['size_mib']:.0f}" if "seconds" in r else (
+                    f" | {_cpu(r)} | {r['peak_rss_mib']:.0f} when stopped | " if "peak_rss_mib" in r else " | | ")
                 out.append(f"| {r['method']} | {f} | | | {t} |")
             else:
                 out.append(f"| {r['method']} | {r['ppl']:.3f} | {r['ppl_change_pct']:+.2f}% | {r['top1_agreement']:.3f} | "
