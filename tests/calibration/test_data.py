@@ -7,7 +7,7 @@ import pytest
 import transformers
 
 from trtforge.errors import CalibrationError, InputError
-from trtforge.textdata import build_samples, read_documents, split_sentences
+from trtforge.textdata import build_samples, prompt_prefix, read_documents, split_sentences
 
 from ..conftest import DATA  # noqa: TID252
 
@@ -138,3 +138,32 @@ def test_quantize_output_inside_the_calibration_data_folder_is_refused(exported,
     with pytest.raises(InputError, match="inside the calibration data"):
         quantize(exported("llama"), get_preset("int8-sq"), data / "q", calib=[data])
     assert [p.name for p in data.iterdir()] == ["calib.txt"]
+
+
+def _with_bos(tok):
+    """The tiny BPE tokenizer, made to put a BOS before every prompt as Llama's and Gemma's do."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    inner = tok.backend_tokenizer
+    bos = inner.token_to_id("<|endoftext|>")
+    inner.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=inner, bos_token="<|endoftext|>", eos_token="<|endoftext|>"), bos
+
+
+def test_windows_start_with_the_prompt_bos_where_the_tokenizer_adds_one(tiny_model):
+    plain = transformers.AutoTokenizer.from_pretrained(str(tiny_model("llama")))
+    assert prompt_prefix(plain) == []
+    bos_tok, bos = _with_bos(transformers.AutoTokenizer.from_pretrained(str(tiny_model("llama"))))
+    assert prompt_prefix(bos_tok) == [bos]
+    a = _build(plain, [DATA / "calib-apache-2.0.txt"])
+    b = _build(bos_tok, [DATA / "calib-apache-2.0.txt"])
+    assert all(len(x) == 32 for x in b.ids) and all(int(x[0]) == bos for x in b.ids)
+    # the rest of each window is consecutive text of the same stream, one token shorter
+    stream = np.concatenate([plain(d.text, add_special_tokens=False)["input_ids"] + [plain.eos_token_id]
+                             for d in read_documents([DATA / "calib-apache-2.0.txt"], "text")])
+    for x in b.ids:
+        body = np.asarray(x[1:])
+        assert any(np.array_equal(stream[i:i + 31], body) for i in range(0, len(stream) - 30, 31))
+    assert not all(int(x[0]) == bos for x in a.ids)
+    assert any("prompt prefix" in n for n in b.notes)
