@@ -9,13 +9,13 @@ import click
 from trtforge.calibration import quantize as run
 from trtforge.calibration.budget_spec import parse_budget
 from trtforge.commands.base import emit
-from trtforge.recipes import load_quant_recipe
+from trtforge.recipes import PRESETS, load_quant_recipe
 
 
 @click.command()
 @click.argument("export_dir", type=click.Path(path_type=Path))
 @click.option("--recipe", "recipe_spec", required=True,
-              help="Preset (int8-sq, int8-sq-0.5, int8, fp8, int4-awq, int4-rtn) or a TOML/YAML recipe file.")
+              help=f"Preset ({', '.join(PRESETS)}) or a TOML/YAML recipe file.")
 @click.option("--calib", multiple=True, type=click.Path(path_type=Path),
               help="Calibration data: text files, a folder, JSONL (field set by text_field) or one .npz. Repeatable.")
 @click.option("--ranges", type=click.Path(path_type=Path), help="Reuse ranges.json from an earlier quantize run.")
