@@ -20,7 +20,7 @@ from onnx import helper
 
 from trtforge.artifacts import read_json, sha256_json, write_json
 from trtforge.calibration.layerwise import layer_stats, wants_layerwise
-from trtforge.calibration.stats import TensorStats
+from trtforge.calibration.stats import TensorStats, count_batch
 from trtforge.errors import CalibrationError, InputError
 from trtforge.graph import needed_subgraph, tensor_types
 from trtforge.inputs import make_feeds
@@ -234,18 +234,7 @@ def collect_ranges(
         outs = run(ids, tt)
         for k, name in enumerate(watched):
             x, outs[k] = outs[k], None  # each batch output freed once counted
-            st = stats.get(name)
-            if st is None:
-                flat = per_tensor is not None and name in per_tensor
-                st = stats[name] = TensorStats(name, 0 if flat else int(x.shape[-1]), bins=bins,
-                                               keep=0 if flat else keep, seed=seed)
-            try:
-                st.update(x)
-            except FloatingPointError:
-                raise CalibrationError(
-                    f"activation {name} is non-finite (inf or NaN) on calibration batch {bi}",
-                    "the model overflows on this data: calibrate the fp32 export, or check the weights",
-                ) from None
+            count_batch(stats, name, x, bi, per_tensor=per_tensor, bins=bins, keep=keep, seed=seed)
             if hessians and name in hessians:
                 _add_hessian(hess, name, x)
     # no timings here: ranges.json is content, identical for identical inputs (timings go to manifests)

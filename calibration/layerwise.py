@@ -27,9 +27,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from trtforge.calibration.stats import TensorStats
+from trtforge.calibration.stats import TensorStats, count_batch
 from trtforge.errors import CalibrationError
-from trtforge.graph import tensor_types
+from trtforge.graph import needed_nodes, tensor_types
 from trtforge.inputs import make_feeds
 from trtforge.manifest import ModelDims
 from trtforge.onnx_io import copy_fields
@@ -55,16 +55,7 @@ def node_layers(model: onnx.ModelProto) -> list[int]:
 
 def plan_blocks(model: onnx.ModelProto, watched: list[str], layers_per_block: int = 1) -> list[list[int]]:
     """Node indices of each block, in order; only nodes the watched tensors need."""
-    g = model.graph
-    producer = {o: k for k, n in enumerate(g.node) for o in n.output}
-    need: set[int] = set()
-    stack = [producer[w] for w in watched if w in producer]
-    while stack:
-        k = stack.pop()
-        if k in need:
-            continue
-        need.add(k)
-        stack += [producer[i] for i in g.node[k].input if i in producer]
+    need = needed_nodes(model, watched)
     layers = node_layers(model)
     blocks: dict[int, list[int]] = {}
     for k in sorted(need):
@@ -188,18 +179,7 @@ def layer_stats(
                         files[(bi, name)] = path
                     if name not in watched_set:
                         continue
-                    st = stats.get(name)
-                    if st is None:
-                        flat = per_tensor is not None and name in per_tensor
-                        st = stats[name] = TensorStats(name, 0 if flat else int(x.shape[-1]), bins=bins,
-                                                       keep=0 if flat else keep, seed=seed)
-                    try:
-                        st.update(x)
-                    except FloatingPointError:
-                        raise CalibrationError(
-                            f"activation {name} is non-finite (inf or NaN) on calibration batch {bi}",
-                            "the model overflows on this data: calibrate the fp32 export, or check the weights",
-                        ) from None
+                    count_batch(stats, name, x, bi, per_tensor=per_tensor, bins=bins, keep=keep, seed=seed)
                     if observe is not None:
                         observe(name, x)
                 results = None

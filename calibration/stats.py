@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import ml_dtypes
 import numpy as np
 
+from trtforge.errors import CalibrationError
+
 INT8_MAX = 127.0
 FP8_MAX = 448.0
 
@@ -141,6 +143,26 @@ class TensorStats:
         s.bins = len(s.hist) if s.hist is not None else 0
         s.sample = sample
         return s
+
+
+
+def count_batch(stats: dict[str, TensorStats], name: str, x: np.ndarray, batch: int, *,
+                per_tensor: set[str] | None, bins: int, keep: int, seed: int) -> None:
+    """One calibration batch's values of ``name`` into its statistics (created on first sight:
+    ``per_tensor`` tensors get no per-channel statistics and no kept rows); the same for the
+    whole-graph probe and the layer-by-layer one."""
+    st = stats.get(name)
+    if st is None:
+        flat = per_tensor is not None and name in per_tensor
+        st = stats[name] = TensorStats(name, 0 if flat else int(x.shape[-1]), bins=bins,
+                                       keep=0 if flat else keep, seed=seed)
+    try:
+        st.update(x)
+    except FloatingPointError:
+        raise CalibrationError(
+            f"activation {name} is non-finite (inf or NaN) on calibration batch {batch}",
+            "the model overflows on this data: calibrate the fp32 export, or check the weights",
+        ) from None
 
 
 def _rle(h: np.ndarray) -> list:

@@ -376,11 +376,9 @@ def topological_sort(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def needed_subgraph(model: onnx.ModelProto, outputs: list[str], make_outputs) -> onnx.ModelProto:
-    """A new model computing only ``outputs``: the nodes they depend on and the initializers those
-    read (copied as they are: for a graph loaded without its external data, references to the
-    same bytes, never the data). ``make_outputs(repeated, known)`` fills the new graph's outputs
-    (``known``: the model's own output infos by name). Graph inputs are all kept."""
+
+def needed_nodes(model: onnx.ModelProto, outputs: list[str]) -> set[int]:
+    """Indices of the nodes that ``outputs`` depend on (inputs of subgraphs included)."""
     g = model.graph
     producer = {o: k for k, n in enumerate(g.node) for o in n.output}
     keep: set[int] = set()
@@ -391,6 +389,16 @@ def needed_subgraph(model: onnx.ModelProto, outputs: list[str], make_outputs) ->
             continue
         keep.add(k)
         stack += [producer[i] for i in _all_inputs(g.node[k]) if i in producer and producer[i] not in keep]
+    return keep
+
+
+def needed_subgraph(model: onnx.ModelProto, outputs: list[str], make_outputs) -> onnx.ModelProto:
+    """A new model computing only ``outputs``: the nodes they depend on and the initializers those
+    read (copied as they are: for a graph loaded without its external data, references to the
+    same bytes, never the data). ``make_outputs(repeated, known)`` fills the new graph's outputs
+    (``known``: the model's own output infos by name). Graph inputs are all kept."""
+    g = model.graph
+    keep = needed_nodes(model, outputs)
     nodes = [g.node[k] for k in sorted(keep)]
     used = {i for n in nodes for i in _all_inputs(n)}
     out = onnx.ModelProto()
