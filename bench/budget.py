@@ -78,9 +78,11 @@ def child(src: Path, recipe: str, budget: str | None, out: Path) -> dict:
 def run_child(src: Path, recipe: str, budget: str | None, out: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", str(src), recipe, budget or "", str(out)]
     p = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    (out.parent / f"{out.name}.log").write_text(p.stderr)  # the child's log, kept for a failed run
     if p.returncode:
         sys.stderr.write(p.stderr[-3000:])
-        return {"error": (p.stderr.strip().splitlines() or ["failed"])[-1]}
+        last = (p.stderr.strip().splitlines() or ["failed"])[-1]
+        return {"error": f"exit {p.returncode}: {last}" if p.returncode < 0 else last}
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
@@ -95,15 +97,15 @@ def _nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
     return total, rows.shape[0]
 
 
-def eval_decoder(paths: list[Path], windows: int = 12, seq: int = 256) -> list[float]:
-    """Mean NLL per model on the first ``windows`` 256-token windows of the eval text."""
-    from transformers import AutoTokenizer
+def eval_decoder(paths: list[Path], seq: int = 256) -> tuple[list[float], int]:
+    """Mean NLL per model on every non-overlapping window of the eval text, each <bos> + 255 text
+    tokens (bench/quantize.py's windows: the calibration windows start with the tokenizer's BOS too)."""
+    from quantize import eval_windows
 
     from trtforge.ort import NO_PREPACKING, release_memory, session
+    from trtforge.textdata import load_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(paths[0]), local_files_only=True)
-    ids = np.asarray(tok(EVAL.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"], np.int64)
-    wins = [ids[i * seq : (i + 1) * seq] for i in range(min(windows, len(ids) // seq))]
+    wins = eval_windows(load_tokenizer(paths[0]), None, seq)
     out = []
     for p in paths:
         sess = session(p / "model.onnx", config=NO_PREPACKING)
@@ -118,7 +120,7 @@ def eval_decoder(paths: list[Path], windows: int = 12, seq: int = 256) -> list[f
         out.append(nll / n)
         del sess
         release_memory()
-    return out
+    return out, len(wins)
 
 
 def eval_encoder(paths: list[Path]) -> list[np.ndarray]:
@@ -156,8 +158,9 @@ def case(name: str, old: dict | None = None) -> dict:
         return res
     paths = [src, OUT / f"{name}-plain", OUT / f"{name}-budget"]
     if kind == "gemma3":
-        ref, a, b = eval_decoder(paths)
-        res["eval"] = {"metric": "perplexity change % (eval-gpl-3.0, 12 x 256 tokens)", "ppl_fp32": float(np.exp(ref)),
+        (ref, a, b), nwin = eval_decoder(paths)
+        res["eval"] = {"metric": f"perplexity change % (eval-gpl-3.0, all {nwin} windows of <bos> + 255 tokens)",
+                       "ppl_fp32": float(np.exp(ref)),
                        "plain": 100 * (np.exp(a - ref) - 1), "budgeted": 100 * (np.exp(b - ref) - 1)}
     else:
         ref, a, b = eval_encoder(paths)
@@ -196,6 +199,9 @@ def main() -> int:
     ap.add_argument("--reuse-plain", action="store_true", help="keep the plain runs of the results file")
     a = ap.parse_args()
     if a.child:
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         src, recipe, budget, out = a.child
         print(json.dumps(child(Path(src), recipe, budget or None, Path(out))))
         return 0

@@ -32,7 +32,7 @@ from trtforge.calibration.patterns import (
     find_groups,
     watched_tensors,
 )
-from trtforge.calibration.qdq import ensure_opset, insert_activation_qdq, quantize_weights
+from trtforge.calibration.qdq import WeightPlan, ensure_opset, insert_activation_qdq, quantize_weights
 from trtforge.calibration.recipe import QuantRecipe
 from trtforge.calibration.smoothing import Smoothing, apply_smoothing
 from trtforge.fp16 import convert_to_fp16
@@ -74,6 +74,10 @@ def _decide(gemms: list[Gemm], recipe: QuantRecipe, only: set[str] | None, metho
             d.quantize, d.reason = False, f"matches exclude pattern {pat!r}"
         elif only is not None and g.node not in only:
             d.quantize, d.reason = False, "not selected"
+        elif (pat := next((p for p in recipe.weight_only_int8
+                           if fnmatch.fnmatch(g.node, p) or fnmatch.fnmatch(g.weight, p)), None)):
+            d.quantize, d.fallback = False, Precision.INT8
+            d.reason = f"INT8 weight-only: matches weight_only_int8 pattern {pat!r}"
         else:
             d.block, reason = methods.weights.check(g, recipe)
             if reason:
@@ -149,6 +153,10 @@ def finish(prep: Prepared, *, dtype: str) -> tuple[onnx.ModelProto, dict]:
         acts, act_info = methods.activations.plan_activations(ctx)
         act_scales = insert_activation_qdq(model, acts, precision, idx)
     winfo = quantize_weights(model, plans, precision, idx)
+    # the INT4 recipe's INT8 fallback: per-output-channel weight-only, activations stay float
+    fallback = [WeightPlan(current[n]) for n, d in prep.decisions.items() if d.fallback == Precision.INT8]
+    if fallback:
+        winfo.update(quantize_weights(model, fallback, Precision.INT8, idx))
     return model, _report(ctx, prep, act_scales, act_info, winfo, dtype)
 
 
@@ -159,8 +167,10 @@ def _report(ctx: PlanContext, prep: Prepared, act_scales: dict[str, float], act_
     for name, d in prep.decisions.items():
         g = d.gemm
         entry = {"node": name, "weight": g.weight, "op": g.op, "k": g.k, "n": g.n,
-                 "status": "quantized" if d.quantize else "excluded"}
-        if not d.quantize:
+                 "status": "quantized" if d.quantize else "fallback" if d.fallback else "excluded"}
+        if d.fallback is not None:  # stored in another precision than the recipe's (weight-only INT8)
+            entry.update(reason=d.reason, precision=d.fallback.value, **winfo[name])
+        elif not d.quantize:
             entry["reason"] = d.reason
         else:
             grp = ctx.group_of(name)
@@ -178,7 +188,8 @@ def _report(ctx: PlanContext, prep: Prepared, act_scales: dict[str, float], act_
         "precision": recipe.precision.value,
         "nodes": nodes,
         "counts": {"quantized": sum(n["status"] == "quantized" for n in nodes),
-                   "excluded": sum(n["status"] == "excluded" for n in nodes)},
+                   "excluded": sum(n["status"] == "excluded" for n in nodes),
+                   **({"fallback": k} if (k := sum(n["status"] == "fallback" for n in nodes)) else {})},
         "smoothing": [
             {"gemms": sm.group.gemms, "role": sm.group.role, "fold": sm.group.fold, "alpha": sm.alpha,
              "error": sm.error, "why_not_folded": sm.group.why or None}

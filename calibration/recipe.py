@@ -71,6 +71,11 @@ class QuantRecipe:
     gptq_act_order: bool = False
     # --- scope
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    # INT4 recipes only: GEMMs (node or weight name patterns, as exclude; exclude wins) stored as
+    # INT8 weight-only instead (per-output-channel symmetric INT8 DequantizeLinear on the weight,
+    # float activations): the first fallback of an INT4 recipe, half a byte per weight more than
+    # INT4 and one less than FP16. The accuracy budget fills it for the groups it takes out of INT4.
+    weight_only_int8: tuple[str, ...] = ()
     dtype: str = "auto"  # the unquantized rest: auto (as exported) | fp16 | fp32
     # --- calibration data
     num_samples: int = 128
@@ -139,6 +144,10 @@ class QuantRecipe:
                 parse_budget(self.budget)
             except OptionError as exc:
                 raise RecipeError(f"{source}: {exc.problem}", exc.hint) from None
+        if self.weight_only_int8 and self.precision != Precision.INT4:
+            raise RecipeError(f"{source}: weight_only_int8 is the INT8 fallback of an INT4 weight-only recipe, and this "
+                              f"recipe is {self.precision.value}",
+                              "drop weight_only_int8, or keep those GEMMs in float with exclude")
         if self.precision == Precision.INT4 and self.smoothquant:
             raise RecipeError(f"{source}: smoothquant applies to INT8/FP8 activations, not INT4 weight-only", "set smoothquant = false")
 

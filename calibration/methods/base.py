@@ -67,6 +67,9 @@ class Decision:
     quantize: bool
     reason: str = ""
     block: int | None = None
+    # not in the recipe's precision but not float either: the weight stored in this precision
+    # instead (Precision.INT8: weight-only, per output channel; an INT4 recipe's weight_only_int8)
+    fallback: Precision | None = None
 
 
 @dataclass

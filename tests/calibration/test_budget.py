@@ -33,24 +33,20 @@ from ..conftest import DATA, one_line_error  # noqa: TID252
 CH = [3, 17, 40]
 
 
-@pytest.fixture(scope="module")
-def decoder(tmp_path_factory):
-    """(export, calibration .npz): LLaMA with outliers into layers.1 gate/up, sharp logits."""
+def _sampled_decoder(root, edit):
+    """(export, calibration .npz) of a tiny LLaMA edited by ``edit(model)`` (same function in float),
+    calibrated on token ids sampled from the model itself (module docstring)."""
     import torch
     import transformers
 
     from trtforge.exporter import ExportOptions, export_onnx
     from trtforge.testing.tinymodels import make_model
 
-    root = tmp_path_factory.mktemp("budget-decoder")
     src = make_model("llama", root / "src", seed=1)
     m = transformers.AutoModelForCausalLM.from_pretrained(str(src)).eval()
     with torch.no_grad():
         m.model.norm.weight *= 8.0  # confident logits: the perplexity responds to hidden-state noise
-        layer = m.model.layers[1]
-        layer.post_attention_layernorm.weight[CH] *= 80.0  # same function in float
-        for lin in (layer.mlp.gate_proj, layer.mlp.up_proj):
-            lin.weight[:, CH] /= 80.0
+        edit(m)
         torch.manual_seed(0)
         ids = m.generate(torch.randint(0, m.config.vocab_size, (24, 1)), do_sample=True, max_new_tokens=47,
                          min_new_tokens=47, top_k=0, pad_token_id=0)
@@ -60,6 +56,35 @@ def decoder(tmp_path_factory):
     npz = root / "sampled.npz"
     np.savez(npz, input_ids=ids.numpy().astype(np.int64))
     return export_onnx(out, root / "export", ExportOptions()), npz
+
+
+@pytest.fixture(scope="module")
+def decoder(tmp_path_factory):
+    """LLaMA with activation outliers into layers.1 gate/up, sharp logits."""
+    def edit(m):
+        layer = m.model.layers[1]
+        layer.post_attention_layernorm.weight[CH] *= 80.0
+        for lin in (layer.mlp.gate_proj, layer.mlp.up_proj):
+            lin.weight[:, CH] /= 80.0
+
+    return _sampled_decoder(tmp_path_factory.mktemp("budget-decoder"), edit)
+
+
+# one input channel in every 32-wide INT4 block of layers.1 down_proj (K = 160)
+WCH = [5, 37, 69, 101, 133]
+
+
+@pytest.fixture(scope="module")
+def weight_outliers(tmp_path_factory):
+    """LLaMA whose layers.1 down_proj has 40x weight columns in every INT4 block (up_proj's rows
+    divided by 40: the same function in float): INT4 rounds the rest of those blocks to zero,
+    per-channel INT8 keeps ~5 levels for them."""
+    def edit(m):
+        mlp = m.model.layers[1].mlp
+        mlp.down_proj.weight[:, WCH] *= 40.0
+        mlp.up_proj.weight[WCH] /= 40.0
+
+    return _sampled_decoder(tmp_path_factory.mktemp("budget-weights"), edit)
 
 
 @pytest.fixture(scope="module")
@@ -219,8 +244,8 @@ def test_pipeline_budget_key(tmp_path, tiny_model):
     assert not out.exists()
 
 
-def test_int4_weight_only_falls_back_to_the_float_rest(decoder, tmp_path):
-    """INT4 blocks behind a switch: what the search measured is what the written model measures."""
+def test_int4_search_matches_the_written_model(decoder, tmp_path):
+    """INT4 blocks behind switches: what the search measured is what the written model measures."""
     exp, npz = decoder
     recipe = get_preset("int4-rtn").replace(budget="perplexity=0.5%", num_samples=24, block_size=32)
     art = quantize(exp, recipe, tmp_path / "q", calib=[npz])
@@ -229,5 +254,85 @@ def test_int4_weight_only_falls_back_to_the_float_rest(decoder, tmp_path):
     assert b["measured_all_quantized"] > 0.5 >= b["measured"]
     assert b["groups_kept"] >= 1 and b["measured"] == pytest.approx(b["measured_search"], abs=1e-6)
     kept = _kept(q)
-    assert kept and {ly["precision"] for ly in q.layers if ly["name"] in kept} == {"fp32"}
-    assert set(b["weight_share"]) == {"int4-weight-only", "fp32"}
+    # INT8 weight-only is the first fallback of INT4; the budget holds without any float GEMM here
+    assert kept and {ly["precision"] for ly in q.layers if ly["name"] in kept} == {"int8"}
+    assert b["groups_float"] == 0 and b["groups_int8"] == b["groups_kept"]
+    assert set(b["weight_share"]) == {"int4-weight-only", "int8", "fp32"}  # fp32: the lm_head the recipe excludes
+    assert b["fallbacks"] == ["int8", "fp32"]
+
+
+def test_int4_outlier_gemm_lands_in_int8_first(weight_outliers, tmp_path):
+    import onnx
+
+    from trtforge.inputs import make_feeds
+    from trtforge.ort import session
+
+    exp, npz = weight_outliers
+    recipe = get_preset("int4-rtn").replace(budget="perplexity=1%", num_samples=24, block_size=32)
+    art = quantize(exp, recipe, tmp_path / "q", calib=[npz])
+    q = art.manifest.quantization
+    b = _check_manifest(art, "perplexity=1%")
+    assert b["measured_all_quantized"] > 1.0 >= b["measured"]
+    assert b["measured"] == pytest.approx(b["measured_search"], abs=1e-6)  # RTN: the switched graph is exact
+    down = "/model/model/layers.1/mlp/down_proj/MatMul"
+    layers = {ly["name"]: ly for ly in q.layers}
+    # the outlier GEMM is the most sensitive, is the search's first move, and goes to INT8, not float
+    sens = {n: ly["sensitivity"] for n, ly in layers.items() if ly["sensitivity"] is not None}
+    assert max(sens, key=sens.get) == down
+    assert layers[down]["precision"] == "int8" and "move 1 of" in layers[down]["reason"]
+    assert layers[down]["sensitivity_int8"] < layers[down]["sensitivity"] / 10
+    assert b["groups_float"] == 0 and not [n for n, ly in layers.items() if ly["precision"] == "fp32"
+                                          and "budget" in ly["reason"]]
+    # the manifest's node record: an INT8 weight-only fallback with per-channel scales
+    node = next(n for n in q.nodes if n["node"] == down)
+    assert (node["status"], node["precision"], node["weight_dtype"]) == ("fallback", "int8", "int8")
+    assert node["scale_shape"] == [node["n"]] and q.extra["counts"]["fallback"] == b["groups_int8"] >= 1
+    assert any("layers.1/mlp/down_proj" in p for p in q.recipe["weight_only_int8"])
+    # three precisions in the size report, and the expected bytes follow them
+    share = b["weight_share"]
+    assert set(share) == {"int4-weight-only", "int8", "fp32"} and share["int8"] > 0
+    assert b["expected_gemm_weight_bytes"] == sum(ly["weight_bytes"] for ly in q.layers)
+    assert layers[down]["weight_bytes"] == node["k"] * node["n"]
+    # the graph: an INT8 DequantizeLinear (axis = output channel) straight into the GEMM, no activation Q/DQ
+    g = onnx.load(str(art.model_path), load_external_data=False).graph
+    prod = {o: n for n in g.node for o in n.output}
+    mm = next(n for n in g.node if n.name == down)
+    dq = prod[mm.input[1]]
+    inits = {t.name: t for t in g.initializer}
+    assert dq.op_type == "DequantizeLinear" and inits[dq.input[0]].data_type == onnx.TensorProto.INT8
+    assert not dq.attribute or all(a.name == "axis" for a in dq.attribute)
+    assert mm.input[0] not in prod or prod[mm.input[0]].op_type != "DequantizeLinear"
+    # ONNX Runtime's CPU provider runs it, close to the float export
+    ids = np.load(npz)["input_ids"][:2]
+    qs, fs = session(art.model_path), session(exp.model_path)
+    feeds = make_feeds(ids, [i.name for i in qs.get_inputs()], art.dims, np.float32)
+    got, ref = (s.run(["logits"], feeds)[0] for s in (qs, fs))
+    assert np.isfinite(got).all() and np.abs(got - ref).max() < 0.5 * np.abs(ref).max()
+
+
+def test_moves_int8_before_float_and_cost_aware():
+    from trtforge.calibration.budget import Move, order_moves
+    from trtforge.vocab import Precision
+
+    fp16 = Precision.FP16
+    moves = [Move(0, Precision.INT8, 1.0, 100.0), Move(0, fp16, 0.9, 200.0),  # float move better per byte...
+             Move(1, Precision.INT8, 1.0, 10.0), Move(1, fp16, 0.01, 20.0),
+             Move(2, Precision.INT8, 0.5, 10.0), Move(2, fp16, 0.001, 20.0)]
+    order = [(m.group, m.to) for m in order_moves(moves)]
+    assert order[:2] == [(1, Precision.INT8), (2, Precision.INT8)]  # a small layer first for more error per byte
+    assert order.index((0, fp16)) == order.index((0, Precision.INT8)) + 1  # ...but only right after its INT8 move
+    for gi in range(3):
+        assert order.index((gi, Precision.INT8)) < order.index((gi, fp16))
+
+
+def test_weight_only_int8_recipe_key(weight_outliers, tmp_path):
+    exp, npz = weight_outliers
+    with pytest.raises(RecipeError, match="weight_only_int8 is the INT8 fallback of an INT4"):
+        get_preset("fp8").replace(weight_only_int8=["*down_proj*"])
+    # without a budget: the pattern alone puts those GEMMs in INT8 weight-only; exclude still wins
+    recipe = get_preset("int4-rtn").replace(num_samples=8, block_size=32, weight_only_int8=["*down_proj*", "*lm_head*"])
+    q = quantize(exp, recipe, tmp_path / "q", calib=[npz]).manifest.quantization
+    status = {n["node"]: n["status"] for n in q.nodes}
+    assert {n for n, s in status.items() if s == "fallback"} == {
+        "/model/model/layers.0/mlp/down_proj/MatMul", "/model/model/layers.1/mlp/down_proj/MatMul"}
+    assert status["/model/lm_head/MatMul"] == "excluded"

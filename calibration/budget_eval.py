@@ -1,0 +1,152 @@
+"""Measuring for the accuracy budget (calibration/budget.py): the held-out samples and the budget metric.
+
+In:  the calibration samples (split into a ranges part and a held-out part), a session of the
+     float export or of a switched / written quantized graph.
+Out: the budget metric of a session on the held-out part (perplexity change over the float
+     export, or mean embedding cosine), and the last hidden state per batch for the per-group
+     sensitivities.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from trtforge.calibration.budget_spec import Budget
+from trtforge.calibration.collect import batches
+from trtforge.errors import CalibrationError
+from trtforge.inputs import make_feeds
+from trtforge.manifest import ModelDims
+from trtforge.metrics import mean_pool, row_cosine
+from trtforge.onnx_io import load_graph
+from trtforge.ort import NO_PREPACKING, graph_session, release_memory
+from trtforge.textdata import Samples
+from trtforge.vocab import Task
+
+HELD_OUT_SHARE = 0.2  # of the calibration samples, spread evenly over them
+MAX_HELD_OUT = 32
+RANK_TOKENS = 512  # held-out tokens the per-group sensitivities are measured on
+OUTPUT_BYTES = 256 << 20  # a batch's output (logits) kept under this
+FLAG = "trtforge_budget_"  # the switched graph's boolean inputs start with it
+
+
+def split_held_out(samples: Samples) -> tuple[Samples, Samples]:
+    """(ranges part, held-out part): every 1/HELD_OUT_SHARE-th sample held out, at most MAX_HELD_OUT."""
+    n = len(samples.ids)
+    if n < 2:
+        raise CalibrationError(f"an accuracy budget needs at least 2 calibration samples, and the data gives {n}",
+                               "pass more calibration text: part of it is held out to measure the budget")
+    h = min(MAX_HELD_OUT, max(1, round(n * HELD_OUT_SHARE)))
+    held = sorted({min(n - 1, int((i + 0.5) * n / h)) for i in range(h)})
+    rest = [i for i in range(n) if i not in set(held)]
+
+    def pick(idx: list[int]) -> Samples:
+        tt = samples.token_type_ids
+        return Samples([samples.ids[i] for i in idx], samples.mode, samples.sources, list(samples.notes),
+                       [tt[i] for i in idx] if tt else None, samples.files)
+
+    return pick(rest), pick(held)
+
+
+class HeldOut:
+    """The held-out batches, the float export's result on them, and the budget metric of a session."""
+
+    def __init__(self, held: Samples, dims: ModelDims, task: Task, budget: Budget, vocab: int, hidden_size: int) -> None:
+        self.held, self.dims, self.task, self.budget = held, dims, task, budget
+        self.decoder = task.is_decoder
+        self.output = "logits" if self.decoder else "last_hidden_state"
+        width = vocab if self.decoder else hidden_size
+        longest = max(len(a) for a in held.ids)
+        size = max(1, min(8, OUTPUT_BYTES // max(1, longest * width * 4)))
+        self.batches = batches(held, size)
+        self.rank_batches = self._first_tokens(RANK_TOKENS)
+        self.reference: float | np.ndarray | None = None
+        self.runs = 0
+
+    def _first_tokens(self, limit: int) -> list[list[int]]:
+        out, tokens = [], 0
+        for b in batches(self.held, 1):
+            if out and tokens + len(self.held.ids[b[0]]) > limit:
+                break
+            out.append(b)
+            tokens += len(self.held.ids[b[0]])
+        return out
+
+    @property
+    def rank_tokens(self) -> int:
+        return sum(len(self.held.ids[b[0]]) for b in self.rank_batches)
+
+    def _feeds(self, sess, idx: list[int], flags: dict[str, bool] | None) -> dict[str, np.ndarray]:
+        types = {i.name: i.type for i in sess.get_inputs()}
+        names = [n for n in types if not n.startswith(FLAG)]
+        f16 = any(types[n] == "tensor(float16)" for n in names)
+        ids = np.stack([self.held.ids[i] for i in idx])
+        tt = np.stack([self.held.token_type_ids[i] for i in idx]) if self.held.token_type_ids else None
+        feeds = make_feeds(ids, names, self.dims, np.float16 if f16 else np.float32, tt)
+        for n in types:
+            if n.startswith(FLAG):
+                feeds[n] = np.asarray(bool(flags and flags.get(n)), np.bool_)
+        return feeds
+
+    def outputs(self, sess, flags: dict[str, bool] | None, tensor: str, which: list[list[int]]):
+        """(feeds, output) per batch."""
+        self.runs += 1
+        for idx in which:
+            feeds = self._feeds(sess, idx, flags)
+            yield feeds, sess.run([tensor], feeds)[0]
+
+    def value(self, sess, flags: dict[str, bool] | None = None) -> float:
+        """The budget metric of ``sess`` (with ``flags``) against the float export's reference."""
+        if self.decoder:
+            nll, count = 0.0, 0
+            for feeds, logits in self.outputs(sess, flags, self.output, self.batches):
+                s, n = _nll(logits, feeds["input_ids"])
+                nll, count = nll + s, count + n
+            mean = nll / max(count, 1)
+            if self.reference is None:
+                return mean
+            d = mean - float(self.reference)
+            return 100.0 * (math.exp(d) - 1.0) if math.isfinite(d) and d < 700 else math.inf
+        pooled = np.concatenate([mean_pool(h, f["attention_mask"]) for f, h in
+                                 self.outputs(sess, flags, self.output, self.batches)])
+        if self.reference is None:
+            return pooled  # type: ignore[return-value]
+        cos = row_cosine(np.asarray(self.reference), pooled)
+        return float(np.mean(cos)) if np.isfinite(cos).all() else -math.inf
+
+    def set_reference(self, export_model: Path) -> None:
+        sess = mapped_session(export_model)
+        self.reference = self.value(sess)
+        del sess
+        release_memory()
+
+    def hidden(self, sess, flags: dict[str, bool], tensor: str) -> list[np.ndarray]:
+        return [np.asarray(h, np.float64) for _, h in self.outputs(sess, flags, tensor, self.rank_batches)]
+
+
+def mapped_session(path: Path):
+    """A session whose weights ONNX Runtime reads from their file (a model held in one file
+    included: its graph is loaded without them), never parsed into this process whole."""
+    return graph_session(load_graph(path), path.parent, config=NO_PREPACKING)
+
+
+def _nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood over every position of unpadded rows."""
+    b, s, v = logits.shape
+    rows = logits[:, :-1].reshape(-1, v)
+    targets = ids[:, 1:].reshape(-1)
+    total = 0.0
+    for k in range(0, rows.shape[0], 64):
+        x = rows[k : k + 64].astype(np.float64)
+        m = x.max(axis=1, keepdims=True)
+        lse = (m[:, 0] + np.log(np.exp(x - m).sum(axis=1)))
+        total += float((lse - x[np.arange(x.shape[0]), targets[k : k + 64]]).sum())
+    return total, int(rows.shape[0])
+
+
+def noise_power(ref: list[np.ndarray], got: list[np.ndarray]) -> float:
+    signal = sum(float(np.square(r).sum()) for r in ref)
+    noise = sum(float(np.square(g - r).sum()) for r, g in zip(ref, got, strict=True))
+    return noise / max(signal, 1e-30)
