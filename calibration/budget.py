@@ -458,9 +458,9 @@ def search(art, recipe: QuantRecipe, ranges: ActivationRanges, held: Samples, di
     n = len(s.moves)
     cache: dict[int, float] = {0: s.all_quantized, n: s.unquantized}  # every move taken: every group in float
 
-    def at(k: int) -> float:
+    def at(k: int, sess=search_sess) -> float:
         if k not in cache:
-            cache[k] = ev.value(search_sess, s.flags(k))
+            cache[k] = ev.value(sess, s.flags(k))
             s.evaluations.append({"moves": k, "value": cache[k]})
             log.info("budget %s: %d of %d moves -> %s", budget.text, k, n, budget.show(cache[k]))
         return cache[k]
