@@ -476,7 +476,7 @@ def search(art, recipe: QuantRecipe, ranges: ActivationRanges, held: Samples, di
         else:
             lo = mid
     s.kept, s.searched = hi, at(hi)
-    del search_sess
+    del search_sess, at
     release_memory()
     s.seconds = time.perf_counter() - t0
     return s
