@@ -370,7 +370,7 @@ def search(art, recipe: QuantRecipe, ranges: ActivationRanges, held: Samples, di
     """The assignment (module docstring); raises QuantizationError when no assignment meets the budget."""
     t0 = time.perf_counter()
     task = art.manifest.source.task
-    int8 = recipe.precision == Precision.INT4  # the INT8 weight-only tier
+    int8 = recipe.precision == Precision.INT4 and recipe.budget_int8  # the INT8 weight-only tier
     model = load_graph(art.model_path)
     weights = Weights(model, art.path)
     inline_identity_initializers(model, weights)

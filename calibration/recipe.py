@@ -89,6 +89,10 @@ class QuantRecipe:
     # --- accuracy budget (calibration/budget.py): e.g. "perplexity=1%"; None: quantize every GEMM
     # the recipe selects. With a budget the fewest weight bytes stay unquantized until it holds.
     budget: str | None = None
+    # INT4 recipes: whether the budget search may store a group as INT8 weight-only before keeping
+    # it in float (false for a target that cannot run INT8 weight-only: trtforge's TensorRT-LLM
+    # checkpoint writer, which writes one W4A16_AWQ precision for the whole model)
+    budget_int8: bool = True
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -178,6 +178,10 @@ def preflight(*, precision: Precision, model_type: str, architecture: str = "", 
                        QUANT_ALGO_FP8 if options.fp8_scheme == Fp8Scheme.TENSOR else QUANT_ALGO_FP8_ROWWISE, config)
     recipe = recipe or {}
     if precision == Precision.INT4:
+        if recipe.get("weight_only_int8") or (recipe.get("budget") and recipe.get("budget_int8", True)):
+            raise QuantizationError(INT8_FALLBACK_REFUSAL.format(what="the recipe's INT4 quantization may store GEMMs as "
+                                                                 "INT8 weight-only (weight_only_int8, or a budget's "
+                                                                 "first fallback)"), INT8_FALLBACK_HINT)
         block = recipe.get("block_size", 128)
         if block not in W4A16_GROUP_SIZES:
             raise _block_refusal(f"the recipe's block_size is {block}")
@@ -197,6 +201,19 @@ def preflight(*, precision: Precision, model_type: str, architecture: str = "", 
         raise InputError("the recipe quantizes lm_head; the checkpoint keeps it in float, as Model Optimizer does",
                          "quantize with the default exclude list (it excludes *lm_head*)")
     check_parity_inputs(options)
+
+
+# TensorRT-LLM's loader does read per-layer precisions (quant_algo MIXED_PRECISION, with
+# ``quantized_layers`` {module: {quant_algo: W8A16 | W4A16_AWQ, group_size}} in hf_quant_config.json
+# or quant_cfg.json: model_config.py _build_modelopt_quant_config; fused q/k/v and gate/up take the
+# q_proj / gate_proj entry: modeling_utils.py apply_layerwise_quant_config; W8A16 is
+# WeightOnlyQuantLinearMethod: int8 weight [out, in], per-channel weight_scale [out]), but trtforge
+# writes one quant_algo per checkpoint.
+INT8_FALLBACK_REFUSAL = ("{what}, and trtforge writes a TensorRT-LLM checkpoint with one quant_algo (W4A16_AWQ) for "
+                         "every layer: TensorRT-LLM reads per-layer W8A16 only from a MIXED_PRECISION checkpoint, "
+                         "which trtforge does not write yet")
+INT8_FALLBACK_HINT = ("quantize for this target with budget_int8 = false (--set budget_int8=false; the budget then falls back to float only) "
+                      "and without weight_only_int8, or build a TensorRT engine from this artifact ('trtforge build')")
 
 
 def check_parity_inputs(options: CheckpointOptions) -> None:
@@ -234,6 +251,11 @@ def plan(art: OnnxArtifact, options: CheckpointOptions, *, available: int | None
     if not any(n.get("status") == "quantized" for n in nodes):
         raise InputError(f"{art.path} quantizes no GEMM (every one is excluded)", "quantize with a smaller exclude list")
     by_module = {module_of(n["node"]): n for n in nodes}
+    fallback = [module_of(n["node"]) for n in nodes if n.get("status") == "fallback"]
+    if fallback:
+        raise QuantizationError(INT8_FALLBACK_REFUSAL.format(
+            what=f"the ONNX artifact stores {len(fallback)} GEMMs as INT8 weight-only ({fallback[0]}"
+                 + (", ..." if len(fallback) > 1 else "") + ")"), INT8_FALLBACK_HINT)
     notes: list[str] = []
     _check_fused(by_module, fused)
     if by_module.get("lm_head", {}).get("status") == "quantized":

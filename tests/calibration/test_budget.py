@@ -336,3 +336,7 @@ def test_weight_only_int8_recipe_key(weight_outliers, tmp_path):
     assert {n for n, s in status.items() if s == "fallback"} == {
         "/model/model/layers.0/mlp/down_proj/MatMul", "/model/model/layers.1/mlp/down_proj/MatMul"}
     assert status["/model/lm_head/MatMul"] == "excluded"
+    # the CPU target builds it, and the optimized graph computes what the Q/DQ graph computes
+    r = CliRunner().invoke(main, ["build", str(tmp_path / "q"), "--target", "cpu", "-o", str(tmp_path / "cpu"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["build"]["self_check"]["relative_rms_err"] < 1e-4

@@ -105,3 +105,22 @@ def test_parity_stage_runs_the_engine(engines, exported, tmp_path):
                               [DATA / "eval-gpl-3.0.txt"], None, tmp_path / "report")
     assert (tmp_path / "report" / "report.json").is_file()
     assert rep.content["headline"]
+
+
+def test_int4_engine_with_int8_weight_only_fallback(exported, tmp_path):
+    """An accuracy budget's INT4 artifact: INT4 block DequantizeLinear on most GEMMs, per-channel INT8
+    weight-only DequantizeLinear (float activations) on the fallback ones; TensorRT builds both into
+    float GEMMs and computes what ONNX Runtime computes."""
+    from trtforge.calibration import get_preset, quantize
+
+    src = exported("llama", task="causal-lm", dtype="fp16")
+    recipe = get_preset("int4-rtn").replace(num_samples=4, seq_len=32, block_size=32, weight_only_int8=["*down_proj*"])
+    q = quantize(src, recipe, tmp_path / "q", calib=[DATA / "calib-apache-2.0.txt"])
+    assert q.manifest.quantization.extra["counts"]["fallback"] == 2
+    art = build(q, "auto", tmp_path / "engine", BuildOptions(profile=PROFILE))
+    from trtforge.engines import _trt
+
+    feeds = llama_feeds(2, 16, art.manifest["dims"]["vocab_size"], n=1, seed=11)[0]
+    got = _trt.run(art.engine_path.read_bytes(), feeds)["logits"].astype(np.float64)
+    ref = session(q.model_path, optimization="ORT_DISABLE_ALL").run(["logits"], feeds)[0].astype(np.float64)
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 5e-2

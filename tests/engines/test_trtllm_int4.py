@@ -88,3 +88,29 @@ def test_preflight_accepts_the_fallback_the_checkpoint_can_hold_and_refuses_the_
     with pytest.raises(QuantizationError, match=r"hidden_size \(96\), where quantize would use block size 32"):
         preflight(precision=Precision.INT4, model_type="llama", recipe={"block_size": 128},
                   config={**cfg, "hidden_size": 96})
+
+
+def test_int8_weight_only_fallback_is_refused_in_one_line(exported, tmp_path):
+    """TensorRT-LLM reads per-layer W8A16 only from a MIXED_PRECISION checkpoint, which trtforge does not
+    write: an artifact with INT8 weight-only GEMMs, or a recipe whose budget may make them, is refused."""
+    from click.testing import CliRunner
+
+    from trtforge.calibration import get_preset, quantize
+    from trtforge.cli import main
+
+    from ..conftest import one_line_error  # noqa: TID252
+
+    cfg = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "head_dim": 64}
+    with pytest.raises(QuantizationError, match="MIXED_PRECISION checkpoint, which trtforge does not write"):
+        preflight(precision=Precision.INT4, model_type="llama", recipe={"block_size": 128, "budget": "perplexity=10%"},
+                  config=cfg)
+    preflight(precision=Precision.INT4, model_type="llama", config=cfg,
+              recipe={"block_size": 128, "budget": "perplexity=10%", "budget_int8": False})
+    src = exported("llama", task="causal-lm-with-past")
+    recipe = get_preset("int4-rtn").replace(num_samples=4, seq_len=32, block_size=64, weight_only_int8=["*down_proj*"])
+    art = quantize(src, recipe, tmp_path / "q", calib=[DATA / "calib-apache-2.0.txt"])
+    out = tmp_path / "ck"
+    r = CliRunner().invoke(main, ["export-checkpoint", str(art.path), "-o", str(out), "--no-parity"])
+    line = one_line_error(r, "stores 2 GEMMs as INT8 weight-only (model.layers.0.mlp.down_proj, ...)", "W4A16_AWQ",
+                          "budget_int8")
+    assert "trtforge build" in line and not out.exists()
