@@ -9,7 +9,6 @@ weights, read back within the perplexity gate.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from trtforge.engines.trtllm import CheckpointOptions, export_checkpoint
