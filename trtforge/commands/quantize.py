@@ -37,7 +37,8 @@ def quantize(export_dir: Path, recipe_spec: str, calib: tuple[Path, ...], ranges
     q = art.manifest.quantization
     qc, counts = q.extra["quick_check"], q.extra["counts"]
     text = (f"{art.path}  {q.precision} ({recipe.name}): {counts['quantized']} GEMMs quantized, "
-            f"{counts['excluded']} excluded; {qc['output']} cosine vs float {qc['mean_cosine_vs_float']:.4f} "
+            f"{counts['excluded']} excluded" + (f", {counts['fallback']} INT8 weight-only" if counts.get("fallback") else "")
+            + f"; {qc['output']} cosine vs float {qc['mean_cosine_vs_float']:.4f} "
             f"on {qc['rows']} held-out rows; {art.manifest.model.size_bytes / 2**20:.1f} MiB")
     b = q.budget
     if b:
@@ -48,7 +49,8 @@ def quantize(export_dir: Path, recipe_spec: str, calib: tuple[Path, ...], ranges
 
         text += (f"\nbudget {b['text']}: {b['metric']} {fmt(b['measured'])} on {b['held_out_samples']} held-out samples "
                  f"(every GEMM quantized: {fmt(b['measured_all_quantized'])}); {b['groups_kept']} of {b['groups']} groups "
-                 f"kept unquantized, {100 * share:.1f}% of GEMM weights in {q.precision}")
+                 f"kept out of {q.precision}" + (f" ({b['groups_int8']} in INT8 weight-only)" if b.get("groups_int8") else "")
+                 + f", {100 * share:.1f}% of GEMM weights in {q.precision}")
     emit(art.manifest, as_json, text)
 
 
