@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -68,8 +69,9 @@ def child(src: Path, recipe: str, budget: str | None, out: Path) -> dict:
     wall = time.perf_counter() - t
     with open("/proc/self/status") as f:
         hwm = next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM"))
+    ru = resource.getrusage(resource.RUSAGE_SELF)  # CPU seconds: wall times on a shared machine are inflated
     q = art.manifest.quantization
-    return {"wall_s": wall, "peak_rss_mib": hwm, "timings": art.manifest.timings,
+    return {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "peak_rss_mib": hwm, "timings": art.manifest.timings,
             "size_mib": art.manifest.model.size_bytes / 2**20,
             "quantized": {n["node"]: n["k"] * n["n"] for n in q.nodes if n["status"] == "quantized"},
             "budget": q.extra.get("budget")}
@@ -169,6 +171,8 @@ def case(name: str, old: dict | None = None) -> dict:
     pq, bq = plain["quantized"], budgeted["quantized"]
     res["share_kept_quantized"] = sum(v for k, v in bq.items() if k in pq) / max(1, sum(pq.values()))
     res["time_ratio"] = budgeted["wall_s"] / plain["wall_s"]
+    if plain.get("cpu_s") and budgeted.get("cpu_s"):
+        res["cpu_ratio"] = budgeted["cpu_s"] / plain["cpu_s"]
     return res
 
 
@@ -185,8 +189,9 @@ def table(results: dict) -> str:
         e = r["eval"]
         rows.append(f"| {r['case']} | {r['budget']} | {fmt(b['measured_all_quantized'])} -> {fmt(b['measured'])} | "
                     f"{fmt(e['plain'])} | {fmt(e['budgeted'])} | {100 * r['share_kept_quantized']:.1f}% | "
-                    f"{b['groups_kept']} of {b['groups']} | {r['plain']['wall_s']:.0f}s / {r['budgeted']['wall_s']:.0f}s "
-                    f"({r['time_ratio']:.1f}x) |")
+                    f"{b['groups_kept']} of {b['groups']}" + (f" ({b['groups_int8']} INT8)" if b.get("groups_int8") else "")
+                    + f" | {r['plain']['wall_s']:.0f}s / {r['budgeted']['wall_s']:.0f}s ({r['time_ratio']:.1f}x"
+                    + (f"; CPU {r['cpu_ratio']:.1f}x" if r.get("cpu_ratio") else "") + ") |")
     return "\n".join(rows)
 
 
