@@ -10,6 +10,7 @@ recipe's time.
 
     python bench/budget.py [--only gemma3-fp8,minilm-fp8,...] [--json docs/results/budget.json]
     python bench/budget.py --table docs/results/budget.json   # the markdown table of docs/benchmarks.md
+    python bench/budget.py --sensitivities OUT/gemma3-fp8-budget/manifest.json   # where the error sits
 """
 
 from __future__ import annotations
@@ -195,11 +196,58 @@ def table(results: dict) -> str:
     return "\n".join(rows)
 
 
+def sensitivities(manifest: Path) -> str:
+    """Where a budgeted model's error sits (its manifest's per-group sensitivities): the groups by
+    sensitivity per weight element, the share of the summed sensitivity per role and per layer, and
+    the share of the quantized weights that carries each fraction of it (a flat distribution needs
+    many weights kept for a given error reduction; a peaked one few)."""
+    import re
+
+    q = json.loads(manifest.read_text())["quantization"]
+    groups: dict[str, dict] = {}
+    for ly in q["layers"]:
+        if ly.get("sensitivity") is None:
+            continue
+        g = groups.setdefault(ly["group"], {"role": ly["role"], "sens": ly["sensitivity"], "elems": 0,
+                                            "precision": set(), "name": ly["name"]})
+        g["elems"] += ly["weight_bytes"] / {"fp32": 4, "fp16": 2, "int4-weight-only": 0.5}.get(ly["precision"], 1)
+        g["precision"].add(ly["precision"])
+    total = sum(g["sens"] for g in groups.values()) or 1.0
+    elems = sum(g["elems"] for g in groups.values()) or 1.0
+    rows = sorted(groups.values(), key=lambda g: -g["sens"] / g["elems"])
+    out = [f"{len(rows)} groups; summed sensitivity {total:.3e}"]
+    acc = e = 0.0
+    marks = iter((0.25, 0.5, 0.75, 0.9))
+    mark = next(marks)
+    for g in rows:
+        acc, e = acc + g["sens"], e + g["elems"]
+        while mark is not None and acc / total >= mark:
+            out.append(f"  {100 * mark:.0f}% of the summed sensitivity in the first {100 * e / elems:.1f}% of the weights")
+            mark = next(marks, None)
+    by_role: dict[str, float] = {}
+    by_layer: dict[str, float] = {}
+    for g in rows:
+        by_role[g["role"]] = by_role.get(g["role"], 0.0) + g["sens"] / total
+        m = re.search(r"layers?[._](\d+)", g["name"])
+        key = m.group(1) if m else "other"
+        by_layer[key] = by_layer.get(key, 0.0) + g["sens"] / total
+    out.append("  by role: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in sorted(by_role.items(), key=lambda kv: -kv[1])))
+    out.append("  by layer: " + ", ".join(f"{k}: {100 * v:.1f}%" for k, v in sorted(
+        by_layer.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else 1 << 30)))
+    out.append("  top groups (sensitivity per element, share, precision):")
+    for g in rows[:10]:
+        out.append(f"    {g['name']}: {g['sens'] / g['elems']:.2e} {100 * g['sens'] / total:.1f}% {'/'.join(sorted(g['precision']))}")
+    ev = q.get("budget", {}).get("evaluations") or []
+    out.append("  budget runs (moves taken -> value): " + ", ".join(f"{e['moves']} -> {e['value']:.4g}" for e in ev))
+    return "\n".join(out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default=",".join(CASES))
     ap.add_argument("--json", type=Path, default=REPO / "docs" / "results" / "budget.json")
     ap.add_argument("--table", type=Path)
+    ap.add_argument("--sensitivities", type=Path, metavar="MANIFEST", help="where a budgeted model's error sits")
     ap.add_argument("--child", nargs=4)
     ap.add_argument("--reuse-plain", action="store_true", help="keep the plain runs of the results file")
     a = ap.parse_args()
@@ -209,6 +257,9 @@ def main() -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         src, recipe, budget, out = a.child
         print(json.dumps(child(Path(src), recipe, budget or None, Path(out))))
+        return 0
+    if a.sensitivities:
+        print(sensitivities(a.sensitivities))
         return 0
     if a.table:
         print(table(json.loads(a.table.read_text())))
