@@ -24,6 +24,13 @@ class CalibMethod(str, Enum):
     MSE = "mse"
 
 
+class WeightRounding(str, Enum):
+    """How INT8/FP8 weights are rounded onto their grid (INT4's is ``int4_method``)."""
+
+    NEAREST = "nearest"
+    GPTQ = "gptq"  # error feedback through the input Hessian, on the INT8 / E4M3 grid
+
+
 class Int4Method(str, Enum):
     RTN = "rtn"
     AWQ = "awq"
@@ -58,6 +65,10 @@ class QuantRecipe:
     # INT8/FP8 weight scales: one per output channel (default), or one per tensor (what
     # TensorRT-LLM's FP8 checkpoints hold; use it when the ONNX and TRT-LLM artifacts must agree)
     weight_granularity: str = "channel"
+    # INT8/FP8 weight rounding: to nearest, or GPTQ's error feedback (each input channel's
+    # rounding error pushed onto the channels not yet rounded along H^-1, with the scales that
+    # rounding to nearest would use); its dampening and act order are the gptq_ fields below
+    weight_rounding: WeightRounding = WeightRounding.NEAREST
     # --- INT4 weight-only
     int4_method: Int4Method = Int4Method.AWQ
     block_size: int = 128
