@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine  # noqa: E402
-from quantize import CALIB, GEMMA3_ARTIFACT, OUT, eval_windows, run_child  # noqa: E402,I001
+from quantize import CALIB, GEMMA3_ARTIFACT, OUT, eval_windows, run_child, window_nll  # noqa: E402,I001
 
 CHILD = r"""
 import json, sys, time
@@ -93,12 +93,10 @@ def window_eval(path: Path, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray
     for w in windows:
         w = w[None]
         feeds = {"input_ids": w, "attention_mask": np.ones_like(w), "position_ids": np.arange(L)[None]}
-        logits = s.run(["logits"], {k: v for k, v in feeds.items() if k in names})[0][0, :-1].astype(np.float64)
-        lp = logits - logits.max(-1, keepdims=True)
-        lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
-        nll.append(-np.take_along_axis(lp, w[0, 1:, None], -1).sum())
+        logits = s.run(["logits"], {k: v for k, v in feeds.items() if k in names})[0][0, :-1]
+        nll.append(window_nll(logits, w[0]))
         tops.append(logits.argmax(-1))
-        del logits, lp
+        del logits
     del s
     return np.asarray(nll), np.concatenate(tops), time.perf_counter() - t
 
