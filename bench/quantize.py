@@ -287,6 +287,16 @@ def eval_windows(tok, n: int | None, length: int = 256) -> np.ndarray:
     return w[:n] if n else w
 
 
+def window_nll(logits: np.ndarray, ids: np.ndarray) -> float:
+    """Summed next-token NLL of one window from its logits [L-1, V] (float32): log-sum-exp with
+    float64 accumulation, in one pass. Same figures as a float64 log-softmax to ~1e-9 relative,
+    20x faster: the float64 copies of a 255 x 262,144 window were most of a Gemma evaluation
+    (14 s a window on the shared 2-core machine, against 0.7 s)."""
+    m = logits.max(axis=-1, keepdims=True)
+    lse = np.log(np.exp(logits - m).sum(axis=-1, dtype=np.float64)) + m[:, 0]
+    return float((lse - logits[np.arange(logits.shape[0]), ids[1:]]).sum())
+
+
 def decoder_eval(path: Path, windows: np.ndarray, ref_top1: np.ndarray | None = None) -> tuple[float, np.ndarray, float, float]:
     """Perplexity over the scored positions, top-1 predictions, agreement with ref_top1, seconds."""
     from trtforge.ort import session
@@ -299,13 +309,11 @@ def decoder_eval(path: Path, windows: np.ndarray, ref_top1: np.ndarray | None = 
     for w in windows:
         w = w[None]
         feeds = {"input_ids": w, "attention_mask": np.ones_like(w), "position_ids": np.arange(L)[None]}
-        logits = s.run(["logits"], {k: v for k, v in feeds.items() if k in names})[0][0, :-1].astype(np.float64)
-        lp = logits - logits.max(-1, keepdims=True)
-        lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
-        nll -= np.take_along_axis(lp, w[0, 1:, None], -1).sum()
+        logits = s.run(["logits"], {k: v for k, v in feeds.items() if k in names})[0][0, :-1]
+        nll += window_nll(logits, w[0])
         count += L - 1
         tops.append(logits.argmax(-1))
-        del logits, lp
+        del logits
     del s
     top = np.concatenate(tops)
     agree = float((top == ref_top1).mean()) if ref_top1 is not None else 1.0
@@ -365,7 +373,8 @@ def _previous_rows(args, name: str, res: dict) -> list[dict]:
         return []
     old = json.loads(args.json.read_text()).get(name) or {}
     same = all(old.get(k) == res[k] for k in ("evaluation", "calibration", "scope"))
-    if not same or not old.get("rows") or old["rows"][0].get("ppl") != res["rows"][0]["ppl"]:
+    # the FP32 perplexity of the same windows, to rounding (a recomputed reference differs by ~1e-9)
+    if not same or not old.get("rows") or not np.isclose(old["rows"][0].get("ppl") or 0.0, res["rows"][0]["ppl"], rtol=1e-6):
         return []
     return old["rows"]
 

@@ -29,6 +29,15 @@ What is specific here:
   is retried with 10x the dampening (three times), then falls back to RTN the same way.
 
 Selected by ``int4_method = "gptq"`` (preset ``int4-gptq``) or ``"awq-gptq"`` (``int4-awq-gptq``).
+
+**INT8 / FP8 weights** (``weight_rounding = "gptq"`` on an INT8 or FP8 recipe, class
+:class:`GPTQ8`): the same pass on the 8-bit grid (uniform INT8, or E4M3's floating-point one),
+with the scales rounding to nearest would use (amax / qmax per output channel, or one per
+tensor or group with ``weight_granularity = "tensor"``), fixed before the pass. Under
+SmoothQuant's factor the GEMM reads X / s and its Hessian is H / (s s^T), as under AWQ's.
+Inputs never active in calibration keep their weights rounded to nearest (nothing feeds back to
+or from them), rather than zeroed: held-out text may use them. The same proxy check against
+rounding to nearest keeps whichever is better per GEMM.
 """
 
 from __future__ import annotations
@@ -42,10 +51,11 @@ from trtforge.calibration.methods.awq import AWQ
 from trtforge.calibration.methods.base import Decision, PlanContext, Role, Stat, weight_granularity
 from trtforge.calibration.patterns import Group
 from trtforge.calibration.qdq import WeightPlan, float_type
-from trtforge.calibration.recipe import Int4Method, QuantRecipe
+from trtforge.calibration.methods.rtn import RoundToNearest
+from trtforge.calibration.recipe import Int4Method, QuantRecipe, WeightRounding
 from trtforge.calibration.smoothing import Smoothing
 from trtforge.errors import QuantizationError
-from trtforge.numerics import as_scale, int4_block_scales
+from trtforge.numerics import QMAX, as_scale, fake_quant, int4_block_scales, weight_scales
 from trtforge.progress import progress
 from trtforge.registry import QUANT_METHODS
 from trtforge.vocab import Granularity, Precision
@@ -134,6 +144,36 @@ def gptq_quantize(w_kn: np.ndarray, h: np.ndarray | HessianFactor, block: int, *
     return out, scales, {"damp": f.damp, "dead_inputs": int(f.dead.sum()), "act_order": act_order}
 
 
+def gptq_fixed_scales(w_kn: np.ndarray, h: np.ndarray | HessianFactor, scales: np.ndarray, precision: Precision, *,
+                      damp: float = 0.01, act_order: bool = False) -> tuple[np.ndarray, dict]:
+    """GPTQ of one [K, N] weight onto the INT8 or FP8 grid of fixed ``scales`` (per output
+    channel [N], or one per tensor), with its input Hessian h [K, K] or its factor.
+
+    Returns (Q, info): Q [K, N] float32 on the grid (``fake_quant(W, scales)`` of the updated
+    weights, exactly what the stored 8-bit values and scales dequantize to). Dead inputs (diag H
+    = 0) are decoupled by :func:`factor_hessian` and so end up rounded to nearest."""
+    k, n = w_kn.shape
+    f = h if isinstance(h, HessianFactor) else factor_hessian(h, damp, act_order)
+    s = np.broadcast_to(np.asarray(scales, np.float32).reshape(-1), (n,)).copy()
+    perm, u = f.perm, f.u
+    w = np.array(w_kn, np.float32)[perm]
+    q = np.empty_like(w)
+    for i1 in range(0, k, LAZY_ROWS):
+        i2 = min(i1 + LAZY_ROWS, k)
+        w1 = w[i1:i2].copy()
+        q1 = q[i1:i2]
+        err = np.empty_like(w1)
+        for i in range(i2 - i1):
+            q1[i] = fake_quant(w1[i], s, precision)
+            e = (w1[i] - q1[i]) / u[i1 + i, i1 + i]
+            w1[i:] -= np.outer(u[i1 + i, i1 + i : i2], e)
+            err[i] = e
+        w[i2:] -= u[i1:i2, i2:].T @ err
+    out = np.empty_like(q)
+    out[perm] = q
+    return out, {"damp": f.damp, "dead_inputs": int(f.dead.sum()), "act_order": f.act_order}
+
+
 def proxy_loss(w_kn: np.ndarray, q_kn: np.ndarray, h: np.ndarray) -> float:
     """tr(D^T H D), D = W - Q: the output error ||X W - X Q||^2 per calibration row."""
     d = (np.asarray(w_kn, np.float64) - q_kn).astype(np.float32)
@@ -183,17 +223,7 @@ class GPTQ(AWQ):
         return plans
 
     def hessian(self, ctx: PlanContext, d: Decision) -> np.ndarray:
-        """The GEMM's input Hessian in this graph: divided by s s^T where AWQ scaled the input."""
-        h = ctx.ranges.hessians.get(d.gemm.act)
-        if h is None:
-            raise QuantizationError(f"the ranges have no Hessian for {d.gemm.act} (input of {d.gemm.node})",
-                                    "calibrate again with a GPTQ recipe (reused ranges of another recipe lack it)")
-        sm = ctx.smoothing_of(d.gemm.node)
-        h = np.asarray(h, np.float64)
-        if sm is not None:
-            inv = 1.0 / np.asarray(sm.s, np.float64)
-            h = h * inv[:, None] * inv[None, :]
-        return h
+        return gemm_hessian(ctx, d)
 
     def plan_weight(self, ctx: PlanContext, d: Decision, granularity: Granularity,
                     shared_amax: float | None) -> WeightPlan:
@@ -206,31 +236,114 @@ class GPTQ(AWQ):
         h = self.hessian(ctx, d)
         rtn_q, rtn_s = _rtn(w, d.block, np_dtype, clip)
         info: dict = {"damp_requested": ctx.recipe.gptq_damp}
-        cache = getattr(self, "_factors", {})
         try:
-            f = cache.get(d.gemm.act)
-            if f is None:
-                try:
-                    f = factor_hessian(h, ctx.recipe.gptq_damp, ctx.recipe.gptq_act_order)
-                except np.linalg.LinAlgError as exc:
-                    f = exc
-                cache[d.gemm.act] = f
-            if isinstance(f, np.linalg.LinAlgError):
-                raise f
+            f = _factor(getattr(self, "_factors", {}), d.gemm.act, h, ctx.recipe)
             q, scales, done = gptq_quantize(w, f, d.block, dtype=np_dtype, clip=clip)
             info.update(done)
         except np.linalg.LinAlgError as exc:
             q, scales = rtn_q, rtn_s
             info["fallback"] = f"round to nearest: the Hessian is {exc}"
-        loss_rtn = proxy_loss(w, rtn_q, h)
-        loss = proxy_loss(w, q, h) if "fallback" not in info else loss_rtn
-        if "fallback" not in info and not loss < loss_rtn:
-            q, scales, loss = rtn_q, rtn_s, loss_rtn
-            info["fallback"] = "round to nearest: GPTQ's output error on the calibration data was not lower"
-        info.update(output_error_rtn=loss_rtn, output_error=loss,
-                    error_vs_rtn=loss / loss_rtn if loss_rtn > 0 else 1.0)
+        q, scales = _keep_better(w, h, (q, scales), (rtn_q, rtn_s), info)
+        plan.weight, plan.scales, plan.info = q, scales, {"gptq": info}
+        return plan
+
+
+def _factor(cache: dict, act: str, h: np.ndarray, recipe: QuantRecipe) -> HessianFactor:
+    """The input's factor, computed once for the GEMMs reading it (a failure is cached too)."""
+    f = cache.get(act)
+    if f is None:
+        try:
+            f = factor_hessian(h, recipe.gptq_damp, recipe.gptq_act_order)
+        except np.linalg.LinAlgError as exc:
+            f = exc
+        cache[act] = f
+    if isinstance(f, np.linalg.LinAlgError):
+        raise f
+    return f
+
+
+def _keep_better(w: np.ndarray, h: np.ndarray, gptq: tuple, rtn: tuple, info: dict) -> tuple:
+    """GPTQ's result unless its proxy output error is not below rounding to nearest's."""
+    loss_rtn = proxy_loss(w, rtn[0], h)
+    loss = proxy_loss(w, gptq[0], h) if "fallback" not in info else loss_rtn
+    if "fallback" not in info and not loss < loss_rtn:
+        gptq, loss = rtn, loss_rtn
+        info["fallback"] = "round to nearest: GPTQ's output error on the calibration data was not lower"
+    info.update(output_error_rtn=loss_rtn, output_error=loss, error_vs_rtn=loss / loss_rtn if loss_rtn > 0 else 1.0)
+    return gptq
+
+
+def gemm_hessian(ctx: PlanContext, d: Decision) -> np.ndarray:
+    """The GEMM's input Hessian in this graph: divided by s s^T where smoothing (AWQ's or
+    SmoothQuant's factor) scaled the input."""
+    h = ctx.ranges.hessians.get(d.gemm.act)
+    if h is None:
+        raise QuantizationError(f"the ranges have no Hessian for {d.gemm.act} (input of {d.gemm.node})",
+                                "calibrate again with a GPTQ recipe (reused ranges of another recipe lack it)")
+    sm = ctx.smoothing_of(d.gemm.node)
+    h = np.asarray(h, np.float64)
+    if sm is not None:
+        inv = 1.0 / np.asarray(sm.s, np.float64)
+        h = h * inv[:, None] * inv[None, :]
+    return h
+
+
+class GPTQ8(RoundToNearest):
+    """INT8/FP8 weights rounded by GPTQ on the 8-bit grid (``weight_rounding = "gptq"``), with
+    the scales and granularity rounding to nearest would use; activations and smoothing stay
+    the recipe's other methods'."""
+
+    name = "gptq8"
+    roles = frozenset({Role.WEIGHTS})
+    fallback = False
+
+    def selected(self, recipe: QuantRecipe) -> bool:
+        return recipe.precision in (Precision.INT8, Precision.FP8) and recipe.weight_rounding == WeightRounding.GPTQ
+
+    def statistics(self, recipe: QuantRecipe) -> frozenset[Stat]:
+        return frozenset({Stat.HESSIAN})
+
+    def plan_weights(self, ctx: PlanContext) -> list[WeightPlan]:
+        granularity = weight_granularity(ctx.recipe)
+        shared = self.shared_amax(ctx) if granularity == Granularity.TENSOR else {}
+        todo = ctx.quantized()
+        self._factors: dict[str, HessianFactor | np.linalg.LinAlgError] = {}
+        try:
+            plans = [self.plan_weight(ctx, d, granularity, shared.get(d.gemm.node))
+                     for d in progress(todo, len(todo), "gptq (GEMMs)")]
+        finally:
+            self._factors = {}
+        fell_back = [p.gemm.node for p in plans if p.info["gptq"].get("fallback")]
+        if fell_back:
+            log.info("gptq: %d of %d GEMMs kept round-to-nearest weights (see the manifest's gptq.fallback)",
+                     len(fell_back), len(plans))
+        return plans
+
+    def plan_weight(self, ctx: PlanContext, d: Decision, granularity: Granularity,
+                    shared_amax: float | None) -> WeightPlan:
+        recipe, precision = ctx.recipe, ctx.recipe.precision
+        plan = WeightPlan(ctx.gemms[d.gemm.node], granularity, d.block, None, shared_amax)
+        _, np_dtype = float_type(ctx.model)
+        w = ctx.weight(d.gemm.node)
+        h = gemm_hessian(ctx, d)
+        if granularity == Granularity.TENSOR:
+            amax = shared_amax if shared_amax is not None else float(np.abs(w).max())
+            scales = np.asarray(as_scale(amax, QMAX[precision], np_dtype))
+        else:
+            scales = weight_scales(w, precision, np_dtype)
+        rtn_q = fake_quant(w, scales, precision)
+        info: dict = {"damp_requested": recipe.gptq_damp}
+        try:
+            f = _factor(self._factors, d.gemm.act, h, recipe)
+            q, done = gptq_fixed_scales(w, f, scales, precision)
+            info.update(done)
+        except np.linalg.LinAlgError as exc:
+            q = rtn_q
+            info["fallback"] = f"round to nearest: the Hessian is {exc}"
+        q, _ = _keep_better(w, h, (q, scales), (rtn_q, scales), info)
         plan.weight, plan.scales, plan.info = q, scales, {"gptq": info}
         return plan
 
 
 QUANT_METHODS.register(GPTQ())
+QUANT_METHODS.register(GPTQ8())

@@ -15,6 +15,7 @@ from trtforge.calibration.methods.base import PlanContext, QuantMethod, Role, St
 from trtforge.calibration.patterns import Group
 from trtforge.calibration.recipe import CalibMethod, QuantRecipe
 from trtforge.calibration.smoothing import Smoothing, tie_shared_columns
+from trtforge.calibration.stats import amax_from_rows
 from trtforge.numerics import QMAX, as_scale, fake_quant, weight_scales
 from trtforge.registry import QUANT_METHODS
 from trtforge.vocab import Granularity, Precision
@@ -59,8 +60,14 @@ def choose_smoothing(
     grid: tuple[float, ...],
     *,
     per_tensor: bool = False,
+    range_method: str = "max",
+    percentile: float = 99.99,
 ) -> Smoothing | None:
     """The group's factor; ``ws``: its GEMMs' weights as [K, N].
+
+    Each candidate is scored with the activation range the recipe will give X / s
+    (``range_method``: ``max`` is max(x_max / s); another method is taken on the kept rows, as
+    ranges.activation_amax takes it), so alpha and the range are chosen together.
 
     FP8 searches leaving the group unsmoothed (s = 1) too, and returns None when that is best:
     E4M3's relative rounding error is the same at every scale, so smoothing helps FP8 only where
@@ -73,15 +80,23 @@ def choose_smoothing(
         a = 0.5 if alpha is None else alpha
         return Smoothing(grp, smooth_factor(x_max, w_max, a), a)
     x = sample.astype(np.float32)
+    qmax = QMAX[precision]
+
+    def amax_of(s: np.ndarray) -> float:
+        exact = float(np.max(x_max / s))
+        if range_method == "max":
+            return exact
+        return min(amax_from_rows(x / s[None, :], range_method, percentile, qmax), exact)
+
     best = None
     for a in grid:
         s = smooth_factor(x_max, w_max, a)
-        err = relative_gemm_error(x, ws, s, precision, float(np.max(x_max / s)), per_tensor)
+        err = relative_gemm_error(x, ws, s, precision, amax_of(s), per_tensor)
         if best is None or err < best.error:
             best = Smoothing(grp, s, a, err)
     if precision == Precision.FP8:
         ones = np.ones_like(x_max, dtype=np.float64)
-        if relative_gemm_error(x, ws, ones, precision, float(np.max(x_max)), per_tensor) <= best.error:
+        if relative_gemm_error(x, ws, ones, precision, amax_of(ones), per_tensor) <= best.error:
             return None
     return best
 
@@ -109,7 +124,8 @@ class SmoothQuant(QuantMethod):
         st = ctx.stats(group.act)
         ws = [ctx.weight(n) for n in group.gemms]
         return choose_smoothing(group, ws, st.channel_absmax, st.sample, r.precision, r.alpha, r.alpha_grid,
-                                per_tensor=weight_granularity(r) == Granularity.TENSOR)
+                                per_tensor=weight_granularity(r) == Granularity.TENSOR,
+                                range_method=r.calib_method.value, percentile=r.percentile)
 
 
 QUANT_METHODS.register(SmoothQuant())

@@ -6,7 +6,7 @@ import numpy as np
 
 from trtforge.calibration.methods.smoothquant import choose_smoothing, relative_gemm_error
 from trtforge.calibration.patterns import Group
-from trtforge.calibration.stats import TensorStats, amax_mse_fp8, choose_amax
+from trtforge.calibration.stats import TensorStats, amax_from_rows, amax_mse_fp8, choose_amax
 from trtforge.numerics import as_scale, fake_quant
 from trtforge.vocab import Precision
 
@@ -72,3 +72,26 @@ def test_fp8_smoothing_taken_where_one_channel_would_flush_the_others():
     assert smt is not None and smt.error < pt and smt.error < ident
     rows = x.astype(np.float16).astype(np.float32)  # the kept rows are float16
     assert smt.error == relative_gemm_error(rows, ws, smt.s, Precision.FP8, float(np.max(xmax / smt.s)), per_tensor=True)
+
+
+def test_int8_alpha_search_scores_with_the_range_the_recipe_uses():
+    """With a clipping range method (percentile / mse on the kept rows), each alpha is scored with
+    the range X / s will get, not with its max: the chosen factor's recorded error is that one."""
+    rng = np.random.default_rng(4)
+    k = 64
+    x = rng.standard_t(3, (512, k)).astype(np.float32)  # heavy-tailed tokens
+    x[:, 3] *= 20.0
+    ws = [rng.standard_normal((k, 48)).astype(np.float32) * 0.05 for _ in range(2)]
+    xmax = np.abs(x).max(axis=0)
+    grid = (0.3, 0.5, 0.7, 0.9)
+    rows = x.astype(np.float16).astype(np.float32)
+    by_max = choose_smoothing(_group(k), ws, xmax, x.astype(np.float16), Precision.INT8, None, grid)
+    for method in ("mse", "percentile"):
+        sm = choose_smoothing(_group(k), ws, xmax, x.astype(np.float16), Precision.INT8, None, grid,
+                              range_method=method)
+        amax = min(amax_from_rows(rows / sm.s[None, :], method, 99.99, 127.0), float(np.max(xmax / sm.s)))
+        assert sm.error == relative_gemm_error(rows, ws, sm.s, Precision.INT8, amax)
+        # at least as good as the alpha chosen for the max range, then given this method's range
+        # (what the search did before it scored the range it uses)
+        before = min(amax_from_rows(rows / by_max.s[None, :], method, 99.99, 127.0), float(np.max(xmax / by_max.s)))
+        assert sm.error <= relative_gemm_error(rows, ws, by_max.s, Precision.INT8, before)

@@ -15,9 +15,10 @@ from onnx import numpy_helper
 
 from trtforge.calibration import get_preset, quantize
 from trtforge.calibration.methods.base import methods_for
-from trtforge.calibration.methods.gptq import gptq_quantize, proxy_loss
+from trtforge.calibration.methods.gptq import gptq_fixed_scales, gptq_quantize, proxy_loss
 from trtforge.errors import InputError, RecipeError
-from trtforge.numerics import int4_fake
+from trtforge.numerics import QMAX, as_scale, fake_quant, int4_fake, weight_scales
+from trtforge.vocab import Precision
 
 from .test_quantize import CALIB, rel_error  # noqa: TID252
 
@@ -116,3 +117,38 @@ def test_reused_ranges_without_hessians_are_refused(quantized, tmp_path):
     ia = {t.name: numpy_helper.to_array(t) for t in a.graph.initializer}
     ib = {t.name: numpy_helper.to_array(t) for t in b.graph.initializer}
     assert ia.keys() == ib.keys() and all(np.array_equal(ia[k], ib[k]) for k in ia)
+
+
+@pytest.mark.parametrize("per_tensor", [False, True])
+@pytest.mark.parametrize("precision", [Precision.FP8, Precision.INT8])
+def test_gptq_on_the_8bit_grid_lowers_the_output_error_with_rtn_scales(precision, per_tensor):
+    w, h = _problem()
+    h[7, :] = h[:, 7] = 0.0  # a dead input keeps its weights, rounded to nearest (not zeroed)
+    scales = (as_scale(np.abs(w).max(), QMAX[precision], np.float32) if per_tensor
+              else weight_scales(w, precision, np.float32))
+    q, info = gptq_fixed_scales(w, h, scales, precision)
+    rtn = fake_quant(w, scales, precision)
+    assert np.array_equal(fake_quant(q, scales, precision), q)  # on the grid: the stored values are exact
+    assert proxy_loss(w, q, h) < 0.7 * proxy_loss(w, rtn, h)
+    assert info["dead_inputs"] == 1 and np.array_equal(q[7], rtn[7])
+
+
+@pytest.mark.parametrize("recipe", ["fp8", "int8-sq"])
+def test_gptq_weight_rounding_on_fp8_and_int8_artifacts(exported, tmp_path, recipe):
+    src = exported("llama", task="causal-lm", outliers=True)
+    base = get_preset(recipe).replace(**SMALL)
+    rtn = quantize(src, base, tmp_path / "rtn", calib=CALIB)
+    art = quantize(src, base.replace(weight_rounding="gptq"), tmp_path / "gptq", calib=CALIB)
+    assert methods_for(base.replace(weight_rounding="gptq")).weights.name == "gptq8"
+    nodes = [n for n in art.manifest["quantization"]["nodes"] if n["status"] == "quantized"]
+    assert nodes and all(n["gptq"]["error_vs_rtn"] <= 1.0 for n in nodes)
+    assert np.median([n["gptq"]["error_vs_rtn"] for n in nodes]) < 0.9
+    assert rel_error(src, art) < rel_error(src, rtn)
+    # the same Q/DQ layout as rounding to nearest: per-channel 8-bit weights, same scales
+    a = {t.name: t for t in onnx.load(str(rtn.model_path)).graph.initializer}
+    b = {t.name: t for t in onnx.load(str(art.model_path)).graph.initializer}
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].data_type == b[k].data_type
+        if k.endswith("_scale"):
+            assert np.array_equal(numpy_helper.to_array(a[k]), numpy_helper.to_array(b[k]))
