@@ -251,3 +251,38 @@ def test_inspect_says_which_integer_kernel_runs(cpu_built):
     assert int8_kernel_check(legacy, None).warning
     assert int8_kernel_check({"ops_after": {"MatMul": 3}}, avx2) is None  # no integer GEMM, no check
     assert check_cpu(art, Machine(None, (), "1.32.0")).loads  # flags unknown: still loads
+
+
+@pytest.mark.parametrize("precision,op", [("int8", "MatMulIntegerToFloat"), ("int4-weight-only", "MatMulNBits")])
+def test_every_integer_gemm_is_checked_against_exact_math(cpu_built, precision, op):
+    """Each fused GEMM of the optimized model, on the activations it sees, against float64 math of its
+    own integers and scales: a kernel that sums exactly is off by float32 rounding only."""
+    art = cpu_built(precision)
+    b = art.manifest["build"]
+    check = b["gemm_check"]
+    assert check["checked"] == b["ops_after"][op] > 0 and check["ops"] == [op]
+    assert check["failed"] == [] and check["worst"]["max_rel_err"] < check["worst"]["tolerance"]
+    assert check["worst"]["max_rel_err"] > 0 or precision == "int8"  # MatMulNBits sums floats: rounding shows
+
+
+def test_an_inexact_integer_kernel_falls_back_to_a_float_gemm(quantized, tmp_path, monkeypatch, caplog):
+    """Signed INT8 weights (U8S8: pairs of u8*s8 products summed in a saturating int16 on x86 CPUs
+    without VNNI): the GEMMs whose kernel is off on the model's own activations run in float, named
+    in the manifest and the log, and the artifact then computes what its input computes."""
+    import trtforge.engines.cpu as cpu
+
+    if cpu.probe_int8_gemm()["u8s8_max_rel_err"] == 0.0:
+        pytest.skip("ONNX Runtime's U8S8 kernel is exact on this CPU (VNNI): nothing to fall back from")
+    monkeypatch.setattr(cpu, "int8_weights_to_uint8", lambda model, weights=None: (model, 0))
+    with caplog.at_level("WARNING", logger="trtforge.engines.cpu"):
+        art = build(quantized("int8"), "cpu", tmp_path / "out")
+    b = art.manifest["build"]
+    fb = b["int8_gemm"]["float_fallback"]
+    assert fb, "the saturating U8S8 kernel should have been caught on the tiny LLaMA"
+    assert all(f["max_rel_err"] > 1e-4 and "kernel not exact" in f["why"] for f in fb)
+    assert sum("falls back to a float GEMM" in r.getMessage() for r in caplog.records) == len(fb)
+    model = onnx.load(str(art.model_path), load_external_data=False)
+    fused_weights = {n.input[1] for n in model.graph.node if n.op_type == "MatMulIntegerToFloat"}
+    assert not fused_weights & {f["weight"] for f in fb}
+    assert b["gemm_check"]["failed"] == [] and b["ops_after"]["MatMul"] >= len(fb)
+    assert b["self_check"]["relative_rms_err"] < 1e-3  # U8S8 everywhere was 0.04 max on this model
