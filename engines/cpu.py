@@ -255,18 +255,8 @@ def _identical(source: Path, rewritten: Path, manifest: dict, profile: ShapeProf
     return True
 
 
-def self_check(source: Path, built: Path, runtime: CpuRuntime, manifest: dict, profile: ShapeProfile,
-               info: PrecisionInfo, *, gemms: list[dict] | None = None) -> dict:
-    """Run the input model (plain ONNX semantics) and the built artifact on the same inputs,
-    one session at a time (a model over 2 GB is in memory once, never twice)."""
-    plain = CpuRuntime({"session.qdq_matmulnbits_accuracy_level": "0"})
-    sizes = _self_check_sizes(profile)
-    feeds = synthetic_feeds(manifest, sizes, seed=1)
-    ref_sess = session(source, plain, level="ORT_DISABLE_ALL")
-    names = [o.name for o in ref_sess.get_outputs()]
-    ref = ref_sess.run(names, feeds)
-    del ref_sess
-    got = session(built, runtime).run(names, feeds)
+def _rel_rms(got: list, ref: list) -> tuple[float, float]:
+    """(largest relative RMS error, largest max error / max |ref|) over the outputs."""
     worst, rms = 0.0, 0.0
     for a, b in zip(got, ref, strict=True):
         a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -276,6 +266,64 @@ def self_check(source: Path, built: Path, runtime: CpuRuntime, manifest: dict, p
         d = a64 - b64
         worst = max(worst, float(np.abs(d).max()) / max(float(np.abs(b64).max()), 1e-6))
         rms = max(rms, float(np.sqrt((d ** 2).mean() / max(float((b64 ** 2).mean()), 1e-12))))
+    return rms, worst
+
+
+QUANTIZED_TOLERANCE = 6e-2  # end-to-end relative RMS of a quantized artifact vs its input (see self_check)
+FLIP_FACTOR = 2.0  # the artifact may differ from its input by this many times the input's own flip floor
+
+
+def flip_floor(source: Path, work: Path, feeds: dict, names: list[str], ref: list) -> dict | None:
+    """How far the input model moves from itself when only its float summation order changes.
+
+    The input graph with its INT8/FP8 weight DequantizeLinear folded to float (bit-exact values,
+    qdq_fold.py) and ONNX Runtime's default prepacking (another summation order for K > 256), run
+    unoptimized, against the input run as it is: every difference is a rounding flip grown through
+    the layers, none a wrong value. None when there is nothing to fold (INT4 blocks, float graphs)."""
+    from onnx import TensorProto
+
+    work.mkdir(parents=True, exist_ok=True)
+    model = load_graph(source)
+    external = any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer)
+    data = DataFile(work / "floor.data") if external else None
+    weights = Weights(model, source.parent, out=data)
+    try:
+        folded = fold_weight_dequantize(model, {TensorProto.INT8, TensorProto.FLOAT8E4M3FN}, weights=weights)[1]
+        if not folded:
+            return None
+        path = work / "floor.onnx"
+        write_model(model, path, weights, external=external, data=data, link=True)
+    finally:
+        if data is not None:
+            data.close()
+    del model, weights
+    got = session(path, CpuRuntime({"session.qdq_matmulnbits_accuracy_level": "0"}), level="ORT_DISABLE_ALL").run(names, feeds)
+    rms, worst = _rel_rms(got, ref)
+    shutil.rmtree(work, ignore_errors=True)
+    return {"relative_rms_err": rms, "max_normalized_err": worst, "folded_weights": folded,
+            "what": "input model, weights folded to float (same values) and prepacked (another summation order), "
+                    "vs the input model: rounding flips only"}
+
+
+def self_check(source: Path, built: Path, runtime: CpuRuntime, manifest: dict, profile: ShapeProfile,
+               info: PrecisionInfo, *, gemms: list[dict] | None = None, work: Path | None = None) -> dict:
+    """Run the input model (plain ONNX semantics) and the built artifact on the same inputs,
+    one session at a time (a model over 2 GB is in memory once, never twice).
+
+    A quantized artifact over the tolerance whose integer GEMMs were each exact on their own
+    (``gemms``, engines/cpu_gemm.py) is measured against the input's own flip floor
+    (:func:`flip_floor`): within FLIP_FACTOR times it, the difference is rounding flips, and the
+    build passes with the floor recorded; beyond it, it fails as before."""
+    plain = CpuRuntime({"session.qdq_matmulnbits_accuracy_level": "0"})
+    sizes = _self_check_sizes(profile)
+    feeds = synthetic_feeds(manifest, sizes, seed=1)
+    ref_sess = session(source, plain, level="ORT_DISABLE_ALL")
+    names = [o.name for o in ref_sess.get_outputs()]
+    ref = ref_sess.run(names, feeds)
+    del ref_sess
+    got = session(built, runtime).run(names, feeds)
+    rms, worst = _rel_rms(got, ref)
+    del got
     # Fused integer GEMMs sum exactly, the plain graph's float GEMMs on dequantized values round:
     # a 1e-7 difference can move an activation across a rounding boundary of a later
     # QuantizeLinear, and such flips grow through the layers (U8U8: 2.3% on all-MiniLM-L6-v2,
@@ -283,12 +331,24 @@ def self_check(source: Path, built: Path, runtime: CpuRuntime, manifest: dict, p
     # relative RMS is gated loosely for quantized graphs: it catches a broken rewrite or a
     # saturating kernel (a wrong zero point is ~100%, U8S8 on AVX2 was 12% on MiniLM), not
     # rounding flips. The max error is recorded too.
-    tol = 6e-2 if info.quantized else 1e-2 if info.float_dtype != FP32 else 1e-4
-    if not np.isfinite(rms) or rms > tol:
+    tol = QUANTIZED_TOLERANCE if info.quantized else 1e-2 if info.float_dtype != FP32 else 1e-4
+    floor = None
+    exact = gemms is not None and all(r["passed"] for r in gemms)
+    if np.isfinite(rms) and rms > tol and info.quantized and exact:
+        floor = flip_floor(source, (work or built.parent) / "flip-floor", feeds, names, ref)
+        if floor is not None:
+            log.info("cpu target: %.3g relative RMS from the input model, over the %g tolerance; the input model "
+                     "moves %.3g from itself when only its summation order changes (rounding flips)",
+                     rms, tol, floor["relative_rms_err"])
+    limit = max(tol, FLIP_FACTOR * floor["relative_rms_err"]) if floor else tol
+    if not np.isfinite(rms) or rms > limit:
+        why = (f"; every integer GEMM is exact on its own and the input model moves only "
+               f"{floor['relative_rms_err']:.3g} from itself under another summation order") if floor else ""
         raise BuildError(f"the optimized CPU model differs from the input model by {rms:.3g} (relative RMS error, "
-                         f"tolerance {tol:g})", "report this ONNX Runtime optimization problem")
+                         f"tolerance {limit:.3g}){why}", "report this ONNX Runtime optimization problem")
     return {"shapes": sizes, "relative_rms_err": rms, "max_normalized_err": worst, "tolerance": tol,
-            "reference": "input model, ORT_DISABLE_ALL"}
+            "limit": limit, "flip_floor": floor, "reference": "input model, ORT_DISABLE_ALL",
+            "passed_by": "tolerance" if rms <= tol else f"within {FLIP_FACTOR:g}x the input's flip floor"}
 
 
 def _stage(source_model: Path, source_manifest: dict, work: Path, info: PrecisionInfo, profile: ShapeProfile, *,
@@ -399,7 +459,7 @@ def build_cpu(source_model: Path, source_manifest: dict, work: Path, dest: Path,
     del optimized
     int8_gemm = _int8_gemm_record(counts["weights_u8"], types, fallback) if types or fallback else None
     t3 = time.perf_counter()
-    check = self_check(source_model, dest, runtime, source_manifest, profile, info, gemms=records)
+    check = self_check(source_model, dest, runtime, source_manifest, profile, info, gemms=records, work=work)
     timings["self_check_s"] = time.perf_counter() - t3
     log.info("cpu target: %d INT8 activation Q/DQ groups -> UINT8, %d INT8 weights -> UINT8; ops %s; "
              "integer GEMM weights %s; %d integer GEMMs checked, %d fell back to float", counts["pairs"],

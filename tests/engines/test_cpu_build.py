@@ -286,3 +286,35 @@ def test_an_inexact_integer_kernel_falls_back_to_a_float_gemm(quantized, tmp_pat
     assert not fused_weights & {f["weight"] for f in fb}
     assert b["gemm_check"]["failed"] == [] and b["ops_after"]["MatMul"] >= len(fb)
     assert b["self_check"]["relative_rms_err"] < 1e-3  # U8S8 everywhere was 0.04 max on this model
+
+
+def test_rounding_flips_are_told_from_wrong_values_by_the_inputs_own_flip_floor(tiny_art, tmp_path, monkeypatch):
+    """Over the end-to-end tolerance with every GEMM exact: the input model run in another summation
+    order (weights folded, prepacked) moves as far from itself, so the build passes and records the
+    floor; the same distance against a floor it exceeds fails with both figures."""
+    import trtforge.engines.cpu as cpu
+
+    from .qdq import tiny_manifest
+
+    man = tiny_manifest("fp8")
+    man["io"] = {"inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", 320]}],
+                 "outputs": [{"name": "y", "dtype": "float32", "shape": ["batch", 320]}]}
+    src = tiny_art("fp8", model=_deep_fp8_graph(), manifest=man, name="deep-fp8")
+    real = cpu.runtime_for
+
+    def prepacked(info):  # the artifact sums as the floor does: differences are flips only
+        rt = real(info)
+        return cpu.CpuRuntime({k: v for k, v in rt.session_config.items() if k != cpu.DISABLE_PREPACKING})
+
+    monkeypatch.setattr(cpu, "runtime_for", prepacked)
+    monkeypatch.setattr(cpu, "QUANTIZED_TOLERANCE", 1e-9)
+    art = build(src, "cpu", tmp_path / "cpu")
+    sc = art.manifest["build"]["self_check"]
+    if sc["relative_rms_err"] <= 1e-9:
+        pytest.skip("prepacked GEMMs sum in the same order as the input's on this CPU: no flips to tell apart")
+    assert sc["flip_floor"]["relative_rms_err"] > 0 and sc["passed_by"].startswith("within 2x")
+    assert sc["relative_rms_err"] <= sc["limit"] == 2 * sc["flip_floor"]["relative_rms_err"]
+    monkeypatch.setattr(cpu, "FLIP_FACTOR", 1e-3)
+    with pytest.raises(BuildError, match=r"differs from the input model by .* every integer GEMM is exact on its own"):
+        build(src, "cpu", tmp_path / "cpu2")
+    assert not (tmp_path / "cpu2").exists()
