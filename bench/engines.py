@@ -13,6 +13,17 @@ accuracy level 4" what it leaves on the table by keeping INT4 activations in flo
 timed round-robin (one run of each in turn) so a busy machine slows them alike; the median of N runs is reported.
 Results are appended to docs/benchmarks.md under "Build stage: CPU target latency". Exit code 1
 if the INT8 CPU artifact is not faster than FP32.
+
+A real model (e.g. Gemma 3 270M) instead of a tinymodels preset:
+
+    python bench/engines.py --export /work/artifacts/gemma3-fp32 \
+        --artifact int8=Q_INT8 --artifact fp8=Q_FP8 --artifact int4=Q_INT4 --batches 1,4 --runs 7
+
+``--export`` is the FP32 export, each ``--artifact NAME=DIR`` a quantized artifact of it (``trtforge
+quantize``) or its CPU build (``trtforge build --target cpu``, used as it is). Every quantized
+artifact and the export are built for the CPU target (into ``--work``) unless already built; the
+extra rows above are not run (they load a whole model into one ModelProto). Inputs are
+synthetic token ids shaped by the export's manifest; the peak RSS of the run is printed.
 """
 
 from __future__ import annotations
@@ -122,6 +133,64 @@ def sessions(arts: dict[str, Path], work: Path, threads: int) -> dict[str, tuple
     return out
 
 
+def real_sessions(export: Path, artifacts: list[str], work: Path, threads: int) -> tuple[dict, str]:
+    """Sessions of the CPU builds of a real FP32 export and its quantized artifacts (module docstring)."""
+    from trtforge.artifacts import OnnxArtifact
+    from trtforge.engines.build import build
+    from trtforge.ort import session
+
+    arts = {"fp32": export}
+    for spec in artifacts:
+        name, _, path = spec.partition("=")
+        if not path:
+            raise SystemExit(f"--artifact {spec!r}: expected NAME=DIR (e.g. int8=out/gemma-int8-sq)")
+        arts[name] = Path(path)
+    from trtforge.errors import TrtforgeError
+
+    out, made, failed = {}, [], []
+    for name, path in arts.items():
+        art = OnnxArtifact.open(path)
+        if art.manifest.get("stage") == "build":
+            built = art
+        else:
+            dest = work / f"cpu-{name}"
+            try:
+                built = OnnxArtifact.open(dest) if (dest / "manifest.json").exists() else build(path, "cpu", dest, force=True)
+            except TrtforgeError as exc:  # a build the CPU target refuses is a result too
+                print(f"{name}: build --target cpu failed: {exc}", file=sys.stderr, flush=True)
+                failed.append(f"{name}: {exc}")
+                continue
+            made.append(name)
+        rt = built.manifest["runtime"]
+        b = built.manifest["build"]
+        desc = ", ".join(f"{k} {v}" for k, v in b["ops_after"].items())
+        fb = ((b.get("int8_gemm") or {}).get("float_fallback")) or []
+        if fb:
+            desc += f" ({len(fb)} GEMMs fell back to float)"
+        q = built.manifest.get("quantization") or {}
+        label = "fp32 (export)" if name == "fp32" else name
+        if q.get("recipe"):
+            label = f"{name} ({q['recipe'] if isinstance(q['recipe'], str) else q['recipe'].get('name', '')})".replace(" ()", "")
+        out[label] = (session(built.model_path, config=rt["session_config"], optimization=rt["graph_optimization_level"],
+                              threads=threads), desc)
+    note = f"given artifacts ({', '.join(f'{k}: {v}' for k, v in arts.items())}); built here: {', '.join(made) or 'none'}"
+    if failed:
+        note += "; NOT BUILT: " + "; ".join(failed)
+    return out, note
+
+
+def real_feeds(manifest: dict, batch: int, seq: int) -> dict[str, np.ndarray]:
+    from trtforge.engines.feeds import synthetic_feeds
+
+    return synthetic_feeds(manifest, {"batch": batch, "sequence": seq, "past_sequence": 0}, seed=batch)
+
+
+def peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def feeds_for(batch: int, seq: int, vocab: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(batch)
     return {"input_ids": rng.integers(1, vocab, (batch, seq)).astype(np.int64),
@@ -177,29 +246,47 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--work", type=Path, default=REPO / "bench" / "out" / "engines")
     ap.add_argument("--no-append", action="store_true", help="print only; do not touch docs/benchmarks.md")
+    ap.add_argument("--export", type=Path, help="a real FP32 export instead of --preset (module docstring)")
+    ap.add_argument("--artifact", action="append", default=[], metavar="NAME=DIR",
+                    help="with --export: a quantized artifact of it, or its CPU build (repeatable)")
     args = ap.parse_args()
 
     mach = machine(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    arts, quantizer = make_artifacts(args.preset, args.work, args.seq)
-    sess = sessions(arts, args.work, args.threads)
-    vocab = json.loads((arts["fp32"] / "manifest.json").read_text())["dims"]["vocab_size"]
-    lines = [f"### {mach['date']}: {args.preset}, {mach['cpu']} ({mach['int8_flags']}), {mach['cores']} cores, "
+    if args.export is not None:
+        if not any(a.startswith("int8=") for a in args.artifact):
+            raise SystemExit("--export needs --artifact int8=DIR (the INT8 artifact the verdict is about)")
+        sess, quantizer = real_sessions(args.export, args.artifact, args.work, args.threads)
+        manifest = json.loads((args.export / "manifest.json").read_text())
+        title = f"{manifest['source'].get('model_type', args.export.name) if isinstance(manifest.get('source'), dict) else args.export.name} (export {args.export})"
+        int8_key = next((k for k in sess if k.startswith("int8")), None)
+        if int8_key is None or "fp32 (export)" not in sess:
+            print(quantizer, file=sys.stderr)
+            return 1
+    else:
+        arts, quantizer = make_artifacts(args.preset, args.work, args.seq)
+        sess = sessions(arts, args.work, args.threads)
+        manifest = json.loads((arts["fp32"] / "manifest.json").read_text())
+        title, int8_key = args.preset, "int8"
+    vocab = manifest["dims"]["vocab_size"]
+    lines = [f"### {mach['date']}: {title}, {mach['cpu']} ({mach['int8_flags']}), {mach['cores']} cores, "
              f"{args.threads} threads",
              "", f"ONNX Runtime {mach['onnxruntime']}, Python {mach['python']}, {mach['platform']}; "
              f"1-min load average at start {mach['load_avg_1min_at_start']}. Quantized with {quantizer}. "
              f"Median of {args.runs} runs per variant, timed round-robin after 2 warm-ups.", ""]
     verdict = True
     for b in (int(x) for x in args.batches.split(",")):
-        res = time_round_robin(sess, feeds_for(b, args.seq, vocab), args.runs)
+        feeds = real_feeds(manifest, b, args.seq) if args.export is not None else feeds_for(b, args.seq, vocab)
+        res = time_round_robin(sess, feeds, args.runs)
         lines += table(res, b, args.seq)
-        faster = statistics.median(res["int8"]) < statistics.median(res["fp32 (export)"])
+        faster = statistics.median(res[int8_key]) < statistics.median(res["fp32 (export)"])
         verdict &= faster
     lines.append("Fused operators per CPU artifact: " + "; ".join(f"{k}: {d}" for k, (_, d) in sess.items()) + ".")
     lines.append("")
     lines.append(f"INT8 CPU artifact faster than FP32 at every batch size: {'yes' if verdict else 'NO'}. "
-                 f"(bench wall time {time.time() - t0:.0f} s)")
+                 f"(bench wall time {time.time() - t0:.0f} s, peak RSS {peak_rss_mib():.0f} MiB, CPU time "
+                 f"{time.process_time():.0f} s)")
     print("\n".join(lines))
     if not args.no_append:
         append_doc(lines)

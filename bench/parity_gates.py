@@ -13,7 +13,14 @@ planted faults made from a healthy artifact by editing one initializer of its Q/
 * ``wscale8``: one GEMM's weight scale multiplied by 8 (a wrong weight scale: that GEMM's output is
   8x too large);
 * ``range8``: one GEMM's activation scale divided by 8 (a wrong range: that input is clipped to an
-  eighth of its calibrated range).
+  eighth of its calibrated range);
+* ``wscale4-gate`` (decoders): one MLP's gate_proj weight scale multiplied by 4. Gemma 3 normalizes
+  each MLP's output and each head's q/k (RMSNorm is scale-invariant), so a wrong scale on
+  down/up/v/o/q/k_proj is divided out; the gate goes through GELU and is not;
+* ``zero-up`` (decoders): one MLP's up_proj weight scale set to 0 (its weights dequantize to zero:
+  a layer's MLP lost).
+
+``--artifact RECIPE=DIR`` reuses a quantized artifact made elsewhere (of the same reference).
 
 Each candidate's parity run is ``trtforge parity`` in its own process; the figures come from its
 report.json. Every candidate is checked against every preset's limits, so the table shows which
@@ -50,6 +57,13 @@ EVAL = DATA / "eval-gpl-3.0.txt"
 RECIPES = ("int8-sq", "fp8", "int4-awq")
 # the GEMM a fault is planted in: an MLP projection in the middle of the network
 FAULT_NODE = {"gemma3": "layers.9/mlp/down_proj", "minilm": "layer.3/output/dense"}
+# fault -> (GEMM per model, which scale, factor)
+FAULTS = {
+    "wscale8": (FAULT_NODE, "weight", 8.0),
+    "range8": (FAULT_NODE, "activation", 1 / 8),
+    "wscale4-gate": ({"gemma3": "layers.9/mlp/gate_proj"}, "weight", 4.0),
+    "zero-up": ({"gemma3": "layers.9/mlp/up_proj"}, "weight", 0.0),
+}
 
 
 def sh(cmd: list[str], log: Path) -> tuple[int, float, float]:
@@ -119,20 +133,24 @@ def plant_fault(src: Path, dst: Path, kind: str, node_part: str) -> dict:
             dq_w = p
         elif producers.get(p.input[0]) is not None and producers[p.input[0]].op_type == "QuantizeLinear":
             dq_a = p
-    if kind == "wscale8":
+    if kind not in FAULTS:
+        raise SystemExit(f"unknown fault {kind}; choose from {', '.join(FAULTS)}")
+    _, side, factor = FAULTS[kind]
+    if side == "weight":
         if dq_w is None:
             raise SystemExit(f"{target.name} has no quantized weight")
-        names, factor = [dq_w.input[1]], 8.0
-    elif kind == "range8":
+        names = [dq_w.input[1]]
+    else:
         if dq_a is None:
             raise SystemExit(f"{target.name} has no quantized activation (weight-only recipe)")
         q = producers[dq_a.input[0]]
-        names, factor = sorted({q.input[1], dq_a.input[1]}), 1 / 8
-    else:
-        raise SystemExit(f"unknown fault {kind}")
+        names = sorted({q.input[1], dq_a.input[1]})
+    from trtforge.onnx_io import Weights
+
+    weights = Weights(model, src)  # a scale may sit in the external data file
     for name in names:
         t = inits[name]
-        arr = numpy_helper.to_array(t)
+        arr = weights.array(t)
         t.CopyFrom(numpy_helper.from_array((arr * factor).astype(arr.dtype), name))
     onnx.save(model, str(tmp / "model.onnx"))
     for f in src.iterdir():
@@ -305,8 +323,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/work/out/reports/gates"))
     ap.add_argument("--recipes", default=",".join(RECIPES))
     ap.add_argument("--faults", default="wscale8,range8", help="faults planted in the first recipe's artifact")
-    ap.add_argument("--num-samples", type=int, default=16)
-    ap.add_argument("--max-len", type=int, default=64)
+    ap.add_argument("--num-samples", type=int, default=None, help="default 16 (MiniLM), 8 (Gemma 3)")
+    ap.add_argument("--max-len", type=int, default=None, help="default 64 (MiniLM), 48 (Gemma 3)")
+    ap.add_argument("--artifact", action="append", default=[], metavar="RECIPE=DIR",
+                    help="reuse this quantized artifact for RECIPE instead of quantizing (repeatable)")
+    ap.add_argument("--fault-layer", type=int, help="the layer faults are planted in (default 9 Gemma 3, 3 MiniLM)")
+    ap.add_argument("--no-prompts", action="store_true", help="decoders: no task prompts (logits metrics only)")
     ap.add_argument("--batch-sizes", default="1,4", help="parity's --batch-sizes (1,4 keeps a 262k-vocab run under 6 GB)")
     ap.add_argument("--reference", type=Path, help="the FP32 export (default: the model's, module docstring)")
     ap.add_argument("--size-of", type=Path, help="only report a report folder's size and page before/after, then exit")
@@ -330,6 +352,10 @@ def main() -> None:
         return
     if a.model is None:
         ap.error("--model is required (unless --table or --size-of)")
+    # a 262k-vocabulary decoder: 16 texts of 64 tokens were killed at 7.1 GB on this machine
+    a.num_samples = a.num_samples or (8 if a.model == "gemma3" else 16)
+    a.max_len = a.max_len or (48 if a.model == "gemma3" else 64)
+    given = dict(x.split("=", 1) for x in a.artifact)
     out = a.out / a.model
     out.mkdir(parents=True, exist_ok=True)
     decoder = a.model == "gemma3"
@@ -337,17 +363,21 @@ def main() -> None:
     rows: list[dict] = []
     recipes = [r for r in a.recipes.split(",") if r]
     for recipe in recipes:
-        q = out / f"q-{recipe}"
-        cands: list[tuple[str, Path, dict]] = [(recipe, q, {"quantize": quantize(ref, recipe, q)})]
+        q = Path(given[recipe]) if recipe in given else out / f"q-{recipe}"
+        cands: list[tuple[str, Path, dict]] = [(recipe, q, {"quantize": {"reused": str(q)} if recipe in given
+                                                            else quantize(ref, recipe, q)})]
         if recipe == recipes[0]:
             for fault in [f for f in a.faults.split(",") if f]:
                 f = out / f"q-{recipe}-{fault}"
                 try:
-                    cands.append((f"{recipe} + {fault}", f, {"fault": plant_fault(q, f, fault, FAULT_NODE[a.model])}))
+                    node = FAULTS.get(fault, ({},))[0].get(a.model, "")
+                    if a.fault_layer is not None:
+                        node = node.replace("layers.9/", f"layers.{a.fault_layer}/").replace("layer.3/", f"layer.{a.fault_layer}/")
+                    cands.append((f"{recipe} + {fault}", f, {"fault": plant_fault(q, f, fault, node)}))
                 except SystemExit as exc:
                     rows.append({"candidate": f"{recipe} + {fault}", "error": str(exc)})
         for name, cand, extra in cands:
-            res = parity(ref, cand, out / f"parity-{cand.name[2:]}", decoder, a)
+            res = parity(ref, cand, out / f"parity-{name.replace(' + ', '-')}", decoder, a, prompts=not a.no_prompts)
             res.update(extra, candidate=name, verdicts=verdicts(res["figures"]))
             rows.append(res)
             fg = res["figures"]

@@ -41,11 +41,13 @@ def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
     return default
 
 
-def fold_weight_dequantize(model: onnx.ModelProto, types: set[int], *,
-                           weights: Weights | None = None) -> tuple[onnx.ModelProto, int]:
+def fold_weight_dequantize(model: onnx.ModelProto, types: set[int], *, weights: Weights | None = None,
+                           only: set[str] | None = None) -> tuple[onnx.ModelProto, int]:
     """Returns the folded graph (a copy of an in-memory model, or, given ``weights`` bound to
     ``model``, ``model`` itself: each weight read from its file and its float value written
-    through ``weights.put`` as it is folded) and the number of nodes folded."""
+    through ``weights.put`` as it is folded) and the number of nodes folded. ``only``: fold just
+    the DequantizeLinear nodes of these weight initializers (the CPU target's per-GEMM float
+    fallback)."""
     if weights is None:
         out = onnx.ModelProto()
         out.CopyFrom(model)
@@ -59,7 +61,8 @@ def fold_weight_dequantize(model: onnx.ModelProto, types: set[int], *,
     keep, new_inits, folded = [], [], 0
     for node in g.node:
         ok = (node.op_type == "DequantizeLinear" and node.input[0] in inits and node.input[1] in inits
-              and inits[node.input[0]].data_type in types and _attr(node, "block_size", 0) == 0)
+              and inits[node.input[0]].data_type in types and _attr(node, "block_size", 0) == 0
+              and (only is None or node.input[0] in only))
         if ok and len(node.input) > 2 and node.input[2]:
             zp = inits.get(node.input[2])
             ok = zp is not None and not np.any(weights.array(zp).astype(np.float32) != 0)

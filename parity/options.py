@@ -112,7 +112,11 @@ _PRESETS: dict[Preset, dict[str, float | None]] = {
                       top5_agreement=0.97, kl_mean=1e-3, ppl_change_pct=0.5,
                       embedding_cosine_mean=0.9999, embedding_cosine_min=0.999,
                       task_agreement=0.75, task_accuracy_drop=2.0),
-    Preset.FP8: dict(_INT8),
+    # FP8 (issue 16, docs/parity.md): healthy FP8 of the real Gemma 3 270M keeps top-1 0.848-0.852
+    # and a worst-row logits cosine of 0.796-0.811 (perplexity +1.6%, KL 0.027); the 135M LLaMA of
+    # issue 16 top-1 0.854. 0.75 / 0.70 keep 1.5x their error; the planted range fault (top-1 0.652,
+    # cosine_min 0.13, perplexity +21.8%) still fails them.
+    Preset.FP8: dict(_INT8, top1_agreement=0.75, cosine_min=0.70),
     Preset.INT8: dict(_INT8),
     Preset.INT4: dict(cosine_mean=0.95, cosine_min=0.85, snr_db=9.0, top1_agreement=0.85,
                       top5_agreement=0.80, kl_mean=0.1, ppl_change_pct=10.0,

@@ -83,6 +83,17 @@ class StageResult:
         return d
 
 
+PARITY_SIZES = ("num_samples", "max_len", "batch_sizes", "max_new_tokens")
+
+
+def parity_sizes(table: dict) -> dict:
+    """The [parity] keys that size the parity data, as ParityOptions fields (unset keys keep its defaults)."""
+    out = {k: table[k] for k in PARITY_SIZES if k in table}
+    if "batch_sizes" in out:
+        out["batch_sizes"] = tuple(out["batch_sizes"])
+    return out
+
+
 @contextlib.contextmanager
 def lock(out: Path) -> Iterator[None]:
     """Exclusive lock on OUT; a second run into the same folder refuses at once."""
@@ -219,6 +230,10 @@ class Runner:
                 raise TrtforgeError(f"data file {p} does not exist", "check calibration.data / parity.data in the recipe")
         if r.raw.get("parity", {}).get("prompts"):  # every line of [parity] prompts checked before any work
             load_prompts(r.raw["parity"]["prompts"])
+        try:  # [parity] num_samples / max_len / batch_sizes / max_new_tokens: usable before any work
+            ParityOptions(**parity_sizes(r.raw.get("parity", {})))
+        except OptionError as exc:
+            raise RecipeError(f"{r.source}: [parity] {exc.problem}", exc.hint) from None
 
     def _recipe_errors(self, backend: Backend, fn: Callable[[], Any]) -> Any:
         """Run ``fn``; option errors name the recipe table and key that set the option."""
@@ -373,6 +388,9 @@ class Runner:
         save_outputs = bool(r.raw.get("parity", {}).get("save_outputs", False))  # full outputs.json: on request
         if save_outputs:
             key["save_outputs"] = True
+        sizes = parity_sizes(r.raw.get("parity", {}))
+        if sizes:
+            key["sizes"] = sizes
 
         thresholds = r.thresholds
         if isinstance(thresholds, dict) and "tasks" not in thresholds:  # inline [parity.thresholds]: preset + limits
@@ -384,7 +402,7 @@ class Runner:
 
         def run(folder: Path) -> dict:
             rep = check_parity(ref, cand, r.parity_data or None, thresholds, folder, per_layer=r.per_layer, force=True,
-                               prompts=prompts, options=ParityOptions(save_outputs=save_outputs))
+                               prompts=prompts, options=ParityOptions(save_outputs=save_outputs, **sizes))
             return {"passed": rep.passed, "failures": [f.to_json() for f in rep.failures][:5]}
 
         res = self.stage(f"reports/{name}", self.out / "reports" / name, key, run, marker=REPORT, after=after)

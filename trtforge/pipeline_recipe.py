@@ -43,9 +43,12 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
                    "reference": (str,), "text": (str,), "max_samples": (int,),
                    "max_ppl_change_pct": (int, float)},
     "parity": {"data": (list, str), "thresholds": (str, dict), "per_layer": (bool,), "reports": (str,),
-               "prompts": (str,), "save_outputs": (bool,)},
+               "prompts": (str,), "save_outputs": (bool,),
+               # the data's size (ParityOptions): a 262k-vocabulary decoder's logits need them small
+               "num_samples": (int,), "max_len": (int,), "batch_sizes": (list, int), "max_new_tokens": (int,)},
     "output": {"dir": (str,)},
 }
+INT_LISTS = {("parity", "batch_sizes")}  # lists of integers (every other list holds strings)
 PATH_KEYS = {("model", "path"), ("calibration", "data"), ("calibration", "ranges"), ("parity", "data"), ("parity", "prompts"), ("output", "dir"),
              ("checkpoint", "reference"), ("checkpoint", "text")}
 
@@ -262,8 +265,10 @@ def _check(cfg: dict, path: str, text: str) -> None:
                 ok = False
             else:
                 ok = isinstance(val, allowed)
+            item = int if (table, key) in INT_LISTS else str
             if ok and isinstance(val, list):
-                ok = all(isinstance(x, str) for x in val)
+                ok = all(isinstance(x, item) and not isinstance(x, bool) for x in val)
             if not ok:
-                want = " or ".join("list of strings" if t is list else t.__name__ for t in allowed)
+                want = " or ".join(f"list of {'integers' if item is int else 'strings'}" if t is list else t.__name__
+                                   for t in allowed)
                 raise RecipeError(f"{loc}: {table}.{key} must be {want}, got {val!r}", f"fix {table}.{key}")

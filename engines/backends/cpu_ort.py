@@ -176,7 +176,7 @@ class CpuOrtBackend:
         b = m.section("build")
         return (f"{artifact.path}  {(m.section('precision') or {}).get('precision')} CPU artifact (ONNX Runtime "
                 f"{m.versions.get('onnxruntime')}); {b['uint8_activation_groups']} INT8 activation Q/DQ -> UINT8; ops "
-                + ", ".join(f"{k} {v}" for k, v in b["ops_after"].items()))
+                + ", ".join(f"{k} {v}" for k, v in b["ops_after"].items()) + _gemm_line(b))
 
     # ------------------------------------------------------------------ load check
     def load_check(self, artifact: Artifact, machine: Machine, *, load: bool = False) -> LoadReport:
@@ -298,3 +298,14 @@ def execution_analysis(side: Any, provider: str, config: dict[str, str], level: 
 
 
 CPU_ORT_BACKEND = BACKENDS.register(CpuOrtBackend())
+
+
+def _gemm_line(build: dict) -> str:
+    """The per-GEMM check in the build's one-line summary (absent from artifacts built before it)."""
+    g = build.get("gemm_check") or {}
+    if not g.get("checked"):
+        return ""
+    fb = ((build.get("int8_gemm") or {}).get("float_fallback")) or []
+    worst = (g.get("worst") or {}).get("max_rel_err")
+    return (f"; {g['checked']} integer GEMMs checked against exact math (worst {worst:.2g})"
+            + (f", {len(fb)} fell back to float" if fb else ""))

@@ -251,3 +251,70 @@ def test_inspect_says_which_integer_kernel_runs(cpu_built):
     assert int8_kernel_check(legacy, None).warning
     assert int8_kernel_check({"ops_after": {"MatMul": 3}}, avx2) is None  # no integer GEMM, no check
     assert check_cpu(art, Machine(None, (), "1.32.0")).loads  # flags unknown: still loads
+
+
+@pytest.mark.parametrize("precision,op", [("int8", "MatMulIntegerToFloat"), ("int4-weight-only", "MatMulNBits")])
+def test_every_integer_gemm_is_checked_against_exact_math(cpu_built, precision, op):
+    """Each fused GEMM of the optimized model, on the activations it sees, against float64 math of its
+    own integers and scales: a kernel that sums exactly is off by float32 rounding only."""
+    art = cpu_built(precision)
+    b = art.manifest["build"]
+    check = b["gemm_check"]
+    assert check["checked"] == b["ops_after"][op] > 0 and check["ops"] == [op]
+    assert check["failed"] == [] and check["worst"]["max_rel_err"] < check["worst"]["tolerance"]
+    assert check["worst"]["max_rel_err"] > 0 or precision == "int8"  # MatMulNBits sums floats: rounding shows
+
+
+def test_an_inexact_integer_kernel_falls_back_to_a_float_gemm(quantized, tmp_path, monkeypatch, caplog):
+    """Signed INT8 weights (U8S8: pairs of u8*s8 products summed in a saturating int16 on x86 CPUs
+    without VNNI): the GEMMs whose kernel is off on the model's own activations run in float, named
+    in the manifest and the log, and the artifact then computes what its input computes."""
+    import trtforge.engines.cpu as cpu
+
+    if cpu.probe_int8_gemm()["u8s8_max_rel_err"] == 0.0:
+        pytest.skip("ONNX Runtime's U8S8 kernel is exact on this CPU (VNNI): nothing to fall back from")
+    monkeypatch.setattr(cpu, "int8_weights_to_uint8", lambda model, weights=None: (model, 0))
+    with caplog.at_level("WARNING", logger="trtforge.engines.cpu"):
+        art = build(quantized("int8"), "cpu", tmp_path / "out")
+    b = art.manifest["build"]
+    fb = b["int8_gemm"]["float_fallback"]
+    assert fb, "the saturating U8S8 kernel should have been caught on the tiny LLaMA"
+    assert all(f["max_rel_err"] > 1e-4 and "kernel not exact" in f["why"] for f in fb)
+    assert sum("falls back to a float GEMM" in r.getMessage() for r in caplog.records) == len(fb)
+    model = onnx.load(str(art.model_path), load_external_data=False)
+    fused_weights = {n.input[1] for n in model.graph.node if n.op_type == "MatMulIntegerToFloat"}
+    assert not fused_weights & {f["weight"] for f in fb}
+    assert b["gemm_check"]["failed"] == [] and b["ops_after"]["MatMul"] >= len(fb)
+    assert b["self_check"]["relative_rms_err"] < 1e-3  # U8S8 everywhere was 0.04 max on this model
+
+
+def test_rounding_flips_are_told_from_wrong_values_by_the_inputs_own_flip_floor(tiny_art, tmp_path, monkeypatch):
+    """Over the end-to-end tolerance with every GEMM exact: the input model run in another summation
+    order (weights folded, prepacked) moves as far from itself, so the build passes and records the
+    floor; the same distance against a floor it exceeds fails with both figures."""
+    import trtforge.engines.cpu as cpu
+
+    from .qdq import tiny_manifest
+
+    man = tiny_manifest("fp8")
+    man["io"] = {"inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", 320]}],
+                 "outputs": [{"name": "y", "dtype": "float32", "shape": ["batch", 320]}]}
+    src = tiny_art("fp8", model=_deep_fp8_graph(), manifest=man, name="deep-fp8")
+    real = cpu.runtime_for
+
+    def prepacked(info):  # the artifact sums as the floor does: differences are flips only
+        rt = real(info)
+        return cpu.CpuRuntime({k: v for k, v in rt.session_config.items() if k != cpu.DISABLE_PREPACKING})
+
+    monkeypatch.setattr(cpu, "runtime_for", prepacked)
+    monkeypatch.setattr(cpu, "QUANTIZED_TOLERANCE", 1e-9)
+    art = build(src, "cpu", tmp_path / "cpu")
+    sc = art.manifest["build"]["self_check"]
+    if sc["relative_rms_err"] <= 1e-9:
+        pytest.skip("prepacked GEMMs sum in the same order as the input's on this CPU: no flips to tell apart")
+    assert sc["flip_floor"]["relative_rms_err"] > 0 and sc["passed_by"].startswith("within 2x")
+    assert sc["relative_rms_err"] <= sc["limit"] == 2 * sc["flip_floor"]["relative_rms_err"]
+    monkeypatch.setattr(cpu, "FLIP_FACTOR", 1e-3)
+    with pytest.raises(BuildError, match=r"differs from the input model by .* every integer GEMM is exact on its own"):
+        build(src, "cpu", tmp_path / "cpu2")
+    assert not (tmp_path / "cpu2").exists()

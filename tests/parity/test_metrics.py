@@ -172,3 +172,22 @@ def test_inputs_fit_an_engine_profile():
     assert opts.batch_sizes == (1, 4) and opts.max_len == 64 and "shape profile" in notes[0]
     onnx_side = SimpleNamespace(role="reference", kind="onnx", manifest=Manifest.from_json({"kind": "onnx", "stage": "export"}))
     assert fit_to_engines(ParityOptions(), [onnx_side]) == (ParityOptions(), [])
+
+
+def test_fp8_decoder_limits_follow_the_real_model_evidence():
+    """docs/parity.md: the fp8 preset passes healthy FP8 of the real Gemma 3 270M (trtforge run
+    examples/gemma3-cpu-trtllm.toml, Q/DQ graph and CPU artifact) and fails the planted wrong range."""
+    from trtforge.parity.options import METRICS, Direction
+
+    limits = Thresholds.preset(Preset.FP8).limits
+
+    def missed(fig):
+        return [k for k, v in fig.items() if k in limits and not (
+            v >= limits[k] if METRICS[k].direction == Direction.MIN else v <= limits[k])]
+
+    healthy = [dict(top1_agreement=0.848, top5_agreement=0.908, kl_mean=0.0268, ppl_change_pct=1.58, cosine_mean=0.9933,
+                    cosine_min=0.811, snr_db=18.9),
+               dict(top1_agreement=0.852, cosine_min=0.796)]
+    assert all(missed(f) == [] for f in healthy)
+    fault = dict(top1_agreement=0.652, kl_mean=0.437, ppl_change_pct=21.8, cosine_mean=0.9489, cosine_min=0.1317, snr_db=6.2)
+    assert set(missed(fault)) >= {"top1_agreement", "ppl_change_pct", "kl_mean", "cosine_min"}

@@ -206,3 +206,32 @@ def test_minilm_cpu_example(tmp_path, minilm_dir):
     assert statuses(m)["engines/cpu"] == "done"
     assert os.path.exists(tmp_path / "o" / "reports" / "int8-sq-cpu" / "report.html")
     assert time.time() > 0
+
+
+def test_gemma3_example_on_a_tiny_gemma3(tiny_model, tmp_path):
+    """examples/gemma3-cpu-trtllm.toml (the real Gemma 3 270M run of docs/pipeline.md) on a tiny
+    Gemma 3: the CPU artifact and the TensorRT-LLM checkpoint from one FP8 artifact, the GPU target
+    skipped with its reason, both reports written and small, their data sized by [parity]."""
+    pytest.importorskip("torch")
+    model = tiny_model("gemma3_text")
+    m = trtforge.run(REPO / "examples" / "gemma3-cpu-trtllm.toml", tmp_path / "o", sets=[f"model.path={model}"],
+                     skip_unavailable_targets=True)
+    st = statuses(m)
+    assert st["engines/cpu"] == "done" and st["engines/trtllm"] == "done" and st["engines/sm_90"] == "skipped"
+    assert [s["target"] for s in m["skipped"]] == ["sm_90"] and m["skipped"][0]["why"]
+    assert set(m["reports"]) == {"fp8", "fp8-cpu"}
+    for name in m["reports"]:
+        rep = json.loads((tmp_path / "o" / "reports" / name / "report.json").read_text())
+        assert sum(c["batch"] for c in rep["data"]["cases"]) <= 8 and max(c["batch"] for c in rep["data"]["cases"]) <= 4
+        assert max(c["seq_len"] for c in rep["data"]["cases"]) <= 48
+        size = sum(p.stat().st_size for p in (tmp_path / "o" / "reports" / name).iterdir() if p.is_file())
+        assert size < 5 * 2**20
+
+
+@pytest.mark.parametrize("value,match", [("0", "num_samples must be at least 1"), ('"many"', "must be int")])
+def test_parity_sizes_are_checked_before_any_work(recipe, tmp_path, value, match):
+    with pytest.raises(RecipeError, match=match):
+        trtforge.run(recipe, tmp_path / "o", sets=[f"parity.num_samples={value}"])
+    with pytest.raises(RecipeError, match="list of integers"):
+        trtforge.run(recipe, tmp_path / "o", sets=['parity.batch_sizes=["1"]'])
+    assert not (tmp_path / "o").exists()
