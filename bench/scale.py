@@ -3,6 +3,7 @@ random weights, fixed seed) through export, quantize and the CPU build, each sta
 process.
 
 Models (``--models``, comma-separated):
+  tiny        2 layers of hidden 64 (a smoke test of the script itself)
   135m        SmolLM-135M's shape: hidden 576, 30 layers, 9/3 heads, MLP 1536, vocab 49152, tied
   1.1b-slice  TinyLlama-1.1B's shape with 4 of its 22 layers (0.38B parameters)
   1.1b        TinyLlama-1.1B's shape: hidden 2048, 22 layers, 32/4 heads, MLP 5632, vocab 49152 (1.17B)
@@ -40,6 +41,8 @@ OUT = Path(os.environ.get("TRTFORGE_SCALE_OUT", REPO / "bench" / "out" / "scale"
 CALIB = DATA / "calib-mpl-lgpl.txt"
 
 MODELS = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=8000, tie_word_embeddings=False),  # smoke test of this script
     "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                  num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
     "1.1b-slice": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=4, num_attention_heads=32,
@@ -76,6 +79,29 @@ def hwm_mib():  # VmHWM: this process's peak RSS
             return int(line.split()[1]) / 1024
 
 stage, src, out, calib = sys.argv[1:5]
+trace_path = sys.argv[5] if len(sys.argv) > 5 and sys.argv[5] else None
+if trace_path:  # where time and memory go: RSS sampled twice a second, every trtforge log line stamped
+    import cProfile, logging, threading
+    t0, trace, samples = time.perf_counter(), [], []
+    def rss_mib():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    def sample():
+        while True:
+            samples.append((round(time.perf_counter() - t0, 1), rss_mib()))
+            time.sleep(0.5)
+    threading.Thread(target=sample, daemon=True).start()
+    class Stamp(logging.Handler):
+        def emit(self, record):
+            trace.append({"t": round(time.perf_counter() - t0, 1), "rss_mib": round(rss_mib()), "msg": record.getMessage()})
+    lg = logging.getLogger("trtforge")
+    lg.setLevel(logging.INFO)
+    lg.addHandler(Stamp())
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    lg.addHandler(h)
+    prof = cProfile.Profile()
 # the libraries the stage itself imports (quantize and build never import torch)
 import onnx, onnxruntime
 if stage.startswith("export"):
@@ -86,6 +112,8 @@ else:
     import transformers, trtforge.calibration  # transformers: the calibration tokenizer
 base = hwm_mib()
 t = time.perf_counter()
+if trace_path:
+    prof.enable()
 if stage.startswith("export"):
     from trtforge.exporter import DType, ExportOptions, Task, export_onnx
     dtype = DType.FP16 if stage == "export-fp16" else DType.FP32
@@ -99,6 +127,20 @@ else:
     recipe = get_preset(stage).replace(num_samples=16, seq_len=256)
     art = quantize(src, recipe, out, calib=[calib], force=True)
 seconds = time.perf_counter() - t
+if trace_path:
+    prof.disable()
+    import io, pstats
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(45)
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
+    # between two log lines: the highest RSS sampled (what each step peaks at)
+    for k, e in enumerate(trace):
+        end = trace[k + 1]["t"] if k + 1 < len(trace) else 1e18
+        e["peak_until_next_mib"] = round(max([r for s, r in samples if e["t"] <= s < end] or [e["rss_mib"]]))
+    with open(trace_path, "w") as f:
+        json.dump({"log": trace, "rss": samples[::4]}, f, indent=1)
+    with open(trace_path + ".prof.txt", "w") as f:
+        f.write(text.getvalue())
 print(json.dumps({"seconds": seconds, "peak_rss_mib": hwm_mib(), "rss_after_imports_mib": base,
                   "timings": art.manifest.timings if hasattr(art.manifest, "timings") else art.manifest["timings"],
                   "external_data": art.manifest["model"]["external_data"]}))
@@ -120,12 +162,12 @@ def build_source(name: str) -> tuple[Path, int]:
     return src, json.loads(meta.read_text())["params"]
 
 
-def run_stage(stage: str, src: Path, out: Path) -> dict:
+def run_stage(stage: str, src: Path, out: Path, trace: Path | None = None) -> dict:
     t = time.perf_counter()
-    p = subprocess.run([sys.executable, "-c", CHILD, stage, str(src), str(out), str(CALIB)],
-                       capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-c", CHILD, stage, str(src), str(out), str(CALIB), str(trace or "")],
+                       stdout=subprocess.PIPE, stderr=None if trace else subprocess.PIPE, text=True)
     if p.returncode:
-        tail = "\n".join(p.stderr.strip().splitlines()[-15:])
+        tail = "\n".join((p.stderr or "see stderr").strip().splitlines()[-15:])
         return {"stage": stage, "error": tail, "wall_s": time.perf_counter() - t}
     r = json.loads(p.stdout.strip().splitlines()[-1])
     r["stage"] = stage
@@ -158,6 +200,9 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=REPO / "docs" / "results" / "scale.json")
     ap.add_argument("--keep", action="store_true", help="keep the stage outputs (bench/out/scale)")
     ap.add_argument("--table", action="store_true", help="print the markdown table of --json and exit")
+    ap.add_argument("--trace", action="store_true",
+                    help="profile each stage (cProfile) and trace its RSS against trtforge's log lines: "
+                         "bench/out/scale/MODEL-STAGE.trace.json and .trace.json.prof.txt; logs on stderr")
     args = ap.parse_args()
     if args.table:
         print(table(json.loads(args.json.read_text())))
@@ -178,7 +223,7 @@ def main() -> int:
         for stage in stages:
             inp = {"build-cpu": OUT / f"{name}-int8-sq"}.get(stage, export if stage not in ("export", "export-fp16") else src)
             out = OUT / f"{name}-{stage}" if stage != "export" else export
-            r = run_stage(stage, inp, out)
+            r = run_stage(stage, inp, out, OUT / f"{name}-{stage}.trace.json" if args.trace else None)
             r.update(model=name, params=params, fp32_weights_mib=fp32_mib)
             if "error" not in r:
                 r["peak_over_fp32"] = r["peak_rss_mib"] / fp32_mib

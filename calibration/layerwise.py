@@ -112,11 +112,13 @@ def layer_stats(
     layers_per_block: int = 1,
     spill_dir: str | Path | None = None,
     observe=None,
+    block_done=None,
 ):
     """Statistics of every watched tensor and the run's meta (see the module docstring);
     ``groups``: the sample indices of each batch (the whole-graph probe's batches, so that the
     statistics are the same); ``observe(name, x)``, when given, sees every watched batch output
-    after it is counted (GPTQ's Hessians)."""
+    after it is counted (GPTQ's Hessians); ``block_done(names, stats)`` is called when a block
+    has seen every batch, with the watched tensors it produced (their statistics are final)."""
     if not samples.ids:
         raise CalibrationError("no calibration samples", "pass calibration text")
     g = model.graph
@@ -184,6 +186,8 @@ def layer_stats(
                         observe(name, x)
                 results = None
             sess = None
+            if block_done is not None:
+                block_done([o for o in outs if o in watched_set], stats)
             for key in [k for k in files if last_use.get(k[1], -1) <= b]:  # no later block reads these
                 files.pop(key).unlink(missing_ok=True)
             release_memory()
