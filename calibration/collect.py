@@ -30,7 +30,7 @@ from trtforge.inputs import make_feeds
 from trtforge.manifest import ModelDims
 from trtforge.onnx_io import has_external_data, weight_bytes
 from trtforge.ort import NO_PREPACKING, graph_session, release_memory
-from trtforge.progress import progress
+from trtforge.progress import Progress
 from trtforge.textdata import Samples
 
 log = logging.getLogger(__name__)
@@ -249,7 +249,10 @@ def collect_ranges(
 
     cost = _output_bytes(run, np.asarray(samples.ids[0])) if len(samples.ids) > 1 and batch_size > 1 else None
     groups = batches(samples, batch_size, cost)
-    for bi, idx in enumerate(progress(groups, len(groups), "calibration")):
+    total_windows = sum(len(idx) for idx in groups)
+    bar = Progress(len(groups), "calibration")
+    done_windows = 0
+    for bi, idx in enumerate(groups):
         ids = np.stack([samples.ids[i] for i in idx])
         tt = np.stack([samples.token_type_ids[i] for i in idx]) if samples.token_type_ids else None
         outs = run(ids, tt)
@@ -258,6 +261,9 @@ def collect_ranges(
             count_batch(stats, name, x, bi, per_tensor=per_tensor, bins=bins, keep=keep, seed=seed)
             if hessians and name in hessians:
                 _add_hessian(hess, name, x)
+        done_windows += len(idx)
+        bar.step(f"windows {done_windows}/{total_windows}")
+    bar.close()
     # no timings here: ranges.json is content, identical for identical inputs (timings go to manifests)
     meta = {
         "batches": len(groups),

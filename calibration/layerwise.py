@@ -34,7 +34,7 @@ from trtforge.inputs import make_feeds
 from trtforge.manifest import ModelDims
 from trtforge.onnx_io import copy_fields
 from trtforge.ort import NO_PREPACKING, graph_session, release_memory
-from trtforge.progress import progress
+from trtforge.progress import Progress
 from trtforge.textdata import Samples
 
 _LAYER = re.compile(r"/(?:layers|h|layer|blocks)\.(\d+)/")
@@ -150,12 +150,17 @@ def layer_stats(
     spill.mkdir(parents=True, exist_ok=True)
     files: dict[tuple[int, str], Path] = {}
     spilled = 0
+    # one step per block and batch of windows: a large model's line says which layer and window it is at
+    bar = Progress(len(blocks) * len(groups), "calibration (layer by layer)")
+    starts = np.cumsum([0] + [len(idx) for idx in groups])
     try:
-        for b, nodes in enumerate(progress(blocks, len(blocks), "calibration (layer blocks)")):
+        for b, nodes in enumerate(blocks):
             own = [o for k in nodes for o in g.node[k].output]
             carried = [o for o in own if last_use.get(o, -1) > b]
             outs = [o for o in own if o in watched_set] + [o for o in carried if o not in watched_set]
             if not outs:
+                for _ in groups:
+                    bar.step(f"layer block {b + 1}/{len(blocks)}")
                 continue
             sess = graph_session(_block_model(model, nodes, block_inputs[b], outs, types), base_dir,
                                  providers=providers, arena=False, config=NO_PREPACKING)
@@ -185,6 +190,7 @@ def layer_stats(
                     if observe is not None:
                         observe(name, x)
                 results = None
+                bar.step(f"layer block {b + 1}/{len(blocks)}, windows {starts[bi] + 1}-{starts[bi + 1]}/{starts[-1]}")
             sess = None
             if block_done is not None:
                 block_done([o for o in outs if o in watched_set], stats)
@@ -192,6 +198,7 @@ def layer_stats(
                 files.pop(key).unlink(missing_ok=True)
             release_memory()
     finally:
+        bar.close()
         if own_spill:
             shutil.rmtree(spill, ignore_errors=True)
     missing = [w for w in watched if w not in stats]

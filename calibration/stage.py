@@ -101,6 +101,8 @@ def quantize(
     idx = GraphIndex(model, weights)
     watched = watched_tensors(model, idx)
     key = model_key(model, watched)
+    timings["load_s"] = time.perf_counter() - t
+    t = time.perf_counter()
     if ranges:
         r = ActivationRanges.load(ranges)
         if r.model_key != key:

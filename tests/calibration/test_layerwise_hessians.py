@@ -114,3 +114,32 @@ def test_gptq_from_spilled_hessians_equals_gptq_from_memory(art, tmp_path, monke
         assert np.array_equal(a[name], b[name]), name
     gptq = [n["gptq"] for n in spilled.manifest["quantization"]["nodes"] if n["status"] == "quantized"]
     assert gptq and all("output_error" in g for g in gptq)
+
+
+def test_layer_by_layer_progress_names_the_layer_and_windows_with_an_eta(art, caplog, monkeypatch):
+    import logging
+
+    from trtforge import progress as progress_mod
+
+    monkeypatch.setattr(progress_mod, "LOG_EVERY_S", 0.0)  # a line per step
+    model = load_graph(art.model_path)
+    watched = watched_tensors(model)
+    with caplog.at_level(logging.INFO, logger="trtforge.progress"):
+        r = collect_ranges(model, watched, _samples(art), art.manifest["dims"], batch_size=4, bins=64, keep=8,
+                           base_dir=art.path, layerwise=True)
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "trtforge.progress"]
+    blocks, batches = r.meta["layer_blocks"], r.meta["batches"]
+    assert len(lines) == blocks * batches
+    assert f"layer block {blocks}/{blocks}, windows 5-6/6" in lines[-1] and "ETA 0s" in lines[-1]
+    assert "layer block 1/" in lines[0] and "ETA" in lines[0]
+    steps = [rec for rec in caplog.records if rec.name == "trtforge.progress"]
+    assert steps[-1].progress == steps[-1].total == blocks * batches and steps[-1].eta_s == 0
+
+
+def test_quantize_manifest_times_every_step(art, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRTFORGE_CALIB_LAYERWISE", "1")
+    q = quantize(art, get_preset("int8-sq").replace(num_samples=4, seq_len=16), tmp_path / "q", calib=CALIB)
+    t = q.manifest["timings"]
+    assert {"load_s", "tokenize_s", "calibrate_s", "prepare_s", "smoothing_check_s", "quantize_s", "write_s", "check_s",
+            "total_s"} <= set(t)
+    assert sum(v for k, v in t.items() if k != "total_s") <= t["total_s"] + 1e-6
