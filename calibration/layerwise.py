@@ -41,15 +41,41 @@ _LAYER = re.compile(r"/(?:layers|h|layer|blocks)\.(\d+)/")
 
 
 def node_layers(model: onnx.ModelProto) -> list[int]:
-    """Layer of every node (-1: before the first layer), never below its inputs' producers'."""
+    """Layer of every node (-1: before the first layer), never below its inputs' producers'.
+
+    A node that reads no activation (only weights and constants: a quantized weight's
+    DequantizeLinear, a Constant) and whose name names no layer goes with its first reader, so
+    that a layer's weights are dequantized in that layer's block, not carried to it from the
+    embedding block."""
+    g = model.graph
+    graph_inputs = {i.name for i in g.input}
     producer_layer: dict[str, int] = {}
+    named: list[int | None] = []
+    floating: list[bool] = []
+    live: set[str] = set(graph_inputs)  # tensors that depend on a graph input
     out = []
-    for node in model.graph.node:
+    for node in g.node:
         m = _LAYER.search(node.name or "")
-        layer = max([int(m.group(1)) if m else -1] + [producer_layer.get(i, -1) for i in node.input if i])
+        named.append(int(m.group(1)) if m else None)
+        ins = [i for i in node.input if i]
+        floating.append(named[-1] is None and not any(i in live for i in ins))
+        if not floating[-1]:
+            live.update(node.output)
+        layer = max([named[-1] if named[-1] is not None else -1] + [producer_layer.get(i, -1) for i in ins])
         out.append(layer)
         for o in node.output:
             producer_layer[o] = layer
+    if any(floating):
+        readers: dict[str, list[int]] = {}
+        for k, node in enumerate(g.node):
+            for i in node.input:
+                if i:
+                    readers.setdefault(i, []).append(k)
+        for k in range(len(g.node) - 1, -1, -1):  # readers first: chains of weight-only nodes follow theirs
+            if floating[k]:
+                later = [out[r] for o in g.node[k].output for r in readers.get(o, ())]
+                if later:
+                    out[k] = min(later)
     return out
 
 

@@ -143,3 +143,30 @@ def test_quantize_manifest_times_every_step(art, tmp_path, monkeypatch):
     assert {"load_s", "tokenize_s", "calibrate_s", "prepare_s", "smoothing_check_s", "quantize_s", "write_s", "check_s",
             "total_s"} <= set(t)
     assert sum(v for k, v in t.items() if k != "total_s") <= t["total_s"] + 1e-6
+
+
+def test_a_quantized_graph_is_cut_with_each_layer_dequantizing_its_own_weights(art, tmp_path):
+    from trtforge.calibration.layerwise import node_layers, plan_blocks, run_by_blocks
+    from trtforge.ort import session
+
+    q = quantize(art, get_preset("int8-sq").replace(num_samples=4, seq_len=16), tmp_path / "q", calib=CALIB)
+    model = load_graph(q.model_path)
+    outputs = [o.name for o in model.graph.output]
+    layers = node_layers(model)
+    dq = [k for k, n in enumerate(model.graph.node) if n.op_type == "DequantizeLinear" and n.input[0].startswith("model.layers.")]
+    assert dq
+    for k in dq:
+        want = int(model.graph.node[k].input[0].split(".")[2])
+        assert layers[k] == want, model.graph.node[k].name
+    for b, nodes in enumerate(plan_blocks(model, outputs)[1:]):
+        used = {i for k in nodes for i in model.graph.node[k].input if i.startswith("model.layers.")}
+        assert used and all(i.startswith(f"model.layers.{b}.") for i in used), used
+    rng = np.random.default_rng(0)
+    cases = [{"input_ids": rng.integers(1, 100, (1, n)), "attention_mask": np.ones((1, n), np.int64),
+              "position_ids": np.arange(n)[None]} for n in (5, 9)]
+    cases = [{k: v for k, v in c.items() if k in {i.name for i in model.graph.input}} for c in cases]
+    got = run_by_blocks(model, cases, base_dir=q.path)
+    sess = session(q.model_path)
+    for c, g in zip(cases, got):
+        for name, want in zip(outputs, sess.run(outputs, c)):
+            np.testing.assert_allclose(g[name], want, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(want).max())))
