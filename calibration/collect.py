@@ -23,6 +23,7 @@ from onnx import helper
 from trtforge.artifacts import read_json, sha256_json, write_json
 from trtforge.calibration.hessians import Hessians
 from trtforge.calibration.layerwise import layer_stats, wants_layerwise
+from trtforge.calibration.spill import RowsOnDisk, SpillFolder
 from trtforge.calibration.stats import TensorStats, count_batch
 from trtforge.errors import CalibrationError, InputError
 from trtforge.graph import needed_subgraph, tensor_types
@@ -179,26 +180,30 @@ def _probe_session(model: onnx.ModelProto, watched: list[str], types: dict[str, 
 
 def _collect_layerwise(model, watched, samples, dims, *, batch_size, hessians=None, **kw) -> ActivationRanges:
     """collect_ranges layer block by layer block (calibration/layerwise.py); same batches, and
-    the same Hessians (GPTQ) accumulated from each block's outputs. A block's Hessians are
-    complete when it is done (every batch has run through it): they are divided, spilled to a
-    temporary folder (calibration/hessians.py) and their accumulators freed, so memory holds one
-    block's Hessians, not the model's (22 GB at 7B)."""
+    the same Hessians (GPTQ) accumulated from each block's outputs. A block's Hessians and kept
+    rows are final when it is done (every batch has run through it): they are spilled to a
+    temporary folder (calibration/spill.py, hessians.py) and their memory freed, so memory holds
+    one block's, not the model's (Hessians: 22 GB at 7B)."""
     groups = batches(samples, batch_size)
     hess: dict[str, np.ndarray] = {}
     store = Hessians.spilled() if hessians else Hessians()
-    observe = block_done = None
+    rows = SpillFolder("trtforge-rows-")
+    observe = None
     if hessians:
         def observe(name, x):
             if name in hessians:
                 _add_hessian(hess, name, x)
 
-        def block_done(names, stats):
-            for name in names:
-                h = hess.pop(name, None)
-                if h is not None:
-                    h /= max(stats[name].count, 1)
-                    store.put(name, h)
-                    del h
+    def block_done(names, stats):
+        for name in names:
+            st = stats[name]
+            if st.sample is not None and not isinstance(st.sample, RowsOnDisk):  # final: read back when searched
+                st.sample = RowsOnDisk(rows, st.sample)
+            h = hess.pop(name, None)
+            if h is not None:
+                h /= max(st.count, 1)
+                store.put(name, h)
+                del h
     stats, meta = layer_stats(model, watched, samples, dims, groups=groups, observe=observe,
                               block_done=block_done, **kw)
     meta["batch_size"] = batch_size

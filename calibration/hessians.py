@@ -14,14 +14,13 @@ that fits).
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-import weakref
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
+
+from trtforge.calibration.spill import SpillFolder
 
 
 class Hessians(Mapping):
@@ -32,14 +31,14 @@ class Hessians(Mapping):
         self._files: dict[str, tuple[Path, str | None]] = {}  # name -> (.npy file | npz, member)
         self._shapes: dict[str, tuple[int, ...]] = {n: tuple(a.shape) for n, a in self._mem.items()}
         self._dir: Path | None = None
-        self._cleanup = None
+        self._folder: SpillFolder | None = None
 
     @classmethod
     def spilled(cls, prefix: str = "trtforge-hessians-") -> Hessians:
-        """A store writing what it is given to a new temporary folder."""
+        """A store writing what it is given to a new temporary folder (calibration/spill.py)."""
         h = cls()
-        h._dir = Path(tempfile.mkdtemp(prefix=prefix))
-        h._cleanup = weakref.finalize(h, shutil.rmtree, str(h._dir), True)
+        h._folder = SpillFolder(prefix)
+        h._dir = h._folder.path
         return h
 
     @classmethod
@@ -107,5 +106,5 @@ class Hessians(Mapping):
 
     def close(self) -> None:
         """Remove the spill folder (also done when the store is garbage-collected)."""
-        if self._cleanup is not None:
-            self._cleanup()
+        if self._folder is not None:
+            self._folder.close()

@@ -1,5 +1,5 @@
-"""GPTQ's Hessians bounded (issue 13): layer by layer, each block's Hessians are finished, spilled
-to disk and freed when the block is done, ranges files are read one Hessian at a time, and GPTQ
+"""GPTQ's Hessians bounded (issue 13): layer by layer, each block's Hessians (and kept rows) are
+finished, spilled to disk and freed when the block is done, ranges files are read one Hessian at a time, and GPTQ
 holds one input's factor at a time; the quantized model is the same as with every Hessian held
 in memory."""
 
@@ -15,6 +15,7 @@ from trtforge.calibration.collect import ActivationRanges, collect_ranges
 from trtforge.calibration.hessians import Hessians
 from trtforge.calibration.methods import gptq as gptq_mod
 from trtforge.calibration.quantize import watched_tensors
+from trtforge.calibration.spill import RowsOnDisk
 from trtforge.exporter import ExportOptions, Task, export_onnx
 from trtforge.onnx_io import load_graph
 from trtforge.textdata import build_samples, load_tokenizer
@@ -51,6 +52,8 @@ def test_layerwise_hessians_are_spilled_block_by_block(art, monkeypatch):
     layered = collect_ranges(model, watched, _samples(art), art.manifest["dims"], layerwise=True, **kw)
     store = layered.hessians
     assert isinstance(store, Hessians) and store.spills
+    kept = [st.sample for st in layered.tensors.values() if st.sample is not None]
+    assert kept and all(isinstance(k, RowsOnDisk) and k.path.exists() for k in kept)  # the rows wait on disk
     per_layer = len(watched) / art.manifest["dims"]["num_layers"]
     assert len(store) == len(watched) and max(live) <= per_layer + 1 < len(watched)
     monkeypatch.setattr(collect, "_add_hessian", orig)
