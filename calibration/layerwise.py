@@ -108,12 +108,22 @@ def _block_model(model: onnx.ModelProto, nodes: list[int], inputs: list[str], ou
     return sub
 
 
+# Above this, quantize goes layer by layer even where the model would fit: a whole-graph probe
+# maps every weight (1x) beside a batch's activations and the libraries, which is already the
+# issue's 1.25x bar on a 1.17B model; layer by layer holds one layer.
+LAYERWISE_ABOVE = 2 << 30
+
+
 def wants_layerwise(weight_bytes: int) -> bool:
-    """Whether calibration goes layer by layer: ``TRTFORGE_CALIB_LAYERWISE=1`` (or ``0``) decides;
-    otherwise when the weights exceed 60% of the memory available now (``MemAvailable``)."""
+    """Whether calibration (and quantize's float checks) go layer by layer:
+    ``TRTFORGE_CALIB_LAYERWISE=1`` (or ``0``) decides; otherwise when the weights exceed 2 GiB
+    (LAYERWISE_ABOVE: models kept in external data) or 60% of the memory available now
+    (``MemAvailable``)."""
     forced = os.environ.get("TRTFORGE_CALIB_LAYERWISE", "").strip()
     if forced in ("0", "1"):
         return forced == "1"
+    if weight_bytes > LAYERWISE_ABOVE:
+        return True
     try:
         with open("/proc/meminfo") as f:
             avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
