@@ -145,9 +145,12 @@ if trace_path:
         json.dump({"log": trace, "rss": samples[::4]}, f, indent=1)
     with open(trace_path + ".prof.txt", "w") as f:
         f.write(text.getvalue())
+q = art.manifest["quantization"] if art.manifest.stage == "quantize" else None
 print(json.dumps({"seconds": seconds, "peak_rss_mib": hwm_mib(), "rss_after_imports_mib": base,
                   "timings": art.manifest.timings if hasattr(art.manifest, "timings") else art.manifest["timings"],
-                  "external_data": art.manifest["model"]["external_data"]}))
+                  "external_data": art.manifest["model"]["external_data"],
+                  "layer_by_layer": q["quick_check"].get("layer_by_layer") if q else None,
+                  "quick_check_mean_cosine": q["quick_check"]["mean_cosine_vs_float"] if q else None}))
 """
 
 
@@ -183,15 +186,17 @@ def table(results: dict) -> str:
     """The markdown table of docs/benchmarks.md from a results file."""
     m = results["machine"]
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}, {m['date']}.", "",
-             "| model | parameters | FP32 weights MiB | stage | seconds | peak RSS MiB | peak / FP32 weights | "
-             "above libraries / FP32 weights |", "|---|---|---|---|---|---|---|---|"]
+             "| model | parameters | FP32 weights MiB | stage | layer by layer | seconds | peak RSS MiB | "
+             "peak / FP32 weights | above libraries / FP32 weights |", "|---|---|---|---|---|---|---|---|---|"]
     order = {name: k for k, name in enumerate(MODELS)}
-    for r in sorted(results["rows"], key=lambda r: (order.get(r["model"], 99), STAGES.index(r["stage"]))):
+    for r in sorted(results["rows"], key=lambda r: (order.get(r["model"], 99), STAGES.index(r["stage"]),
+                                                    not r.get("layer_by_layer"))):
+        lw = {True: "yes", False: "no"}.get(r.get("layer_by_layer"), "")
         if "error" in r:
             lines.append(f"| {r['model']} | {r['params'] / 1e6:.0f}M | {r['fp32_weights_mib']:.0f} | {r['stage']} | "
-                         f"failed | | | |")
+                         f"{lw} | failed | | | |")
             continue
-        lines.append(f"| {r['model']} | {r['params'] / 1e6:.0f}M | {r['fp32_weights_mib']:.0f} | {r['stage']} | "
+        lines.append(f"| {r['model']} | {r['params'] / 1e6:.0f}M | {r['fp32_weights_mib']:.0f} | {r['stage']} | {lw} | "
                      f"{r['seconds']:.0f} | {r['peak_rss_mib']:.0f} | {r['peak_over_fp32']:.2f}x | "
                      f"{r['above_libraries_over_fp32']:.2f}x |")
     return "\n".join(lines)
@@ -218,8 +223,11 @@ def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     results = json.loads(args.json.read_text()) if args.json.exists() else {"rows": []}
     results["machine"] = machine()
+    # a row per model, stage and calibration mode (TRTFORGE_CALIB_LAYERWISE=0/1 picks the mode)
+    forced = {"1": True, "0": False}.get(os.environ.get("TRTFORGE_CALIB_LAYERWISE", "").strip())
     rerun = {(m, st) for m in args.models.split(",") for st in stages}
-    rows = [r for r in results.get("rows", []) if (r.get("model"), r.get("stage")) not in rerun]
+    rows = [r for r in results.get("rows", []) if (r.get("model"), r.get("stage")) not in rerun
+            or (forced is not None and r.get("layer_by_layer") not in (None, forced))]
     for name in args.models.split(","):
         src, params = build_source(name)
         fp32_mib = params * 4 / 2**20
