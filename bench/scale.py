@@ -91,10 +91,15 @@ if trace_path:  # where time and memory go: RSS sampled twice a second, every tr
         for line in open("/proc/self/status"):
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
-    def sample():
+    def sample():  # the trace is rewritten every 10 s, so a run stopped early leaves what it measured
+        k = 0
         while True:
             samples.append((round(time.perf_counter() - t0, 1), rss_mib()))
             time.sleep(0.5)
+            k += 1
+            if k % 20 == 0:
+                with open(trace_path + ".partial", "w") as f:
+                    json.dump({"log": trace, "rss": samples[::4], "peak_sampled_mib": max(r for _, r in samples)}, f)
     threading.Thread(target=sample, daemon=True).start()
     class Stamp(logging.Handler):
         def emit(self, record):
