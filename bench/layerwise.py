@@ -92,22 +92,28 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=REPO / "docs" / "results" / "layerwise.json")
     ap.add_argument("--quantize", metavar="RECIPE", help="run the whole quantize stage with this recipe")
     ap.add_argument("--modes", default="whole,layers", help="whole graph and/or layer by layer")
+    ap.add_argument("--hidden", type=int, help="another width: hidden size (MLP 2.75x, heads of 64, 4 KV heads)")
     args = ap.parse_args()
+    shape = dict(SHAPE)
+    if args.hidden:
+        shape.update(hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
+                     num_attention_heads=args.hidden // 64, num_key_value_heads=4)
+    tag = f"slim{args.hidden}-" if args.hidden else "slim"
     rows = []
     for n in [int(x) for x in args.layers.split(",")]:
-        src = OUT / f"slim{n}-slice-src"  # "slice": the export child writes external data
+        src = OUT / f"{tag}{n}-slice-src"  # "slice": the export child writes external data
         if not (src / "config.json").exists():
-            p = subprocess.run([sys.executable, "-c", BUILD, str(src), json.dumps({**SHAPE, "num_hidden_layers": n})],
+            p = subprocess.run([sys.executable, "-c", BUILD, str(src), json.dumps({**shape, "num_hidden_layers": n})],
                                capture_output=True, text=True)
             if p.returncode:
                 raise SystemExit(p.stderr[-3000:])
-        exp = OUT / f"slim{n}-fp32"
+        exp = OUT / f"{tag}{n}-fp32"
         if not (exp / "manifest.json").exists():
             run([CHILD, "export", str(src), str(exp), str(DATA / "calib-mpl-lgpl.txt")])
         weights = sum(f.stat().st_size for f in exp.glob("model.onnx*"))
         for lw in [m == "layers" for m in args.modes.split(",")]:
             if args.quantize:
-                out = OUT / f"slim{n}-{args.quantize}-{'layers' if lw else 'whole'}"
+                out = OUT / f"{tag}{n}-{args.quantize}-{'layers' if lw else 'whole'}"
                 r = run([QUANTIZE, str(exp), str(out), str(DATA / "calib-mpl-lgpl.txt"), args.quantize,
                          str(args.windows), str(args.seq_len)], env={"TRTFORGE_CALIB_LAYERWISE": "1" if lw else "0"})
                 shutil.rmtree(out, ignore_errors=True)
@@ -121,7 +127,7 @@ def main() -> int:
                   f"{r['peak_rss_mib']:6.0f} MiB ({r['above_libraries_mib']:5.0f} above libraries; weights "
                   f"{weights / 2**20:.0f} MiB)", flush=True)
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps({"machine": machine(), "shape": SHAPE, "windows": args.windows,
+            args.json.write_text(json.dumps({"machine": machine(), "shape": shape, "windows": args.windows,
                                              "seq_len": args.seq_len, "stage": args.quantize or "calibration",
                                              "rows": rows}, indent=2))
     return 0
