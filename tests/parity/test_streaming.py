@@ -113,3 +113,19 @@ def test_parity_holds_one_session_at_a_time_and_leaves_no_outputs(exported, tmp_
     assert c["logits"]["top1_agreement"] == 1.0 and c["outputs"]["logits"]["max_abs_err"] == 0.0
     assert c["reference"]["runtime"]["providers"] == ["CPUExecutionProvider"]
     assert (report.path / "inputs.json").is_file() and (report.path / "outputs-sample.npz").is_file()
+
+
+def test_the_nan_inf_verdict_matches_polygraphys():
+    from polygraphy.comparator import Comparator, IterationResult, RunResults
+
+    from trtforge.parity.run import _finite
+
+    rng = np.random.default_rng(0)
+    for bad in (None, np.nan, np.inf, -np.inf):
+        a = rng.standard_normal((3, 4, 5)).astype(np.float32)
+        if bad is not None:
+            a[2, 1, 3] = bad
+        poly = bool(Comparator.validate(RunResults([("r", [IterationResult(outputs={"x": a}, runtime=0.0, runner_name="r")])]),
+                                        check_inf=True, check_nan=True))
+        assert _finite(a) is poly is (bad is None)
+    assert _finite(np.arange(5)) and not _finite(np.array([1.0, np.nan]))
