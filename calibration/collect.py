@@ -4,13 +4,15 @@ In:  an ONNX file, the names of the tensors to watch (GEMM inputs), calibration 
 Out: ActivationRanges, saved as ``ranges.json`` (statistics) plus ``ranges.samples.npz`` (the
      bounded token-row reservoirs; numpy arrays, no pickle) and, when a recipe asked for them
      (GPTQ), ``ranges.hessians.npz``: X^T X / rows of each GEMM input, accumulated batch by batch
-     in float32 (K^2 floats per distinct input; GEMMs reading one input share it). Reusable with
-     ``--ranges`` to re-quantize without running calibration again.
+     in float32 (K^2 floats per distinct input; GEMMs reading one input share it; layer by layer,
+     each layer's are spilled to disk when its block is done: calibration/hessians.py). Reusable
+     with ``--ranges`` to re-quantize without running calibration again.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +21,9 @@ import onnx
 from onnx import helper
 
 from trtforge.artifacts import read_json, sha256_json, write_json
+from trtforge.calibration.hessians import Hessians
 from trtforge.calibration.layerwise import layer_stats, wants_layerwise
+from trtforge.calibration.spill import RowsOnDisk, SpillFolder
 from trtforge.calibration.stats import TensorStats, count_batch
 from trtforge.errors import CalibrationError, InputError
 from trtforge.graph import needed_subgraph, tensor_types
@@ -27,7 +31,7 @@ from trtforge.inputs import make_feeds
 from trtforge.manifest import ModelDims
 from trtforge.onnx_io import has_external_data, weight_bytes
 from trtforge.ort import NO_PREPACKING, graph_session, release_memory
-from trtforge.progress import progress
+from trtforge.progress import Progress
 from trtforge.textdata import Samples
 
 log = logging.getLogger(__name__)
@@ -43,16 +47,18 @@ class ActivationRanges:
     tensors: dict[str, TensorStats]
     calibration: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
-    # X^T X / rows per GEMM input (float32 [K, K]), only when the recipe reads them (GPTQ)
-    hessians: dict[str, np.ndarray] = field(default_factory=dict)
+    # X^T X / rows per GEMM input (float32 [K, K]), only when the recipe reads them (GPTQ);
+    # a Hessians store (on disk, read one at a time) or a plain dict
+    hessians: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        hess_file = None
+        hess_file, hess_index = None, {}
         if self.hessians:
             hess = path.with_suffix(".hessians.npz")
             tmp = hess.with_name(f".{hess.name}.tmp.npz")
-            np.savez(tmp, **{f"h{i}": h for i, h in enumerate(self.hessians.values())})  # dense floats: no compression
+            store = self.hessians if isinstance(self.hessians, Hessians) else Hessians(dict(self.hessians))
+            hess_index = store.save_npz(tmp)  # one at a time; dense floats: no compression
             tmp.replace(hess)
             hess_file = hess.name
         arrays = {f"t{i}": s.sample for i, s in enumerate(self.tensors.values()) if s.sample is not None}
@@ -70,7 +76,7 @@ class ActivationRanges:
             "samples_file": path.with_suffix(".samples.npz").name if arrays else None,
             "samples_index": names,
             "hessians_file": hess_file,
-            "hessians_index": {f"h{i}": n for i, n in enumerate(self.hessians)},
+            "hessians_index": hess_index,
             "tensors": [s.to_json() for s in self.tensors.values()],
         })
         return path
@@ -87,10 +93,9 @@ class ActivationRanges:
             if npz.exists():
                 with np.load(npz, allow_pickle=False) as z:
                     samples = {d["samples_index"][k]: z[k] for k in z.files}
-        hessians: dict[str, np.ndarray] = {}
-        if d.get("hessians_file") and (path.parent / d["hessians_file"]).exists():
-            with np.load(path.parent / d["hessians_file"], allow_pickle=False) as z:
-                hessians = {d["hessians_index"][k]: z[k] for k in z.files}
+        hessians: Mapping[str, np.ndarray] = {}
+        if d.get("hessians_file") and (path.parent / d["hessians_file"]).exists():  # read when GPTQ asks, one at a time
+            hessians = Hessians.from_npz(path.parent / d["hessians_file"], d["hessians_index"])
         tensors = {t["name"]: TensorStats.from_json(t, samples.get(t["name"])) for t in d["tensors"]}
         return cls(d["model_key"], tensors, d.get("calibration", {}), d.get("meta", {}), hessians)
 
@@ -175,14 +180,35 @@ def _probe_session(model: onnx.ModelProto, watched: list[str], types: dict[str, 
 
 def _collect_layerwise(model, watched, samples, dims, *, batch_size, hessians=None, **kw) -> ActivationRanges:
     """collect_ranges layer block by layer block (calibration/layerwise.py); same batches, and
-    the same Hessians (GPTQ) accumulated from each block's outputs."""
+    the same Hessians (GPTQ) accumulated from each block's outputs. A block's Hessians and kept
+    rows are final when it is done (every batch has run through it): they are spilled to a
+    temporary folder (calibration/spill.py, hessians.py) and their memory freed, so memory holds
+    one block's, not the model's (Hessians: 22 GB at 7B)."""
     groups = batches(samples, batch_size)
     hess: dict[str, np.ndarray] = {}
-    observe = (lambda name, x: _add_hessian(hess, name, x) if name in hessians else None) if hessians else None
-    stats, meta = layer_stats(model, watched, samples, dims, groups=groups, observe=observe, **kw)
+    store = Hessians.spilled() if hessians else Hessians()
+    rows = SpillFolder("trtforge-rows-")
+    observe = None
+    if hessians:
+        def observe(name, x):
+            if name in hessians:
+                _add_hessian(hess, name, x)
+
+    def block_done(names, stats):
+        for name in names:
+            st = stats[name]
+            if st.sample is not None and not isinstance(st.sample, RowsOnDisk):  # final: read back when searched
+                st.sample = RowsOnDisk(rows, st.sample)
+            h = hess.pop(name, None)
+            if h is not None:
+                h /= max(st.count, 1)
+                store.put(name, h)
+                del h
+    stats, meta = layer_stats(model, watched, samples, dims, groups=groups, observe=observe,
+                              block_done=block_done, **kw)
     meta["batch_size"] = batch_size
-    _finish_hessians(hess, stats, meta)
-    return ActivationRanges(model_key(model, watched), stats, samples.describe(), meta, hess)
+    _describe_hessians(store, meta)
+    return ActivationRanges(model_key(model, watched), stats, samples.describe(), meta, store)
 
 
 def collect_ranges(
@@ -228,7 +254,10 @@ def collect_ranges(
 
     cost = _output_bytes(run, np.asarray(samples.ids[0])) if len(samples.ids) > 1 and batch_size > 1 else None
     groups = batches(samples, batch_size, cost)
-    for bi, idx in enumerate(progress(groups, len(groups), "calibration")):
+    total_windows = sum(len(idx) for idx in groups)
+    bar = Progress(len(groups), "calibration")
+    done_windows = 0
+    for bi, idx in enumerate(groups):
         ids = np.stack([samples.ids[i] for i in idx])
         tt = np.stack([samples.token_type_ids[i] for i in idx]) if samples.token_type_ids else None
         outs = run(ids, tt)
@@ -237,6 +266,9 @@ def collect_ranges(
             count_batch(stats, name, x, bi, per_tensor=per_tensor, bins=bins, keep=keep, seed=seed)
             if hessians and name in hessians:
                 _add_hessian(hess, name, x)
+        done_windows += len(idx)
+        bar.step(f"windows {done_windows}/{total_windows}")
+    bar.close()
     # no timings here: ranges.json is content, identical for identical inputs (timings go to manifests)
     meta = {
         "batches": len(groups),
@@ -255,8 +287,13 @@ def _finish_hessians(hess: dict[str, np.ndarray], stats: dict, meta: dict) -> No
     """Accumulated X^T X divided by the rows counted, and their size in the meta."""
     for name, h in hess.items():
         h /= max(stats[name].count, 1)
+    _describe_hessians(hess, meta)
+
+
+def _describe_hessians(hess: Mapping[str, np.ndarray], meta: dict) -> None:
     if hess:
-        meta["hessians"] = {"tensors": len(hess), "mib": round(sum(h.nbytes for h in hess.values()) / 2**20, 1),
+        nbytes = hess.nbytes() if isinstance(hess, Hessians) else sum(h.nbytes for h in hess.values())
+        meta["hessians"] = {"tensors": len(hess), "mib": round(nbytes / 2**20, 1),
                             "dtype": "float32", "what": "X^T X / rows of each GEMM input"}
 
 

@@ -34,22 +34,48 @@ from trtforge.inputs import make_feeds
 from trtforge.manifest import ModelDims
 from trtforge.onnx_io import copy_fields
 from trtforge.ort import NO_PREPACKING, graph_session, release_memory
-from trtforge.progress import progress
+from trtforge.progress import Progress
 from trtforge.textdata import Samples
 
 _LAYER = re.compile(r"/(?:layers|h|layer|blocks)\.(\d+)/")
 
 
 def node_layers(model: onnx.ModelProto) -> list[int]:
-    """Layer of every node (-1: before the first layer), never below its inputs' producers'."""
+    """Layer of every node (-1: before the first layer), never below its inputs' producers'.
+
+    A node that reads no activation (only weights and constants: a quantized weight's
+    DequantizeLinear, a Constant) and whose name names no layer goes with its first reader, so
+    that a layer's weights are dequantized in that layer's block, not carried to it from the
+    embedding block."""
+    g = model.graph
+    graph_inputs = {i.name for i in g.input}
     producer_layer: dict[str, int] = {}
+    named: list[int | None] = []
+    floating: list[bool] = []
+    live: set[str] = set(graph_inputs)  # tensors that depend on a graph input
     out = []
-    for node in model.graph.node:
+    for node in g.node:
         m = _LAYER.search(node.name or "")
-        layer = max([int(m.group(1)) if m else -1] + [producer_layer.get(i, -1) for i in node.input if i])
+        named.append(int(m.group(1)) if m else None)
+        ins = [i for i in node.input if i]
+        floating.append(named[-1] is None and not any(i in live for i in ins))
+        if not floating[-1]:
+            live.update(node.output)
+        layer = max([named[-1] if named[-1] is not None else -1] + [producer_layer.get(i, -1) for i in ins])
         out.append(layer)
         for o in node.output:
             producer_layer[o] = layer
+    if any(floating):
+        readers: dict[str, list[int]] = {}
+        for k, node in enumerate(g.node):
+            for i in node.input:
+                if i:
+                    readers.setdefault(i, []).append(k)
+        for k in range(len(g.node) - 1, -1, -1):  # readers first: chains of weight-only nodes follow theirs
+            if floating[k]:
+                later = [out[r] for o in g.node[k].output for r in readers.get(o, ())]
+                if later:
+                    out[k] = min(later)
     return out
 
 
@@ -82,18 +108,137 @@ def _block_model(model: onnx.ModelProto, nodes: list[int], inputs: list[str], ou
     return sub
 
 
+# Above this, quantize goes layer by layer even where the model would fit: a whole-graph probe
+# maps every weight (1x) beside a batch's activations and the libraries, which is already the
+# issue's 1.25x bar on a 1.17B model; layer by layer holds one layer.
+LAYERWISE_ABOVE = 2 << 30
+
+
 def wants_layerwise(weight_bytes: int) -> bool:
-    """Whether calibration goes layer by layer: ``TRTFORGE_CALIB_LAYERWISE=1`` (or ``0``) decides;
-    otherwise when the weights exceed 60% of the memory available now (``MemAvailable``)."""
+    """Whether calibration (and quantize's float checks) go layer by layer:
+    ``TRTFORGE_CALIB_LAYERWISE=1`` (or ``0``) decides; otherwise when the weights exceed 2 GiB
+    (LAYERWISE_ABOVE: models kept in external data) or 60% of the memory available now
+    (``MemAvailable``)."""
     forced = os.environ.get("TRTFORGE_CALIB_LAYERWISE", "").strip()
     if forced in ("0", "1"):
         return forced == "1"
+    if weight_bytes > LAYERWISE_ABOVE:
+        return True
     try:
         with open("/proc/meminfo") as f:
             avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError):
         return False
     return weight_bytes > 0.6 * avail
+
+
+def run_blocks(
+    model: onnx.ModelProto,
+    targets: list[str],
+    batches: int,
+    feeds_for,
+    on_output,
+    *,
+    base_dir: str | Path | None = None,
+    providers: list[str] | None = None,
+    layers_per_block: int = 1,
+    spill_dir: str | Path | None = None,
+    block_done=None,
+    desc: str = "layer by layer",
+    where=None,
+) -> int:
+    """Run ``model`` block by block of decoder layers on ``batches`` batches, computing ``targets``.
+
+    ``feeds_for(i)``: batch i's graph inputs (a dict; called once per block that reads them);
+    ``on_output(i, name, x)``: each target's value for batch i, as its block computes it;
+    ``block_done(names)``: after a block has run every batch, with the targets it computed;
+    ``where(i)``: batch i's part of the progress line. What later blocks read is spilled to a
+    folder on disk (``spill_dir``, default a temporary one, emptied as they are read for the
+    last time). Returns the number of blocks."""
+    g = model.graph
+    types = tensor_types(model)
+    inits = {t.name for t in g.initializer}
+    graph_inputs = {i.name for i in g.input}
+    blocks = plan_blocks(model, targets, layers_per_block)
+    last_use: dict[str, int] = {}
+    block_inputs: list[list[str]] = []
+    for b, nodes in enumerate(blocks):
+        own = {o for k in nodes for o in g.node[k].output}
+        ins = []
+        for k in nodes:
+            for i in g.node[k].input:
+                if i and i not in own and i not in inits and i not in ins:
+                    ins.append(i)
+                    last_use[i] = b
+        block_inputs.append(ins)
+    target_set = set(targets)
+    own_spill = spill_dir is None
+    spill = Path(tempfile.mkdtemp(prefix="trtforge-layers-")) if own_spill else Path(spill_dir)
+    spill.mkdir(parents=True, exist_ok=True)
+    files: dict[tuple[int, str], Path] = {}
+    spilled = 0
+    # one step per block and batch: a large model's line says which layer and batch it is at
+    bar = Progress(len(blocks) * batches, desc)
+    try:
+        for b, nodes in enumerate(blocks):
+            own = [o for k in nodes for o in g.node[k].output]
+            carried = [o for o in own if last_use.get(o, -1) > b]
+            outs = [o for o in own if o in target_set] + [o for o in carried if o not in target_set]
+            if not outs:
+                for _ in range(batches):
+                    bar.step(f"layer block {b + 1}/{len(blocks)}")
+                continue
+            sess = graph_session(_block_model(model, nodes, block_inputs[b], outs, types), base_dir,
+                                 providers=providers, arena=False, config=NO_PREPACKING)
+            for bi in range(batches):
+                feeds = {}
+                base = None
+                for name in block_inputs[b]:
+                    if name in graph_inputs:
+                        if base is None:
+                            base = feeds_for(bi)
+                        feeds[name] = base[name]
+                    else:
+                        feeds[name] = np.load(files[(bi, name)])
+                results = sess.run(outs, feeds)
+                feeds = base = None
+                for name, x in zip(outs, results):
+                    if name in carried:
+                        spilled += 1  # a new name each time: files of finished tensors are deleted
+                        path = spill / f"{bi}-{spilled}.npy"
+                        np.save(path, x)
+                        files[(bi, name)] = path
+                    if name in target_set:
+                        on_output(bi, name, x)
+                results = None
+                bar.step(f"layer block {b + 1}/{len(blocks)}" + (f", {where(bi)}" if where else ""))
+            sess = None
+            if block_done is not None:
+                block_done([o for o in outs if o in target_set])
+            for key in [k for k in files if last_use.get(k[1], -1) <= b]:  # no later block reads these
+                files.pop(key).unlink(missing_ok=True)
+            release_memory()
+    finally:
+        bar.close()
+        if own_spill:
+            shutil.rmtree(spill, ignore_errors=True)
+    return len(blocks)
+
+
+def run_by_blocks(model: onnx.ModelProto, cases: list[dict[str, np.ndarray]], *, base_dir: str | Path | None,
+                  outputs: list[str] | None = None, providers: list[str] | None = None,
+                  desc: str = "float reference (layer by layer)") -> list[dict[str, np.ndarray]]:
+    """The graph's ``outputs`` (default: all of them) on each feed dict of ``cases``, computed block
+    by block (:func:`run_blocks`): one layer's weights in memory, not the model's."""
+    names = outputs or [o.name for o in model.graph.output]
+    got: list[dict[str, np.ndarray]] = [{} for _ in cases]
+
+    def keep(i, name, x):
+        got[i][name] = x
+
+    run_blocks(model, names, len(cases), lambda i: cases[i], keep, base_dir=base_dir, providers=providers,
+               desc=desc, where=lambda i: f"case {i + 1}/{len(cases)}")
+    return [{n: g[n] for n in names} for g in got]
 
 
 def layer_stats(
@@ -112,88 +257,41 @@ def layer_stats(
     layers_per_block: int = 1,
     spill_dir: str | Path | None = None,
     observe=None,
+    block_done=None,
 ):
     """Statistics of every watched tensor and the run's meta (see the module docstring);
     ``groups``: the sample indices of each batch (the whole-graph probe's batches, so that the
     statistics are the same); ``observe(name, x)``, when given, sees every watched batch output
-    after it is counted (GPTQ's Hessians)."""
+    after it is counted (GPTQ's Hessians); ``block_done(names, stats)`` is called when a block
+    has seen every batch, with the watched tensors it produced (their statistics are final)."""
     if not samples.ids:
         raise CalibrationError("no calibration samples", "pass calibration text")
     g = model.graph
-    types = tensor_types(model)
-    inits = {t.name for t in g.initializer}
     graph_inputs = [i.name for i in g.input]
     float_dtype = np.float16 if any(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for i in g.input) else np.float32
-    blocks = plan_blocks(model, watched, layers_per_block)
-    produced_in = {}
-    for b, nodes in enumerate(blocks):
-        for k in nodes:
-            for o in g.node[k].output:
-                produced_in[o] = b
-    last_use: dict[str, int] = {}
-    block_inputs: list[list[str]] = []
-    for b, nodes in enumerate(blocks):
-        own = {o for k in nodes for o in g.node[k].output}
-        ins = []
-        for k in nodes:
-            for i in g.node[k].input:
-                if i and i not in own and i not in inits and i not in ins:
-                    ins.append(i)
-                    last_use[i] = b
-        block_inputs.append(ins)
-    watched_set = set(watched)
     stats: dict[str, TensorStats] = {}
-    own_spill = spill_dir is None
-    spill = Path(tempfile.mkdtemp(prefix="trtforge-layers-")) if own_spill else Path(spill_dir)
-    spill.mkdir(parents=True, exist_ok=True)
-    files: dict[tuple[int, str], Path] = {}
-    spilled = 0
-    try:
-        for b, nodes in enumerate(progress(blocks, len(blocks), "calibration (layer blocks)")):
-            own = [o for k in nodes for o in g.node[k].output]
-            carried = [o for o in own if last_use.get(o, -1) > b]
-            outs = [o for o in own if o in watched_set] + [o for o in carried if o not in watched_set]
-            if not outs:
-                continue
-            sess = graph_session(_block_model(model, nodes, block_inputs[b], outs, types), base_dir,
-                                 providers=providers, arena=False, config=NO_PREPACKING)
-            for bi, idx in enumerate(groups):
-                ids = np.stack([samples.ids[i] for i in idx])
-                tt = np.stack([samples.token_type_ids[i] for i in idx]) if samples.token_type_ids else None
-                feeds = {}
-                base = None
-                for name in block_inputs[b]:
-                    if name in graph_inputs:
-                        if base is None:
-                            base = make_feeds(ids, graph_inputs, dims, float_dtype, tt)
-                        feeds[name] = base[name]
-                    else:
-                        feeds[name] = np.load(files[(bi, name)])
-                results = sess.run(outs, feeds)
-                feeds = base = None
-                for name, x in zip(outs, results):
-                    if name in carried:
-                        spilled += 1  # a new name each time: files of finished tensors are deleted
-                        path = spill / f"{bi}-{spilled}.npy"
-                        np.save(path, x)
-                        files[(bi, name)] = path
-                    if name not in watched_set:
-                        continue
-                    count_batch(stats, name, x, bi, per_tensor=per_tensor, bins=bins, keep=keep, seed=seed)
-                    if observe is not None:
-                        observe(name, x)
-                results = None
-            sess = None
-            for key in [k for k in files if last_use.get(k[1], -1) <= b]:  # no later block reads these
-                files.pop(key).unlink(missing_ok=True)
-            release_memory()
-    finally:
-        if own_spill:
-            shutil.rmtree(spill, ignore_errors=True)
+    starts = np.cumsum([0] + [len(idx) for idx in groups])
+
+    def feeds_for(bi):
+        idx = groups[bi]
+        ids = np.stack([samples.ids[i] for i in idx])
+        tt = np.stack([samples.token_type_ids[i] for i in idx]) if samples.token_type_ids else None
+        return make_feeds(ids, graph_inputs, dims, float_dtype, tt)
+
+    def count(bi, name, x):
+        count_batch(stats, name, x, bi, per_tensor=per_tensor, bins=bins, keep=keep, seed=seed)
+        if observe is not None:
+            observe(name, x)
+
+    nblocks = run_blocks(model, watched, len(groups), feeds_for, count, base_dir=base_dir, providers=providers,
+                         layers_per_block=layers_per_block, spill_dir=spill_dir,
+                         block_done=(lambda names: block_done(names, stats)) if block_done is not None else None,
+                         desc="calibration (layer by layer)",
+                         where=lambda bi: f"windows {starts[bi] + 1}-{starts[bi + 1]}/{starts[-1]}")
     missing = [w for w in watched if w not in stats]
     if missing:
         raise CalibrationError(f"layer-wise calibration did not reach {missing[0]}", "report this with the model")
-    meta = {"batches": len(groups), "layer_blocks": len(blocks), "layers_per_block": layers_per_block,
+    meta = {"batches": len(groups), "layer_blocks": nblocks, "layers_per_block": layers_per_block,
             "histogram_bins": bins, "kept_rows_per_tensor": keep,
             "providers": list(providers or ["CPUExecutionProvider"])}
     return {w: stats[w] for w in watched}, meta

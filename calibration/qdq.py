@@ -18,6 +18,7 @@ output type is the scale's type, so FP16 scales keep the rest of an FP16 graph i
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,6 +59,21 @@ class WeightPlan:
     weight: np.ndarray | None = None
     scales: np.ndarray | None = None
     info: dict | None = None  # the method's record for the manifest's node entry (GPTQ: its errors, fallbacks)
+
+
+class PlanStream:
+    """Weight plans made one at a time as they are iterated (once), with their number known: a
+    method whose plans hold new weights (GPTQ) hands them to :func:`quantize_weights` this way,
+    so that each is written and freed before the next is made."""
+
+    def __init__(self, count: int, plans: Iterator[WeightPlan]) -> None:
+        self._count, self._plans = count, plans
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[WeightPlan]:
+        return self._plans
 
 
 def float_type(model: onnx.ModelProto) -> tuple[int, type]:
@@ -109,7 +125,7 @@ def insert_activation_qdq(
 
 
 def quantize_weights(
-    model: onnx.ModelProto, plans: list[WeightPlan], precision: Precision, idx: GraphIndex | None = None,
+    model: onnx.ModelProto, plans: list[WeightPlan] | PlanStream, precision: Precision, idx: GraphIndex | None = None,
 ) -> dict[str, dict]:
     """Replace each GEMM's float weight by a quantized initializer behind a DequantizeLinear.
 

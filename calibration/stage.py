@@ -16,6 +16,7 @@ from trtforge.calibration.budget import search as budget_search
 from trtforge.calibration.budget import split_held_out
 from trtforge.calibration.budget_spec import check_applies, parse_budget
 from trtforge.calibration.collect import ActivationRanges, collect_ranges, model_key
+from trtforge.calibration.layerwise import run_by_blocks, wants_layerwise
 from trtforge.calibration.methods.base import needs_hessians
 from trtforge.calibration.quantize import (
     RANGES_FILE,
@@ -101,6 +102,11 @@ def quantize(
     idx = GraphIndex(model, weights)
     watched = watched_tensors(model, idx)
     key = model_key(model, watched)
+    timings["load_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    # layer by layer (a model too big to hold whole): calibration and the float checks run a
+    # decoder layer at a time, so memory holds one layer's weights, not the model's
+    layerwise = has_external_data(model) and wants_layerwise(weight_bytes(model))
     if ranges:
         r = ActivationRanges.load(ranges)
         if r.model_key != key:
@@ -130,7 +136,8 @@ def quantize(
         with output.timed("calibrate_s"):
             r = collect_ranges(model, watched, samples, dims, batch_size=recipe.batch_size,
                                bins=recipe.histogram_bins, keep=recipe.keep_tokens, seed=recipe.seed,
-                               providers=providers, per_tensor=bmm, base_dir=art.path, hessians=hessians)
+                               providers=providers, per_tensor=bmm, base_dir=art.path, hessians=hessians,
+                               layerwise=layerwise)
         samples_info = r.calibration
         if held is not None:
             samples_info = {**samples_info, "held_out": {**held.describe(), "use": "budget measurement only, never ranges"}}
@@ -138,7 +145,7 @@ def quantize(
     # a forced-external export stays external; a big one is external anyway
     external = art.manifest.model.external_data is not None or needs_external(weight_bytes(model))
 
-    checks = _Reference(art, dims)
+    checks = _Reference(art, dims, layerwise)
     with output.open() as tmp:
         search = None
         if budget is not None:
@@ -284,14 +291,20 @@ def _run(model_or_path, cases: list[dict], base_dir: Path | None = None) -> list
 class _Reference:
     """The held-out check cases and the export's outputs on them, run once for both checks."""
 
-    def __init__(self, art: OnnxArtifact, dims: ModelDims) -> None:
-        self.art, self.cases = art, _check_cases(art, dims)
+    def __init__(self, art: OnnxArtifact, dims: ModelDims, layerwise: bool = False) -> None:
+        self.art, self.cases, self.layerwise = art, _check_cases(art, dims), layerwise
         self._outputs: list[dict[str, np.ndarray]] | None = None
 
     def outputs(self) -> list[dict[str, np.ndarray]]:
         if self._outputs is None:
-            self._outputs = _run(self.art.model_path, self.cases)
+            self._outputs = self.run(self.art.model_path, self.cases)
         return self._outputs
+
+    def run(self, float_model: Path, cases: list[dict]) -> list[dict[str, np.ndarray]]:
+        """A float model's outputs: whole, or layer by layer (run_by_blocks) when the stage is."""
+        if self.layerwise:
+            return run_by_blocks(load_graph(float_model), cases, base_dir=float_model.parent)
+        return _run(float_model, cases)
 
 
 def _check_same_function(art: OnnxArtifact, smoothed: onnx.ModelProto, weights: Weights, tmp: Path,
@@ -307,7 +320,7 @@ def _check_same_function(art: OnnxArtifact, smoothed: onnx.ModelProto, weights: 
     scratch.mkdir()
     try:
         write_model(smoothed, scratch / MODEL_FILE, weights, external=has_external_data(smoothed), link=True)
-        b = _run(scratch / MODEL_FILE, cases)
+        b = reference.run(scratch / MODEL_FILE, cases)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     worst = 0.0
@@ -321,7 +334,7 @@ def _check_same_function(art: OnnxArtifact, smoothed: onnx.ModelProto, weights: 
             f"smoothing changed the float model's outputs by {worst:.2e} (relative, tolerance {tol:g})",
             "this is a trtforge bug for this architecture; report it, and quantize without smoothing meanwhile",
         )
-    return {"max_rel_err": worst, "tolerance": tol, "cases": len(cases)}
+    return {"max_rel_err": worst, "tolerance": tol, "cases": len(cases), "layer_by_layer": reference.layerwise}
 
 
 def _quick_check(qpath: Path, art: OnnxArtifact, reference: _Reference) -> dict:
@@ -329,7 +342,14 @@ def _quick_check(qpath: Path, art: OnnxArtifact, reference: _Reference) -> dict:
     (the export, run after it: one model in memory at a time)."""
     cases = reference.cases
     try:
-        got = _run(qpath, cases)
+        if reference.layerwise:  # the quantized model a layer at a time too (its weights grow with depth)
+            qgraph = load_graph(qpath)
+            want = {i.name: i.type.tensor_type.elem_type for i in qgraph.graph.input}
+            cases = [{k: v.astype(np.float16) if v.dtype.kind == "f" and want.get(k) == onnx.TensorProto.FLOAT16 else v
+                      for k, v in c.items()} for c in cases]
+            got = run_by_blocks(qgraph, cases, base_dir=qpath.parent, desc="quick check (layer by layer)")
+        else:
+            got = _run(qpath, cases)
     except Exception as exc:  # onnxruntime raises its own exception types
         raise QuantizationError(f"the quantized model does not run in ONNX Runtime: {str(exc).splitlines()[0]}",
                                 "report this with the recipe and the export's manifest") from exc
@@ -345,4 +365,4 @@ def _quick_check(qpath: Path, art: OnnxArtifact, reference: _Reference) -> dict:
         den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
         cos += list(num / np.maximum(den, 1e-12))
     return {"output": out_name, "mean_cosine_vs_float": float(np.mean(cos)), "min_cosine_vs_float": float(np.min(cos)),
-            "rows": len(cos), "data": "built-in held-out sentences"}
+            "rows": len(cos), "data": "built-in held-out sentences", "layer_by_layer": reference.layerwise}

@@ -95,23 +95,23 @@ class TensorStats:
             # crc32, not hash(): str hashes are salted per process, and the kept rows must be the
             # same in every run (they choose SmoothQuant's alpha and AWQ's scales)
             self._rng = np.random.default_rng(self.seed + (zlib.crc32(self.name.encode()) & 0xFFFF))
-        rows16 = rows.astype(np.float16)
+        # only the rows kept are converted to float16 (a batch has thousands, the reservoir 512)
         if self.sample is None:
-            self.sample = rows16[: self.keep].copy()
+            self.sample = rows[: self.keep].astype(np.float16)
             start = min(self.keep, rows.shape[0])
-            rest = rows16[start:]
+            rest = rows[start:]
             seen = self.count + start
         else:
-            rest, seen = rows16, self.count
+            rest, seen = rows, self.count
             if self.sample.shape[0] < self.keep:
                 take = min(self.keep - self.sample.shape[0], rest.shape[0])
-                self.sample = np.concatenate([self.sample, rest[:take]])
+                self.sample = np.concatenate([self.sample, rest[:take].astype(np.float16)])
                 rest, seen = rest[take:], seen + take
         if rest.shape[0]:
             # Algorithm R, vectorised: row i (global index seen+i) replaces slot j if j < keep.
             j = (self._rng.random(rest.shape[0]) * (seen + np.arange(1, rest.shape[0] + 1))).astype(np.int64)
             hit = j < self.keep
-            self.sample[j[hit]] = rest[hit]
+            self.sample[j[hit]] = rest[hit].astype(np.float16)
 
     @property
     def channel_absmean(self) -> np.ndarray:

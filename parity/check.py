@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,7 +36,7 @@ from trtforge.parity.perlayer import METHOD as PER_LAYER_METHOD
 from trtforge.parity.perlayer import preflight, rank_layers, rank_layers_by_task
 from trtforge.parity.prompts import PromptSet, load_prompts
 from trtforge.parity.report import build_report, write_report
-from trtforge.parity.run import run_pair, save_output_sample
+from trtforge.parity.run import run_one_by_one, run_pair, save_output_sample
 from trtforge.parity.tasks import run_tasks
 from trtforge.stage import StageOutput
 from trtforge.textdata import load_tokenizer
@@ -140,9 +141,13 @@ def check_parity(
         dists: dict[str, Any] = {"outputs": {}}
         run_info: dict[str, Any] = {"inference_s": {}, "inputs_file": None, "outputs_file": None,
                                     "outputs_sample_file": None}
+        spill = tmp / "_outputs"  # both sides' outputs, batch by batch, until they are measured
         if ev is not None:
             with out_dir.timed("inference_s"):
-                outputs, run_info = run_pair([ref_runner, cand_runner], ev.feeds, tmp, save_outputs=options.save_outputs)
+                if options.save_outputs:  # outputs.json holds them all anyway
+                    outputs, run_info = run_pair([ref_runner, cand_runner], ev.feeds, tmp, save_outputs=True)
+                else:  # one model in memory at a time, outputs on disk
+                    outputs, run_info = run_one_by_one([ref_runner, cand_runner], ev.feeds, tmp, spill)
             if not run_info["polygraphy_validate_passed"]:
                 warnings.append("Polygraphy's output validation found NaN or Inf (possibly on padded positions)")
 
@@ -177,6 +182,7 @@ def check_parity(
                 sections["per_layer"] = _per_layer(ref, cand, ev, outputs["reference"] if ev is not None else None,
                                                    prompt_set, sections.get("tasks"), thr, tokenizer, options)
 
+        shutil.rmtree(spill, ignore_errors=True)
         checks = evaluate(sections, thr)
         passed = all(c.passed for c in checks)
         timings["total_s"] = out_dir.elapsed()
@@ -282,14 +288,12 @@ def fit_to_engines(options: ParityOptions, sides: Sequence[ModelSide]) -> tuple[
 
 def case_figures(r: np.ndarray, c: np.ndarray, v: np.ndarray | None, *, logits: bool) -> dict[str, Any]:
     """One batch's figures for one output on valid positions: max abs error, SNR, mean row cosine
-    and, for logits, top-1 agreement. Computed one sequence at a time (float64 copies of one
-    sequence's logits, not of the batch's)."""
+    and, for logits, top-1 agreement. Computed a block of rows at a time (metrics.row_blocks:
+    float64 copies of a few rows, not of the batch's logits)."""
     sig = noise = 0.0
     peak = 0.0
     cos_sum, rows, same = 0.0, 0, 0
-    for b in range(r.shape[0]):
-        vb = None if v is None else np.broadcast_to(v, r.shape)[b : b + 1]
-        rr, cc = M.valid_rows(r[b : b + 1], vb), M.valid_rows(c[b : b + 1], vb)
+    for rr, cc in zip(M.row_blocks(r, v), M.row_blocks(c, v), strict=True):
         ok = np.isfinite(rr).all(axis=1) & np.isfinite(cc).all(axis=1)
         rr, cc = rr[ok], cc[ok]
         if not rr.size:
@@ -323,8 +327,7 @@ def measure(
     dists: dict[str, Any] = {"outputs": {}}
     case_stats: list[dict[str, Any]] = [{} for _ in feeds]
     for name in output_names:
-        refs = [o[name] for o in ref_out]
-        cands = [o[name] for o in cand_out]
+        refs, cands = M.column(ref_out, name), M.column(cand_out, name)  # read batch by batch where spilled
         valids = [M.valid_for(name, r.shape, f, task) for r, f in zip(refs, feeds, strict=True)]
         sections["outputs"][name], dists["outputs"][name] = M.output_metrics(name, refs, cands, valids, rng)
         for i, (r, c, v) in enumerate(zip(refs, cands, valids, strict=True)):

@@ -150,7 +150,7 @@ def rank_layers(
         idx.append(i)
         rows += f["input_ids"].shape[0]
     feeds = [ev.feeds[i] for i in idx]
-    refs = [ref_outputs[i][output] for i in idx]
+    refs = [np.asarray(ref_outputs[i][output]) for i in idx]  # read once (they may be spilled to disk)
     valids = [M.valid_for(output, r.shape, f, ref.task) for r, f in zip(refs, feeds, strict=True)]
     signal = sum(float(np.square(_sel(r, v)).sum()) for r, v in zip(refs, valids, strict=True))
     result["num_samples"] = rows

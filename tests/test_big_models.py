@@ -157,6 +157,26 @@ def test_every_recipe_quantizes_without_a_whole_model(exports, tmp_path_factory,
     _same_function(one_file, small, 1e-5)
 
 
+@pytest.mark.parametrize("recipe", ["int8-sq", "int4-awq", "int4-gptq"])
+def test_layer_by_layer_quantize_without_a_whole_model(exports, tmp_path_factory, recipe, monkeypatch):
+    """A model too big to hold (forced here): calibration and the checks (smoothing, the quick
+    check of the float and the quantized model) run a layer at a time; the result is the
+    whole-graph one's function, and so are the checks' figures."""
+    monkeypatch.setenv("TRTFORGE_CALIB_LAYERWISE", "1")
+    big = _quantized(exports, tmp_path_factory, "llama", recipe, True)
+    _assert_external(big)
+    q = big.manifest["quantization"]
+    assert q["quick_check"]["layer_by_layer"] is True and q["quick_check"]["min_cosine_vs_float"] > 0.9
+    if recipe == "int8-sq":
+        assert q["smoothing_check"]["layer_by_layer"] is True and q["smoothing_check"]["max_rel_err"] < 1e-3
+    monkeypatch.setenv("TRTFORGE_CALIB_LAYERWISE", "0")
+    whole = _quantized(exports, tmp_path_factory, "llama", recipe, True)
+    assert whole.manifest["quantization"]["quick_check"]["layer_by_layer"] is False
+    _same_function(big, whole, 1e-4)
+    assert q["quick_check"]["mean_cosine_vs_float"] == pytest.approx(
+        whole.manifest["quantization"]["quick_check"]["mean_cosine_vs_float"], abs=1e-5)
+
+
 @pytest.mark.parametrize("preset,task,recipe,changes", [
     ("llama", "causal-lm", "int8-sq", {"dtype": "fp16"}),  # the FP16 cast, recorded per external tensor
     ("llama", "causal-lm", "fp8", {"dtype": "fp16"}),

@@ -13,7 +13,11 @@ Out: plain dicts of floats for report.json:
   (the pooling sentence-transformers uses);
 - histograms (log10 of errors) for the report's plots.
 
-Everything is computed in float64.
+Everything is computed in float64, a block of rows at a time (BLOCK_ELEMENTS values of one
+sequence): a batch's outputs are never converted whole, so a 262k-token vocabulary's logits cost
+one block of float64 temporaries, and outputs may be arrays read from disk block by block
+(``parity.run.SpilledArray``: anything with ``shape``, ``dtype`` and basic slicing). Every figure is
+the one the whole-batch computation gives (sums in another order aside: 1e-15 relative).
 """
 
 from __future__ import annotations
@@ -31,7 +35,79 @@ FLOOR_FRACTION = 1e-2
 SNR_CAP_DB = 200.0
 SAMPLE_PER_BATCH = 20_000  # values kept per batch for percentiles and histograms
 HIST_BINS = 32
-ROW_CHUNK = 256  # rows of logits per softmax block (bounds memory for large vocabularies)
+ROW_CHUNK = 256  # rows of logits per softmax block at most
+BLOCK_ELEMENTS = 1 << 22  # values per float64 block (32 MiB; a 262k vocabulary: 16 rows)
+
+
+def blocks(shape: tuple[int, ...], max_elements: int = 0) -> list[tuple]:
+    """Index tuples covering an array of ``shape`` in C order, each a slab of at most about
+    ``max_elements`` values (default BLOCK_ELEMENTS): one sequence (axis 0), cut along axis 1.
+    Concatenating ``a[blk]`` (or ``a[blk][mask[blk]]``) over the blocks gives ``a`` flattened
+    (``a[mask]``), in the same order."""
+    max_elements = max_elements or BLOCK_ELEMENTS
+    if len(shape) < 2:
+        return [(slice(None),)] if shape else [()]
+    inner = int(np.prod(shape[2:], dtype=np.int64)) if len(shape) > 2 else 1
+    step = max(1, max_elements // max(inner, 1))
+    return [(b, slice(t, t + step)) for b in range(shape[0]) for t in range(0, shape[1], step)]
+
+
+def _mask(valid: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    return None if valid is None else np.broadcast_to(valid, shape)
+
+
+def _values(r, c, valid: np.ndarray | None):
+    """(r, c) at valid positions as float64 1-D blocks, in the order of ``r[valid]``."""
+    m = _mask(valid, r.shape)
+    for blk in blocks(r.shape):
+        rb, cb = np.asarray(r[blk]), np.asarray(c[blk])
+        if m is not None:
+            mb = m[blk]
+            rb, cb = rb[mb], cb[mb]
+        yield rb.astype(np.float64).reshape(-1), cb.astype(np.float64).reshape(-1)
+
+
+def row_blocks(a, valid: np.ndarray | None, max_elements: int = 0):
+    """Rows along the last axis at valid positions, as float64 [n, d] blocks in row order
+    (what :func:`valid_rows` returns, a block at a time; a block never cuts a row)."""
+    max_elements = max_elements or BLOCK_ELEMENTS
+    shape = tuple(a.shape)
+    m = _mask(valid, shape)
+    if len(shape) < 2:
+        keys = [None]
+    elif len(shape) == 2:
+        step = max(1, max_elements // max(shape[1], 1))
+        keys = [(slice(b, b + step),) for b in range(0, shape[0], step)]
+    else:
+        keys = blocks(shape, max_elements)  # cuts axis 1 at most: rows stay whole
+    for blk in keys:
+        if blk is None:
+            ab, mb = np.asarray(a)[None, :], (None if m is None else m[None, :])
+        else:
+            ab, mb = np.asarray(a[blk]), (None if m is None else m[blk])
+        flat = ab.reshape(-1, ab.shape[-1])
+        if mb is not None:
+            flat = flat[mb[..., 0].reshape(-1)]
+        yield flat.astype(np.float64)
+
+
+def column(outputs, name: str):
+    """``[o[name] for o in outputs]``, read when indexed: outputs spilled to disk stay there."""
+    return _Column(outputs, name)
+
+
+class _Column:
+    def __init__(self, outputs, name: str) -> None:
+        self._outputs, self._name = outputs, name
+
+    def __len__(self) -> int:
+        return len(self._outputs)
+
+    def __getitem__(self, i: int):
+        return self._outputs[i][self._name]
+
+    def __iter__(self):
+        return (self._outputs[i][self._name] for i in range(len(self._outputs)))
 
 
 def valid_for(output: str, shape: tuple[int, ...], feeds: dict[str, np.ndarray], task: str) -> np.ndarray | None:
@@ -92,50 +168,60 @@ def output_metrics(
     name: str, refs: Sequence[np.ndarray], cands: Sequence[np.ndarray], valids: Sequence[np.ndarray | None],
     rng: np.random.Generator,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Error metrics of one output over all batches; returns (metrics, distributions)."""
-    sel_r, sel_c = [], []
+    """Error metrics of one output over all batches; returns (metrics, distributions).
+
+    Two passes over the batches, a block at a time: the reference's RMS (the relative error's
+    floor), then the errors. Each batch keeps at most SAMPLE_PER_BATCH of its values, drawn
+    from all of them, for percentiles and histograms."""
+    ref_bad = cand_bad = n = 0
+    sum_sq = max_abs_ref = 0.0
+    counts = []
     for r, c, v in zip(refs, cands, valids, strict=True):
-        if r.shape != c.shape:
+        if tuple(r.shape) != tuple(c.shape):
             raise ParityError(
                 f"output {name!r} has shape {list(r.shape)} in the reference but {list(c.shape)} in the candidate",
                 "compare artifacts of the same model and task",
             )
-        if v is None:
-            sel_r.append(np.asarray(r, np.float64).reshape(-1))
-            sel_c.append(np.asarray(c, np.float64).reshape(-1))
-        else:
-            m = np.broadcast_to(v, r.shape)
-            sel_r.append(np.asarray(r, np.float64)[m])
-            sel_c.append(np.asarray(c, np.float64)[m])
-    ref_bad = sum(int((~np.isfinite(x)).sum()) for x in sel_r)
-    cand_bad = sum(int((~np.isfinite(x)).sum()) for x in sel_c)
-    finite = [np.isfinite(r) & np.isfinite(c) for r, c in zip(sel_r, sel_c, strict=True)]
-    n = int(sum(int(f.sum()) for f in finite))
+        k = 0
+        for rs, cs in _values(r, c, v):
+            fr, fc = np.isfinite(rs), np.isfinite(cs)
+            ref_bad += int((~fr).sum())
+            cand_bad += int((~fc).sum())
+            f = fr & fc
+            k += int(f.sum())
+            rf = rs[f]
+            sum_sq += float(np.square(rf).sum())
+            if rf.size:
+                max_abs_ref = max(max_abs_ref, float(np.abs(rf).max()))
+        counts.append(k)
+        n += k
     if n == 0:
         raise ParityError(f"output {name!r} has no finite values on valid positions in both models",
                           "check the inputs: every position may be padding, or a model produces NaN everywhere")
-    sum_sq = sum(float(np.square(r[f]).sum()) for r, f in zip(sel_r, finite, strict=True))
     floor = max(FLOOR_FRACTION * math.sqrt(sum_sq / n), np.finfo(np.float64).tiny)
     max_abs = max_rel = sum_abs = sum_rel = noise = 0.0
-    abs_sample, rel_sample = [], []
-    for r, c, f in zip(sel_r, sel_c, finite, strict=True):
-        d = np.abs(c[f] - r[f])
-        rel = d / np.maximum(np.abs(r[f]), floor)
-        if d.size:
-            max_abs, max_rel = max(max_abs, float(d.max())), max(max_rel, float(rel.max()))
-        sum_abs += float(d.sum())
-        sum_rel += float(rel.sum())
-        noise += float(np.square(d).sum())
-        if d.size > SAMPLE_PER_BATCH:
-            idx = rng.choice(d.size, SAMPLE_PER_BATCH, replace=False)
-            d, rel = d[idx], rel[idx]
-        abs_sample.append(d)
-        rel_sample.append(rel)
-    cos_parts = []
-    for r, c, v in zip(refs, cands, valids, strict=True):
-        rr, cc = valid_rows(r, v), valid_rows(c, v)
-        ok = np.isfinite(rr).all(axis=1) & np.isfinite(cc).all(axis=1)
-        cos_parts.append(row_cosine(rr[ok], cc[ok]))
+    abs_sample, rel_sample, cos_parts = [], [], []
+    for (r, c, v), k in zip(zip(refs, cands, valids, strict=True), counts, strict=True):
+        pick = np.sort(rng.choice(k, SAMPLE_PER_BATCH, replace=False)) if k > SAMPLE_PER_BATCH else None
+        off = 0
+        for rs, cs in _values(r, c, v):
+            f = np.isfinite(rs) & np.isfinite(cs)
+            d = np.abs(cs[f] - rs[f])
+            rel = d / np.maximum(np.abs(rs[f]), floor)
+            if d.size:
+                max_abs, max_rel = max(max_abs, float(d.max())), max(max_rel, float(rel.max()))
+            sum_abs += float(d.sum())
+            sum_rel += float(rel.sum())
+            noise += float(np.square(d).sum())
+            if pick is not None:
+                lo, hi = np.searchsorted(pick, [off, off + d.size])
+                d, rel = d[pick[lo:hi] - off], rel[pick[lo:hi] - off]
+            off += int(f.sum())
+            abs_sample.append(d)
+            rel_sample.append(rel)
+        for rr, cc in zip(row_blocks(r, v), row_blocks(c, v), strict=True):
+            ok = np.isfinite(rr).all(axis=1) & np.isfinite(cc).all(axis=1)
+            cos_parts.append(row_cosine(rr[ok], cc[ok]))
     cos = np.concatenate(cos_parts) if cos_parts else np.ones(1)
     abs_all, rel_all = np.concatenate(abs_sample), np.concatenate(rel_sample)
     metrics = {
@@ -144,7 +230,7 @@ def output_metrics(
         "max_abs_err": max_abs,
         "mean_abs_err": sum_abs / n,
         "p99_abs_err": float(np.quantile(abs_all, 0.99)) if abs_all.size else 0.0,
-        "max_abs_ref": max(float(np.abs(r[f]).max()) if f.any() else 0.0 for r, f in zip(sel_r, finite, strict=True)),
+        "max_abs_ref": max_abs_ref,
         "rel_err_floor": floor,
         "rel_err_mean": sum_rel / n,
         "rel_err_p99": float(np.quantile(rel_all, 0.99)) if rel_all.size else 0.0,
@@ -172,12 +258,11 @@ def logits_metrics(
     top1, overlap, kls = [], [], []
     vocab = int(refs[0].shape[-1])
     k = min(5, vocab)
+    rows = max(1, min(ROW_CHUNK, BLOCK_ELEMENTS // max(vocab, 1)))
     for r, c, v in zip(refs, cands, valids, strict=True):
-        rr, cc = valid_rows(r, v), valid_rows(c, v)
-        ok = np.isfinite(rr).all(axis=1) & np.isfinite(cc).all(axis=1)
-        rr, cc = rr[ok], cc[ok]
-        for s in range(0, rr.shape[0], ROW_CHUNK):
-            a, b = rr[s : s + ROW_CHUNK], cc[s : s + ROW_CHUNK]
+        for a, b in zip(row_blocks(r, v, rows * vocab), row_blocks(c, v, rows * vocab), strict=True):
+            ok = np.isfinite(a).all(axis=1) & np.isfinite(b).all(axis=1)
+            a, b = a[ok], b[ok]
             top1.append(a.argmax(axis=1) == b.argmax(axis=1))
             if vocab > 5:
                 ta = np.argpartition(-a, k - 1, axis=1)[:, :k]
@@ -185,6 +270,7 @@ def logits_metrics(
                 overlap.append(np.array([len(set(x) & set(y)) / k for x, y in zip(ta.tolist(), tb.tolist(), strict=True)]))
             la, lb = _log_softmax(a), _log_softmax(b)
             kls.append(np.maximum((np.exp(la) * (la - lb)).sum(axis=1), 0.0))
+            del a, b, la, lb
     t1 = np.concatenate(top1) if top1 else np.zeros(0, bool)
     kl = np.concatenate(kls) if kls else np.zeros(0)
     if t1.size == 0:
@@ -214,13 +300,18 @@ def perplexity(
         pair = mask[:, :-1] & mask[:, 1:]
         b_idx, t_idx = np.nonzero(pair)
         targets = ids[b_idx, t_idx + 1]
-        for s in range(0, b_idx.size, ROW_CHUNK):
-            sl = slice(s, s + ROW_CHUNK)
-            lr = _log_softmax(np.asarray(r[b_idx[sl], t_idx[sl]], np.float64))
-            lc = _log_softmax(np.asarray(c[b_idx[sl], t_idx[sl]], np.float64))
-            rows = np.arange(lr.shape[0])
-            nll_r -= float(lr[rows, targets[sl]].sum())
-            nll_c -= float(lc[rows, targets[sl]].sum())
+        chunk = max(1, min(ROW_CHUNK, BLOCK_ELEMENTS // max(int(r.shape[-1]), 1)))
+        for b in np.unique(b_idx):  # one sequence at a time: a spilled output reads that sequence only
+            rows_b = np.nonzero(b_idx == b)[0]
+            rb, cb = np.asarray(r[int(b)]), np.asarray(c[int(b)])
+            for s in range(0, rows_b.size, chunk):
+                sel = rows_b[s : s + chunk]
+                lr = _log_softmax(np.asarray(rb[t_idx[sel]], np.float64))
+                lc = _log_softmax(np.asarray(cb[t_idx[sel]], np.float64))
+                rows = np.arange(lr.shape[0])
+                nll_r -= float(lr[rows, targets[sel]].sum())
+                nll_c -= float(lc[rows, targets[sel]].sum())
+            del rb, cb
         count += int(b_idx.size)
     if count == 0:
         raise ParityError("no text of two tokens or more to measure perplexity on", "pass longer held-out text")
@@ -240,7 +331,8 @@ def perplexity(
 def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """sentence-transformers' mean pooling: sum of real-token vectors / max(count, 1e-9)."""
     m = mask.astype(np.float64)[:, :, None]
-    return (np.asarray(hidden, np.float64) * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1e-9)
+    return np.concatenate([(np.asarray(hidden[b : b + 1], np.float64) * m[b : b + 1]).sum(axis=1)
+                           for b in range(hidden.shape[0])]) / np.maximum(m.sum(axis=1), 1e-9)
 
 
 def embedding_metrics(

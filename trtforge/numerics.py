@@ -41,6 +41,17 @@ def quantize(x: np.ndarray, scale: np.ndarray, precision: Precision) -> np.ndarr
 
 
 def fake_quant(x: np.ndarray, scale: np.ndarray, precision: Precision) -> np.ndarray:
+    """``quantize`` then back to float32, times the scale; the integer grids in place on one
+    float32 array (the values ``quantize`` gives, without its integer copy: the searches call
+    this on every weight of a model, several times)."""
+    if precision in (Precision.INT8, Precision.INT4):
+        s = np.asarray(scale).astype(np.float32)
+        lo, hi = (-128, 127) if precision == Precision.INT8 else (-8, 7)
+        y = np.divide(np.asarray(x, dtype=np.float32), s)
+        np.rint(y, out=y)
+        np.clip(y, lo, hi, out=y)
+        y *= s
+        return y
     return quantize(x, scale, precision).astype(np.float32) * scale.astype(np.float32)
 
 
@@ -73,6 +84,12 @@ def int4_quantize(w_kn: np.ndarray, scales: np.ndarray, block: int) -> np.ndarra
 
 
 def int4_fake(w_kn: np.ndarray, block: int, dtype=np.float32, clip: np.ndarray | None = None) -> np.ndarray:
-    s = int4_block_scales(w_kn, block, dtype, clip)
-    full = np.repeat(s.astype(np.float32), block, axis=0)
-    return np.clip(np.rint(w_kn / full), -8, 7) * full
+    """Round-to-nearest INT4 blocks along K, back in float: [K, N] (float32 for float32 weights;
+    blocks broadcast, no repeated scale array, rounding in place)."""
+    k, n = w_kn.shape
+    s = int4_block_scales(w_kn, block, dtype, clip).astype(np.float32)[:, None, :]
+    y = np.divide(np.asarray(w_kn).reshape(k // block, block, n), s)
+    np.rint(y, out=y)
+    np.clip(y, -8, 7, out=y)
+    y *= s
+    return y.reshape(k, n)

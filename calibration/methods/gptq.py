@@ -43,6 +43,7 @@ rounding to nearest keeps whichever is better per GEMM.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,13 +51,12 @@ import numpy as np
 from trtforge.calibration.methods.awq import AWQ
 from trtforge.calibration.methods.base import Decision, PlanContext, Role, Stat, weight_granularity
 from trtforge.calibration.patterns import Group
-from trtforge.calibration.qdq import WeightPlan, float_type
 from trtforge.calibration.methods.rtn import RoundToNearest
+from trtforge.calibration.qdq import PlanStream, WeightPlan, float_type
 from trtforge.calibration.recipe import Int4Method, QuantRecipe, WeightRounding
 from trtforge.calibration.smoothing import Smoothing
 from trtforge.errors import QuantizationError
 from trtforge.numerics import QMAX, as_scale, fake_quant, int4_block_scales, weight_scales
-from trtforge.progress import progress
 from trtforge.registry import QUANT_METHODS
 from trtforge.vocab import Granularity, Precision
 
@@ -208,19 +208,29 @@ class GPTQ(AWQ):
     def smooth(self, ctx: PlanContext, group: Group) -> Smoothing | None:
         return super().smooth(ctx, group) if self._with_awq(ctx.recipe) else None
 
-    def plan_weights(self, ctx: PlanContext) -> list[WeightPlan]:
+    def plan_weights(self, ctx: PlanContext) -> PlanStream:
+        """The plans one at a time, as quantize_weights takes them: each holds its GEMM's new weights,
+        so a list of them would be a float copy of every quantized weight; and one input's Hessian
+        factor at a time (GEMMs reading one input, q/k/v or gate/up, come one after another)."""
         todo = ctx.quantized()
-        self._factors: dict[str, HessianFactor | np.linalg.LinAlgError] = {}  # by input tensor: q/k/v, gate/up share one
+        return PlanStream(len(todo), self._plans(ctx, todo))
+
+    def _plans(self, ctx: PlanContext, todo: list[Decision]) -> Iterator[WeightPlan]:
+        self._factors: dict[str, HessianFactor | np.linalg.LinAlgError] = {}  # the current input's
+        fell_back = []
         try:
-            plans = [self.plan_weight(ctx, d, weight_granularity(ctx.recipe), None)
-                     for d in progress(todo, len(todo), "gptq (GEMMs)")]
+            for d in todo:
+                if d.gemm.act not in self._factors:
+                    self._factors.clear()
+                plan = self.plan_weight(ctx, d, weight_granularity(ctx.recipe), None)
+                if (plan.info or {}).get("gptq", {}).get("fallback"):
+                    fell_back.append(plan.gemm.node)
+                yield plan
         finally:
             self._factors = {}
-        fell_back = [p.gemm.node for p in plans if (p.info or {}).get("gptq", {}).get("fallback")]
         if fell_back:
             log.warning("gptq: %d of %d GEMMs kept round-to-nearest weights (see the manifest's gptq.fallback): %s",
-                        len(fell_back), len(plans), ", ".join(fell_back[:3]) + (" ..." if len(fell_back) > 3 else ""))
-        return plans
+                        len(fell_back), len(todo), ", ".join(fell_back[:3]) + (" ..." if len(fell_back) > 3 else ""))
 
     def hessian(self, ctx: PlanContext, d: Decision) -> np.ndarray:
         return gemm_hessian(ctx, d)
@@ -303,21 +313,29 @@ class GPTQ8(RoundToNearest):
     def statistics(self, recipe: QuantRecipe) -> frozenset[Stat]:
         return frozenset({Stat.HESSIAN})
 
-    def plan_weights(self, ctx: PlanContext) -> list[WeightPlan]:
+    def plan_weights(self, ctx: PlanContext) -> PlanStream:
+        """One plan at a time, as GPTQ's (each holds its GEMM's new weights; one input's factor held)."""
+        todo = ctx.quantized()
+        return PlanStream(len(todo), self._plans(ctx, todo))
+
+    def _plans(self, ctx: PlanContext, todo: list[Decision]) -> Iterator[WeightPlan]:
         granularity = weight_granularity(ctx.recipe)
         shared = self.shared_amax(ctx) if granularity == Granularity.TENSOR else {}
-        todo = ctx.quantized()
         self._factors: dict[str, HessianFactor | np.linalg.LinAlgError] = {}
+        fell_back = []
         try:
-            plans = [self.plan_weight(ctx, d, granularity, shared.get(d.gemm.node))
-                     for d in progress(todo, len(todo), "gptq (GEMMs)")]
+            for d in todo:
+                if d.gemm.act not in self._factors:
+                    self._factors.clear()
+                plan = self.plan_weight(ctx, d, granularity, shared.get(d.gemm.node))
+                if plan.info["gptq"].get("fallback"):
+                    fell_back.append(plan.gemm.node)
+                yield plan
         finally:
             self._factors = {}
-        fell_back = [p.gemm.node for p in plans if p.info["gptq"].get("fallback")]
         if fell_back:
             log.info("gptq: %d of %d GEMMs kept round-to-nearest weights (see the manifest's gptq.fallback)",
-                     len(fell_back), len(plans))
-        return plans
+                     len(fell_back), len(todo))
 
     def plan_weight(self, ctx: PlanContext, d: Decision, granularity: Granularity,
                     shared_amax: float | None) -> WeightPlan:

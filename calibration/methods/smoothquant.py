@@ -33,18 +33,21 @@ def smooth_factor(x_max: np.ndarray, w_max: np.ndarray, alpha: float) -> np.ndar
 
 
 def relative_gemm_error(x: np.ndarray, ws: list[np.ndarray], s: np.ndarray, precision: Precision, x_amax: float,
-                        per_tensor: bool = False) -> float:
+                        per_tensor: bool = False, refs: list[np.ndarray] | None = None) -> float:
     """||Q(X/s) Q(diag(s) W) - X W||^2 / ||X W||^2 summed over the group's GEMMs; weights scaled per
-    output channel, or (``per_tensor``) with one scale shared by the group, as they will be stored."""
+    output channel, or (``per_tensor``) with one scale shared by the group, as they will be stored.
+    ``refs``: the X W of each GEMM, when the caller computed them once for several s."""
     xs = x / s[None, :]
     act_scale = as_scale(x_amax, QMAX[precision], np.float32)
     xq = fake_quant(xs, act_scale, precision)
-    scaled = [w * s[:, None] for w in ws]
-    shared = as_scale(max(float(np.abs(w2).max()) for w2 in scaled), QMAX[precision], np.float32) if per_tensor else None
+    del xs
+    shared = as_scale(max(float(np.abs(w * s[:, None]).max()) for w in ws), QMAX[precision], np.float32) if per_tensor else None
     num = den = 0.0
-    for w, w2 in zip(ws, scaled, strict=True):
-        ref = x @ w
+    for k, w in enumerate(ws):
+        ref = refs[k] if refs is not None else x @ w
+        w2 = w * s[:, None]  # one GEMM's scaled weight at a time
         wq = fake_quant(w2, shared if per_tensor else weight_scales(w2, precision, np.float32)[None, :], precision)
+        del w2
         num += float(np.square(xq @ wq - ref).sum())
         den += float(np.square(ref).sum())
     return num / max(den, 1e-30)
@@ -88,15 +91,16 @@ def choose_smoothing(
             return exact
         return min(amax_from_rows(x / s[None, :], range_method, percentile, qmax), exact)
 
+    refs = [x @ w for w in ws]  # the float outputs, the same for every alpha
     best = None
     for a in grid:
         s = smooth_factor(x_max, w_max, a)
-        err = relative_gemm_error(x, ws, s, precision, amax_of(s), per_tensor)
+        err = relative_gemm_error(x, ws, s, precision, amax_of(s), per_tensor, refs)
         if best is None or err < best.error:
             best = Smoothing(grp, s, a, err)
     if precision == Precision.FP8:
         ones = np.ones_like(x_max, dtype=np.float64)
-        if relative_gemm_error(x, ws, ones, precision, amax_of(ones), per_tensor) <= best.error:
+        if relative_gemm_error(x, ws, ones, precision, amax_of(ones), per_tensor, refs) <= best.error:
             return None
     return best
 

@@ -203,16 +203,14 @@ class CpuOrtBackend:
         provider = runtime.get("provider") or "CPUExecutionProvider"
         config = {str(k): str(v) for k, v in (runtime.get("session_config") or {}).items()}
         level = opt_level(runtime.get("graph_optimization_level"))
-        try:
-            sess = session(side.model_file, providers=[provider], config=config, optimization=level)
-        except Exception as exc:  # ORT raises its own exception types for unloadable graphs
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ParityError(f"ONNX Runtime cannot load the {side.role} {side.model_file}: {first[:300]}",
-                              "check the artifact with 'onnx.checker' or re-run the stage that wrote it") from None
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
         desc: dict[str, Any] = {
             "runner": "polygraphy OnnxrtRunner",
             "engine": "onnxruntime",
-            "providers": list(sess.get_providers()),
+            # what ort.session registers; replaced by the session's own list when it loads
+            "providers": list(dict.fromkeys([p for p in (provider,) if p in available] + ["CPUExecutionProvider"])),
             "model_dtype": (man.model.dtype if man.model is not None else None) or side.precision,
             "session_config": {**EMULATION_CONFIG, **config},
             "graph_optimization_level": level or "ORT_ENABLE_ALL (default)",
@@ -221,7 +219,20 @@ class CpuOrtBackend:
         if provider not in desc["providers"]:
             desc["note"] = f"{provider} (recorded by the build) is not available here; ran on {desc['providers'][0]}"
         desc.update(execution_analysis(side, desc["providers"][0], {**EMULATION_CONFIG, **config}, level))
-        return OnnxrtRunner(sess, name=side.role), desc
+
+        def load():
+            """The session, built when the runner is activated and freed when it is deactivated: parity
+            runs one side after the other, so one model's weights are in memory at a time."""
+            try:
+                sess = session(side.model_file, providers=[provider], config=config, optimization=level)
+            except Exception as exc:  # ORT raises its own exception types for unloadable graphs
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ParityError(f"ONNX Runtime cannot load the {side.role} {side.model_file}: {first[:300]}",
+                                  "check the artifact with 'onnx.checker' or re-run the stage that wrote it") from None
+            desc["providers"] = list(sess.get_providers())
+            return sess
+
+        return OnnxrtRunner(load, name=side.role), desc
 
 
 def opt_level(value: Any) -> str | None:

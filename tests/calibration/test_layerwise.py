@@ -92,6 +92,7 @@ def test_layerwise_is_chosen_by_size_or_the_environment(monkeypatch):
     assert not wants_layerwise(1 << 50)
     monkeypatch.delenv("TRTFORGE_CALIB_LAYERWISE")
     assert wants_layerwise(1 << 50) and not wants_layerwise(1 << 20)
+    assert wants_layerwise(3 << 30)  # over 2 GiB (the 1.17B model's 4.4 GB) whatever the memory
 
 
 def test_spilled_activations_are_removed(setup, tmp_path):
