@@ -103,8 +103,14 @@ class Preset(str, Enum):
 # Task limits (docs/parity.md, "Task-level parity"): agreement over 32 greedy tokens is about the
 # per-step agreement to the 32nd power, so 0.75 / 0.5 / 0.3 allow about one flipped step in
 # 110 / 47 / 27; accuracy drops are in points per category.
-_INT8 = dict(cosine_mean=0.99, cosine_min=0.90, snr_db=18.0, top1_agreement=0.90,
-             top5_agreement=0.85, kl_mean=0.03, ppl_change_pct=5.0,
+# INT8 and FP8 (issue 16): the real Gemma 3 270M's healthy int8-sq measures logits cosine 0.9899,
+# 16.95 dB, top-1 0.828, KL 0.050 (fp8: top-1 0.848, KL 0.027); its planted faults (layer 9
+# gate_proj weight scale x4; up_proj zeroed) measure 0.9722 / 0.9509, 12.4 / 10.1 dB, top-1 0.724 /
+# 0.688, KL 0.139 / 0.250, perplexity +9.3% / +16.4% (docs/results/parity-gates-gemma3-decoder.json).
+# The limits keep 1.5x healthy Gemma's error (1 - cosine, 1 - top-1, KL) and 3 dB, and every fault,
+# Gemma's and MiniLM's (range8: cosine 0.9764, 13.4 dB), still fails them.
+_INT8 = dict(cosine_mean=0.985, cosine_min=0.90, snr_db=14.0, top1_agreement=0.75,
+             top5_agreement=0.75, kl_mean=0.08, ppl_change_pct=5.0,
              embedding_cosine_mean=0.99, embedding_cosine_min=0.97,
              task_agreement=0.50, task_accuracy_drop=5.0)
 _PRESETS: dict[Preset, dict[str, float | None]] = {
@@ -112,14 +118,18 @@ _PRESETS: dict[Preset, dict[str, float | None]] = {
                       top5_agreement=0.97, kl_mean=1e-3, ppl_change_pct=0.5,
                       embedding_cosine_mean=0.9999, embedding_cosine_min=0.999,
                       task_agreement=0.75, task_accuracy_drop=2.0),
-    # FP8 (issue 16, docs/parity.md): healthy FP8 of the real Gemma 3 270M keeps top-1 0.848-0.852
-    # and a worst-row logits cosine of 0.796-0.811 (perplexity +1.6%, KL 0.027); the 135M LLaMA of
-    # issue 16 top-1 0.854. 0.75 / 0.70 keep 1.5x their error; the planted range fault (top-1 0.652,
-    # cosine_min 0.13, perplexity +21.8%) still fails them.
-    Preset.FP8: dict(_INT8, top1_agreement=0.75, cosine_min=0.70),
+    # FP8 is held to INT8's limits: healthy FP8 measured no closer than INT8 SmoothQuant (MiniLM
+    # embedding cosine 0.9975 vs 0.9981; Gemma 3 top-1 0.848 vs 0.828 on its logits).
+    Preset.FP8: dict(_INT8),
     Preset.INT8: dict(_INT8),
-    Preset.INT4: dict(cosine_mean=0.95, cosine_min=0.85, snr_db=9.0, top1_agreement=0.85,
-                      top5_agreement=0.80, kl_mean=0.1, ppl_change_pct=10.0,
+    # INT4 decoders (issue 16): today's int4-awq of the real Gemma 3 270M measures top-1 0.696, KL
+    # 0.206, perplexity +16.2% (+17.8% on the full held-out text), and the same artifact with a
+    # planted gate_proj x4 fault 0.652 / 0.245 / +22.8%: closer to it than 1.5x its error, so no
+    # limit both passes it and fails the fault. The perplexity limit stays +10% (what a release
+    # of an INT4 LLM accepts; int4-awq-gptq measures +9.0% on the full text); top-1 / top-5 / KL
+    # are set looser than INT8's (0.70 / 0.70 / 0.15). Gemma's int4-awq fails this preset.
+    Preset.INT4: dict(cosine_mean=0.95, cosine_min=0.85, snr_db=9.0, top1_agreement=0.70,
+                      top5_agreement=0.70, kl_mean=0.15, ppl_change_pct=10.0,
                       embedding_cosine_mean=0.95, embedding_cosine_min=0.94,
                       task_agreement=0.30, task_accuracy_drop=10.0),
 }

@@ -50,8 +50,8 @@ import numpy as np
 
 from trtforge.calibration.methods.awq import AWQ
 from trtforge.calibration.methods.base import Decision, PlanContext, Role, Stat, weight_granularity
-from trtforge.calibration.patterns import Group
 from trtforge.calibration.methods.rtn import RoundToNearest
+from trtforge.calibration.patterns import Group
 from trtforge.calibration.qdq import PlanStream, WeightPlan, float_type
 from trtforge.calibration.recipe import Int4Method, QuantRecipe, WeightRounding
 from trtforge.calibration.smoothing import Smoothing

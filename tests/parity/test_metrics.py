@@ -174,20 +174,54 @@ def test_inputs_fit_an_engine_profile():
     assert fit_to_engines(ParityOptions(), [onnx_side]) == (ParityOptions(), [])
 
 
-def test_fp8_decoder_limits_follow_the_real_model_evidence():
-    """docs/parity.md: the fp8 preset passes healthy FP8 of the real Gemma 3 270M (trtforge run
-    examples/gemma3-cpu-trtllm.toml, Q/DQ graph and CPU artifact) and fails the planted wrong range."""
-    from trtforge.parity.options import METRICS, Direction
+def _decoder_sections(fig: dict) -> dict:
+    """A decoder report's sections holding these logits / perplexity figures (gate.evaluate's input)."""
+    out = {k: fig[k] for k in ("cosine_mean", "cosine_min", "snr_db") if k in fig}
+    return {"outputs": {"logits": dict(out, nonfinite_candidate=0)},
+            "logits": {k: fig.get(k) for k in ("top1_agreement", "top5_agreement", "kl_mean")},
+            "perplexity": {"ppl_change_pct": fig["ppl_change_pct"]} if "ppl_change_pct" in fig else None}
 
-    limits = Thresholds.preset(Preset.FP8).limits
 
-    def missed(fig):
-        return [k for k, v in fig.items() if k in limits and not (
-            v >= limits[k] if METRICS[k].direction == Direction.MIN else v <= limits[k])]
+def _failed(preset: Preset, fig: dict) -> set[str]:
+    from trtforge.parity.gate import evaluate
 
-    healthy = [dict(top1_agreement=0.848, top5_agreement=0.908, kl_mean=0.0268, ppl_change_pct=1.58, cosine_mean=0.9933,
-                    cosine_min=0.811, snr_db=18.9),
-               dict(top1_agreement=0.852, cosine_min=0.796)]
-    assert all(missed(f) == [] for f in healthy)
-    fault = dict(top1_agreement=0.652, kl_mean=0.437, ppl_change_pct=21.8, cosine_mean=0.9489, cosine_min=0.1317, snr_db=6.2)
-    assert set(missed(fault)) >= {"top1_agreement", "ppl_change_pct", "kl_mean", "cosine_min"}
+    return {c.metric for c in evaluate(_decoder_sections(fig), Thresholds.preset(preset)) if not c.passed}
+
+
+# Real Gemma 3 270M figures (docs/parity.md "The gate's evidence", docs/results/parity-gates-gemma3-decoder.json)
+GEMMA_INT8_HEALTHY = dict(cosine_mean=0.9899, cosine_min=0.4458, snr_db=16.95, top1_agreement=0.828,
+                          top5_agreement=0.8728, kl_mean=0.0499, ppl_change_pct=-1.32)
+_FP8 = dict(top1_agreement=0.848, top5_agreement=0.908, kl_mean=0.0268, ppl_change_pct=1.58, cosine_mean=0.9933,
+            cosine_min=0.811, snr_db=18.9)
+GEMMA_FP8_HEALTHY = [_FP8, dict(_FP8, top1_agreement=0.852, cosine_min=0.796)]  # Q/DQ graph, CPU artifact
+GEMMA_FAULTS = {  # int8-sq with a planted fault in layer 9, and the wrong range of the with-past int8-sq
+    "wscale4-gate": dict(cosine_mean=0.9722, cosine_min=0.3174, snr_db=12.37, top1_agreement=0.724,
+                         top5_agreement=0.80, kl_mean=0.1393, ppl_change_pct=9.27),
+    "zero-up": dict(cosine_mean=0.9509, cosine_min=0.4817, snr_db=10.13, top1_agreement=0.688,
+                    top5_agreement=0.7384, kl_mean=0.2495, ppl_change_pct=16.45),
+    "range8": dict(top1_agreement=0.652, kl_mean=0.437, ppl_change_pct=21.8, cosine_mean=0.9489,
+                   cosine_min=0.1317, snr_db=6.2),
+}
+
+
+def test_int8_and_fp8_decoder_limits_follow_the_real_model_evidence():
+    """The int8 and fp8 presets pass healthy int8-sq / fp8 of the real Gemma 3 270M and fail every
+    planted fault on several limits, the task-level ones (top-1, KL, perplexity) among them."""
+    assert _failed(Preset.INT8, GEMMA_INT8_HEALTHY) == set()
+    assert all(_failed(Preset.FP8, f) == set() for f in GEMMA_FP8_HEALTHY)
+    for preset in (Preset.INT8, Preset.FP8):
+        for name, fig in GEMMA_FAULTS.items():
+            assert _failed(preset, fig) >= {"top1_agreement", "kl_mean", "ppl_change_pct", "snr_db"}, (preset, name)
+
+
+def test_worst_row_logits_cosine_is_reported_not_gated():
+    """cosine_min does not separate healthy from broken on 262k-wide logits (0.446 healthy, 0.482
+    zeroed MLP): not gated on a decoder's logits, still gated on every other output (an encoder's
+    hidden state, a KV cache)."""
+    from trtforge.parity.gate import evaluate
+
+    assert "cosine_min" not in _failed(Preset.INT8, dict(GEMMA_INT8_HEALTHY, cosine_min=0.1))
+    enc = {"outputs": {"last_hidden_state": {"cosine_mean": 0.999, "cosine_min": 0.5, "snr_db": 30.0,
+                                             "nonfinite_candidate": 0}}, "logits": None, "perplexity": None}
+    failed = {c.metric for c in evaluate(enc, Thresholds.preset(Preset.INT8)) if not c.passed}
+    assert failed == {"cosine_min"}
