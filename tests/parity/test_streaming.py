@@ -11,7 +11,7 @@ import pytest
 
 from trtforge import metrics as M
 from trtforge.parity import check_parity
-from trtforge.parity.run import SpilledArray, SpilledRun
+from trtforge.parity.run import SpilledRun
 
 from ..conftest import DATA
 
