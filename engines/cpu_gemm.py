@@ -122,9 +122,13 @@ def check_gemms(built: Path, session_fn, feeds: dict[str, np.ndarray], work: Pat
         return []
     work.mkdir(parents=True, exist_ok=True)
     have = {o.name for o in model.graph.output}
+    inits = {t.name: t for t in model.graph.initializer}
     names: list[str] = []
     for g in gemms:
-        for t in (g.input[0], g.output[0]):
+        # the activation, the output, and any scale / zero point computed by a node rather than
+        # stored (ONNX Runtime inserts Casts of FP16 scales, e.g. InsertedPrecisionFreeCast_*)
+        computed = [t for t in g.input[1:] if t and t not in inits]
+        for t in (g.input[0], g.output[0], *computed):
             if t not in have and t not in names:
                 names.append(t)
     probe = onnx.ModelProto()
@@ -139,10 +143,9 @@ def check_gemms(built: Path, session_fn, feeds: dict[str, np.ndarray], work: Pat
     wanted = [o.name for o in sess.get_outputs()]
     got = dict(zip(wanted, sess.run(wanted, feeds), strict=True))
     del sess
-    inits = {t.name: t for t in model.graph.initializer}
 
     def value(name: str) -> np.ndarray:
-        return weights.array(inits[name])
+        return weights.array(inits[name]) if name in inits else np.asarray(got[name])
 
     records = []
     for g in gemms:
