@@ -57,6 +57,7 @@ from onnx import helper
 from trtforge.calibration.budget_eval import FLAG, HeldOut, mapped_session, noise_power, split_held_out
 from trtforge.calibration.budget_spec import Budget
 from trtforge.calibration.collect import ActivationRanges
+from trtforge.calibration.qdq import insert_before
 from trtforge.calibration.quantize import finish, prepare
 from trtforge.calibration.recipe import QuantRecipe
 from trtforge.errors import QuantizationError
@@ -168,12 +169,7 @@ def _add_switches(model: onnx.ModelProto, weights: Weights, floats: dict[str, on
                                             name=idx.unique(f"{name}_budget_a")))
                 node.input[0] = out
             inserts[name] = new
-    order = []
-    for node in model.graph.node:
-        order += inserts.get(node.name, [])
-        order.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(order)
+    insert_before(model, inserts)
 
 
 def _hidden_tensor(model: onnx.ModelProto, output: str) -> str:

@@ -120,7 +120,7 @@ def insert_activation_qdq(
         if first is not None:
             inserts.setdefault(first, []).extend([q, dq])
         scales[tensor] = float(scale)
-    _insert_before(model, inserts)
+    insert_before(model, inserts)
     return scales
 
 
@@ -201,11 +201,12 @@ def quantize_weights(
     keep = [t for t in model.graph.initializer if t.name not in dropped]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
-    _insert_before(model, inserts)
+    insert_before(model, inserts)
     return info
 
 
-def _insert_before(model: onnx.ModelProto, inserts: dict[str, list[onnx.NodeProto]]) -> None:
+def insert_before(model: onnx.ModelProto, inserts: dict[str, list[onnx.NodeProto]]) -> None:
+    """Put each ``inserts[name]`` list of nodes just before the node called ``name`` (order kept)."""
     if not inserts:
         return
     order = []
