@@ -7,6 +7,7 @@ Models (``--models``, comma-separated):
   135m        SmolLM-135M's shape: hidden 576, 30 layers, 9/3 heads, MLP 1536, vocab 49152, tied
   1.1b-slice  TinyLlama-1.1B's shape with 4 of its 22 layers (0.38B parameters)
   1.1b        TinyLlama-1.1B's shape: hidden 2048, 22 layers, 32/4 heads, MLP 5632, vocab 49152 (1.17B)
+  1.1b-44     the same shape with 44 layers (2.3B parameters): memory against depth at the real width
   8b-layers   2 of Llama-3.1-8B's 32 layers with the tokenizer's 8,000-token vocabulary (0.5B parameters):
               the cost of its layers, the 128k-token embedding and lm_head aside
   8b-slice    Llama-3.1-8B's shape with 4 of its 32 layers: hidden 4096, 32/8 heads, MLP 14336,
@@ -51,6 +52,8 @@ MODELS = {
                        num_key_value_heads=4, vocab_size=49152, tie_word_embeddings=False),
     "1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                  num_key_value_heads=4, vocab_size=49152, tie_word_embeddings=False),
+    "1.1b-44": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=44, num_attention_heads=32,
+                    num_key_value_heads=4, vocab_size=49152, tie_word_embeddings=False),
     "8b-layers": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=2, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=8000, tie_word_embeddings=False, rope_theta=500000.0),
     "8b-slice": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=4, num_attention_heads=32,
