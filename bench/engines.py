@@ -115,6 +115,7 @@ def sessions(arts: dict[str, Path], work: Path, threads: int) -> dict[str, tuple
         label = {"fp32": "fp32 (export)", "fp16": "fp16 reference (export)"}.get(name, name)
         out[label] = (session(built.model_path, config=rt["session_config"], optimization=rt["graph_optimization_level"],
                               threads=threads), desc)
+        PATHS[label] = built.path
     raw = OnnxArtifact.open(arts["int8"])
     out["int8, signed activations as quantized (no UINT8 rewrite)"] = (
         session(raw.model_path, optimization="ORT_ENABLE_ALL", threads=threads), "ORT online optimization")
@@ -133,10 +134,13 @@ def sessions(arts: dict[str, Path], work: Path, threads: int) -> dict[str, tuple
     return out
 
 
-def real_sessions(export: Path, artifacts: list[str], work: Path, threads: int) -> tuple[dict, str]:
-    """Sessions of the CPU builds of a real FP32 export and its quantized artifacts (module docstring)."""
+def real_sessions(export: Path, artifacts: list[str], work: Path, threads: int,
+                  int8_lm_head: tuple[str, ...] = ()) -> tuple[dict, str]:
+    """Sessions of the CPU builds of a real FP32 export and its quantized artifacts (module docstring);
+    each name in ``int8_lm_head`` is built a second time with ``--cpu-lm-head int8``."""
     from trtforge.artifacts import OnnxArtifact
     from trtforge.engines.build import build
+    from trtforge.engines.plan import BuildOptions
     from trtforge.ort import session
 
     arts = {"fp32": export}
@@ -145,17 +149,24 @@ def real_sessions(export: Path, artifacts: list[str], work: Path, threads: int) 
         if not path:
             raise SystemExit(f"--artifact {spec!r}: expected NAME=DIR (e.g. int8=out/gemma-int8-sq)")
         arts[name] = Path(path)
+    for name in int8_lm_head:
+        if name not in arts:
+            raise SystemExit(f"--int8-lm-head {name}: no --artifact of that name")
+        arts[f"{name} + int8 lm_head"] = arts[name]
     from trtforge.errors import TrtforgeError
 
     out, made, failed = {}, [], []
     for name, path in arts.items():
         art = OnnxArtifact.open(path)
+        lm8 = name.endswith(" + int8 lm_head")
         if art.manifest.get("stage") == "build":
             built = art
         else:
-            dest = work / f"cpu-{name}"
+            dest = work / f"cpu-{name.replace(' + int8 lm_head', '-lmh8')}"
+            opts = BuildOptions(cpu_lm_head="int8") if lm8 else None
             try:
-                built = OnnxArtifact.open(dest) if (dest / "manifest.json").exists() else build(path, "cpu", dest, force=True)
+                built = OnnxArtifact.open(dest) if (dest / "manifest.json").exists() else \
+                    build(path, "cpu", dest, opts, force=True)
             except TrtforgeError as exc:  # a build the CPU target refuses is a result too
                 print(f"{name}: build --target cpu failed: {exc}", file=sys.stderr, flush=True)
                 failed.append(f"{name}: {exc}")
@@ -170,19 +181,50 @@ def real_sessions(export: Path, artifacts: list[str], work: Path, threads: int) 
         q = built.manifest.get("quantization") or {}
         label = "fp32 (export)" if name == "fp32" else name
         if q.get("recipe"):
-            label = f"{name} ({q['recipe'] if isinstance(q['recipe'], str) else q['recipe'].get('name', '')})".replace(" ()", "")
+            base = name.replace(" + int8 lm_head", "")
+            label = f"{base} ({q['recipe'] if isinstance(q['recipe'], str) else q['recipe'].get('name', '')})".replace(" ()", "")
+            label += " + int8 lm_head" if lm8 else ""
         out[label] = (session(built.model_path, config=rt["session_config"], optimization=rt["graph_optimization_level"],
                               threads=threads), desc)
+        PATHS[label] = built.path
     note = f"given artifacts ({', '.join(f'{k}: {v}' for k, v in arts.items())}); built here: {', '.join(made) or 'none'}"
     if failed:
         note += "; NOT BUILT: " + "; ".join(failed)
     return out, note
 
 
-def real_feeds(manifest: dict, batch: int, seq: int) -> dict[str, np.ndarray]:
+PATHS: dict[str, Path] = {}  # label -> CPU artifact folder (real-model mode)
+
+
+def real_feeds(manifest: dict, batch: int, seq: int, past: int = 0) -> dict[str, np.ndarray]:
     from trtforge.engines.feeds import synthetic_feeds
 
-    return synthetic_feeds(manifest, {"batch": batch, "sequence": seq, "past_sequence": 0}, seed=batch)
+    return synthetic_feeds(manifest, {"batch": batch, "sequence": seq, "past_sequence": past}, seed=batch)
+
+
+def perplexities(sess: dict) -> dict[str, float]:
+    """Perplexity of every (causal-lm) CPU artifact on every <bos> + 255-token window of the held-out
+    text (bench/quantize.py's windows), run with the artifact's own session."""
+    from budget import _nll
+    from quantize import eval_windows
+
+    from trtforge.textdata import load_tokenizer
+
+    wins = eval_windows(load_tokenizer(next(iter(PATHS.values()))), None, 256)
+    out = {}
+    for label, (s, _) in sess.items():
+        names = [i.name for i in s.get_inputs()]
+        if any("past" in n for n in names):
+            continue
+        nll = n = 0
+        for w in wins:
+            feeds = {"input_ids": w[None], "attention_mask": np.ones((1, len(w)), np.int64),
+                     "position_ids": np.arange(len(w), dtype=np.int64)[None]}
+            a, c = _nll(s.run(["logits"], {k: feeds[k] for k in names})[0], w[None])
+            nll, n = nll + a, n + c
+        out[label] = float(np.exp(nll / n))
+        print(f"perplexity {label}: {out[label]:.3f} ({len(wins)} windows)", file=sys.stderr, flush=True)
+    return out
 
 
 def peak_rss_mib() -> float:
@@ -211,9 +253,9 @@ def time_round_robin(sess: dict, feeds: dict, runs: int, warmup: int = 2) -> dic
     return samples
 
 
-def table(results: dict, batch: int, seq: int) -> list[str]:
+def table(results: dict, batch: int, seq: int, past: int = 0) -> list[str]:
     base = statistics.median(results["fp32 (export)"])
-    lines = [f"batch {batch}, sequence {seq}:", "",
+    lines = [f"batch {batch}, sequence {seq}" + (f" new tokens after {past} past (a decode step)" if past else "") + ":", "",
              "| variant | median ms | p90 ms | sequences/s | tokens/s | vs fp32 |", "|---|---|---|---|---|---|"]
     for name, xs in results.items():
         med = statistics.median(xs)
@@ -249,6 +291,12 @@ def main() -> int:
     ap.add_argument("--export", type=Path, help="a real FP32 export instead of --preset (module docstring)")
     ap.add_argument("--artifact", action="append", default=[], metavar="NAME=DIR",
                     help="with --export: a quantized artifact of it, or its CPU build (repeatable)")
+    ap.add_argument("--int8-lm-head", default="", metavar="NAME,...",
+                    help="with --export: also build these --artifact names with --cpu-lm-head int8")
+    ap.add_argument("--past", type=int, default=0,
+                    help="with a causal-lm-with-past --export: time decode steps (--seq new tokens, this many past)")
+    ap.add_argument("--perplexity", action="store_true",
+                    help="with a causal-lm --export: each artifact's perplexity on examples/data/eval-gpl-3.0.txt")
     args = ap.parse_args()
 
     mach = machine(args.threads)
@@ -257,7 +305,8 @@ def main() -> int:
     if args.export is not None:
         if not any(a.startswith("int8=") for a in args.artifact):
             raise SystemExit("--export needs --artifact int8=DIR (the INT8 artifact the verdict is about)")
-        sess, quantizer = real_sessions(args.export, args.artifact, args.work, args.threads)
+        sess, quantizer = real_sessions(args.export, args.artifact, args.work, args.threads,
+                                        tuple(x for x in args.int8_lm_head.split(",") if x))
         manifest = json.loads((args.export / "manifest.json").read_text())
         title = f"{manifest['source'].get('model_type', args.export.name) if isinstance(manifest.get('source'), dict) else args.export.name} (export {args.export})"
         int8_key = next((k for k in sess if k.startswith("int8")), None)
@@ -277,11 +326,18 @@ def main() -> int:
              f"Median of {args.runs} runs per variant, timed round-robin after 2 warm-ups.", ""]
     verdict = True
     for b in (int(x) for x in args.batches.split(",")):
-        feeds = real_feeds(manifest, b, args.seq) if args.export is not None else feeds_for(b, args.seq, vocab)
+        feeds = real_feeds(manifest, b, args.seq, args.past) if args.export is not None else feeds_for(b, args.seq, vocab)
         res = time_round_robin(sess, feeds, args.runs)
-        lines += table(res, b, args.seq)
+        lines += table(res, b, args.seq, args.past)
         faster = statistics.median(res[int8_key]) < statistics.median(res["fp32 (export)"])
         verdict &= faster
+    if args.perplexity and args.export is not None:
+        ppl = perplexities(sess)
+        fp = ppl.get("fp32 (export)")
+        lines.append("Perplexity on examples/data/eval-gpl-3.0.txt (every <bos> + 255-token window): " + "; ".join(
+            f"{k} {v:.3f}" + (f" ({100 * (v / fp - 1):+.2f}%)" if fp and k != "fp32 (export)" else "")
+            for k, v in ppl.items()) + ".")
+        lines.append("")
     lines.append("Fused operators per CPU artifact: " + "; ".join(f"{k}: {d}" for k, (_, d) in sess.items()) + ".")
     lines.append("")
     lines.append(f"INT8 CPU artifact faster than FP32 at every batch size: {'yes' if verdict else 'NO'}. "

@@ -57,10 +57,12 @@ from trtforge.engines.precision import PrecisionInfo
 from trtforge.engines.profiles import BATCH, PAST, SEQ, TOTAL, ShapeProfile
 from trtforge.engines.qdq_fold import fold_weight_dequantize
 from trtforge.engines.cpu_gemm import check_gemms, summary
+from trtforge.engines.cpu_lm_head import INT8_LM_HEAD, find_lm_head, quantize_lm_head
 from trtforge.engines.qdq_u8 import U8_WEIGHT_SUFFIX, int8_weights_to_uint8, symmetric_int8_to_uint8
 from trtforge.engines.targets import FP8, FP32, INT8
 from trtforge.env import cpu_name
-from trtforge.errors import BuildError
+from trtforge.errors import BuildError, OptionError
+from trtforge.manifest import Manifest
 from trtforge.onnx_io import DATA_FILE, DataFile, Weights, load_graph, write_model
 
 log = logging.getLogger(__name__)
@@ -352,11 +354,12 @@ def self_check(source: Path, built: Path, runtime: CpuRuntime, manifest: dict, p
 
 
 def _stage(source_model: Path, source_manifest: dict, work: Path, info: PrecisionInfo, profile: ShapeProfile, *,
-           external: bool, float_weights: set[str]) -> tuple[Path, dict]:
+           external: bool, float_weights: set[str], lm_head: str = "float") -> tuple[Path, dict]:
     """Rewrite the input graph for ONNX Runtime (UINT8, folds) into ``work``; the staged model and counts.
 
     ``float_weights``: INT8 GEMM weights folded to float (the per-GEMM fallback) instead of
-    becoming UINT8, so those GEMMs run in float on the rounded activations."""
+    becoming UINT8, so those GEMMs run in float on the rounded activations. ``lm_head="int8"``:
+    the float lm_head becomes an INT8 GEMM (cpu_lm_head.py), after the UINT8 rewrite's check."""
     model = load_graph(source_model)  # weights held in model.onnx become references into it
     data = DataFile(work / "rewritten.data") if external else None
     weights = Weights(model, source_model.parent, out=data)
@@ -376,13 +379,15 @@ def _stage(source_model: Path, source_manifest: dict, work: Path, info: Precisio
             write_model(model, u8, weights, external=external, data=data, link=True)
             rewrite_check = _identical(source_model, u8, source_manifest, profile) if not fallback else None
         folded = fold_weight_dequantize(model, fold_types(info), weights=weights)[1]
+        lm = quantize_lm_head(model, weights, _vocab_size(source_manifest)) \
+            if lm_head == INT8_LM_HEAD else None
         staged = work / "model.onnx"
         write_model(model, staged, weights, external=external, data=data, link=True)
     finally:
         if data is not None:
             data.close()
     return staged, {"before": before, "pairs": pairs, "weights_u8": weights_u8, "folded": folded,
-                    "float_fallback": fallback, "rewrite_check": rewrite_check}
+                    "float_fallback": fallback, "rewrite_check": rewrite_check, "lm_head": lm}
 
 
 def _optimize(staged: Path, dest: Path, runtime: CpuRuntime, *, external: bool) -> None:
@@ -399,8 +404,46 @@ def _original_weight(name: str) -> str:
     return name[: -len(U8_WEIGHT_SUFFIX)] if name.endswith(U8_WEIGHT_SUFFIX) else name
 
 
+def _vocab_size(man: Manifest | dict) -> int | None:
+    """The vocabulary size a manifest (typed, or its JSON form) records."""
+    if isinstance(man, Manifest):
+        return man.dims.vocab_size if man.dims else None
+    return ((man or {}).get("dims") or {}).get("vocab_size")
+
+
+def check_lm_head_option(source_model: Path, source_manifest: dict, info: PrecisionInfo, lm_head: str) -> None:
+    """Refuse ``cpu_lm_head="int8"`` where it cannot apply (before any work)."""
+    if lm_head != INT8_LM_HEAD:
+        return
+    if info.float_dtype != FP32:
+        raise OptionError(f"cpu_lm_head=int8 needs an FP32 graph; this artifact's graph is {info.float_dtype}",
+                          "quantize the fp32 export (ONNX Runtime has no fast CPU kernels for FP16 graphs), "
+                          "or drop cpu_lm_head", fields=("cpu_lm_head",))
+    vocab = _vocab_size(source_manifest)
+    if find_lm_head(onnx.load(str(source_model), load_external_data=False), vocab) is None:
+        raise OptionError(f"cpu_lm_head=int8: the graph has no float lm_head (a MatMul onto the {vocab}-token "
+                          "vocabulary that gives the logits)", "drop cpu_lm_head for this model (encoders and "
+                          "quantized lm_heads have none)", fields=("cpu_lm_head",))
+
+
+def _lm_head_reference(source_model: Path, source_manifest: dict, work: Path, *, external: bool) -> Path:
+    """The input model with only the lm_head rewritten (what the self-check compares with)."""
+    work.mkdir(parents=True, exist_ok=True)
+    model = load_graph(source_model)
+    data = DataFile(work / "reference.data") if external else None
+    weights = Weights(model, source_model.parent, out=data)
+    try:
+        quantize_lm_head(model, weights, _vocab_size(source_manifest))
+        path = work / "reference.onnx"
+        write_model(model, path, weights, external=external, data=data, link=True)
+    finally:
+        if data is not None:
+            data.close()
+    return path
+
+
 def build_cpu(source_model: Path, source_manifest: dict, work: Path, dest: Path, info: PrecisionInfo,
-              profile: ShapeProfile, *, external: bool) -> dict:
+              profile: ShapeProfile, *, external: bool, lm_head: str = "float") -> dict:
     """Write the optimized model to ``dest``; returns the manifest's ``runtime`` and ``build`` parts.
 
     ``work`` is a scratch folder inside the temporary output folder (removed by the caller).
@@ -413,7 +456,11 @@ def build_cpu(source_model: Path, source_manifest: dict, work: Path, dest: Path,
     an INT8 GEMM whose kernel is not exact on this model falls back to a float GEMM (its weight
     folded to float, its activations still rounded to INT8), the graph is optimized again, and
     the fallback is logged and recorded (``build.int8_gemm.float_fallback``).
+
+    ``lm_head="int8"`` (opt-in) also runs the float lm_head as an INT8 GEMM (cpu_lm_head.py); the
+    self-check then compares with the input model with that one rewrite (``build.lm_head``).
     """
+    check_lm_head_option(source_model, source_manifest, info, lm_head)
     t0 = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
     runtime = runtime_for(info)
@@ -426,7 +473,7 @@ def build_cpu(source_model: Path, source_manifest: dict, work: Path, dest: Path,
         stage_dir = work / f"stage{attempt}"
         stage_dir.mkdir(parents=True, exist_ok=True)
         staged, counts = _stage(source_model, source_manifest, stage_dir, info, profile, external=external,
-                                float_weights=float_weights)
+                                float_weights=float_weights, lm_head=lm_head)
         t1 = time.perf_counter()
         _optimize(staged, dest, runtime, external=external)
         t2 = time.perf_counter()
@@ -459,7 +506,11 @@ def build_cpu(source_model: Path, source_manifest: dict, work: Path, dest: Path,
     del optimized
     int8_gemm = _int8_gemm_record(counts["weights_u8"], types, fallback) if types or fallback else None
     t3 = time.perf_counter()
-    check = self_check(source_model, dest, runtime, source_manifest, profile, info, gemms=records, work=work)
+    reference = source_model if counts["lm_head"] is None else \
+        _lm_head_reference(source_model, source_manifest, work / "reference", external=external)
+    check = self_check(reference, dest, runtime, source_manifest, profile, info, gemms=records, work=work)
+    if counts["lm_head"] is not None:
+        check["reference"] += ", its lm_head as the INT8 GEMM of build.lm_head"
     timings["self_check_s"] = time.perf_counter() - t3
     log.info("cpu target: %d INT8 activation Q/DQ groups -> UINT8, %d INT8 weights -> UINT8; ops %s; "
              "integer GEMM weights %s; %d integer GEMMs checked, %d fell back to float", counts["pairs"],
@@ -471,6 +522,7 @@ def build_cpu(source_model: Path, source_manifest: dict, work: Path, dest: Path,
             "uint8_weight_dequantize": counts["weights_u8"],
             "int8_gemm": int8_gemm,
             "folded_weight_dequantize": counts["folded"],
+            "lm_head": counts["lm_head"],
             "ops_before": counts["before"],
             "ops_after": after,
             "gemm_check": summary(records),

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from trtforge.backend import backend_for_target
+from trtforge.engines.cpu_lm_head import CHOICES as CPU_LM_HEAD_CHOICES
 from trtforge.engines.precision import PrecisionInfo
 from trtforge.engines.profiles import DimOverride, ShapeProfile
 from trtforge.engines.targets import Target
@@ -84,6 +85,7 @@ class BuildOptions:
     reference_engine: Path | None = None  # an FP16 engine folder to compare latency with
     benchmark_iterations: int = 50
     slower_tolerance: float = 0.05  # warn when a quantized engine is >5% slower than FP16
+    cpu_lm_head: str = "float"  # cpu target: "int8" runs a decoder's float lm_head as an INT8 GEMM (cpu_lm_head.py)
 
     def check(self, target: Target) -> None:
         """Refuse values no build takes, then what ``target``'s backend does not take (OptionError
@@ -100,6 +102,9 @@ class BuildOptions:
                               fields=("exclude_lean_runtime", "version_compatible"))
         if self.benchmark_iterations < 1:
             raise OptionError("benchmark_iterations must be at least 1", "e.g. 50", fields=("benchmark_iterations",))
+        if self.cpu_lm_head not in CPU_LM_HEAD_CHOICES:
+            raise OptionError(f"cpu_lm_head {self.cpu_lm_head!r} is not one of {', '.join(CPU_LM_HEAD_CHOICES)}",
+                              "use 'float' (the default) or 'int8'", fields=("cpu_lm_head",))
         if self.model_name is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", self.model_name):
             raise OptionError(f"model_name {self.model_name!r} has characters Triton does not accept in a folder name",
                               "use letters, digits, '.', '_' and '-'", fields=("model_name",))
@@ -116,6 +121,10 @@ class BuildOptions:
             ("workspace_mib", self.workspace_mib is not None),
         ) if on]
 
+    def cpu_only(self) -> list[str]:
+        """The fields set away from their default that only the cpu target uses."""
+        return ["cpu_lm_head"] if self.cpu_lm_head != "float" else []
+
     @classmethod
     def from_table(cls, table: Mapping[str, Any]) -> BuildOptions:
         """From a run recipe's [build] table (keys are field names; ValueError names the bad value)."""
@@ -130,6 +139,7 @@ class BuildOptions:
             layout=Layout(table.get("layout", "plain")),
             hardware_compatibility=HardwareCompatibility(table.get("hardware_compatibility", "none")),
             version_compatible=table.get("version_compatible", False),
+            cpu_lm_head=table.get("cpu_lm_head", "float"),
         )
 
     def to_json(self) -> dict:
@@ -146,6 +156,7 @@ class BuildOptions:
             "model_name": self.model_name,
             "reference_engine": str(self.reference_engine) if self.reference_engine else None,
             "benchmark_iterations": self.benchmark_iterations,
+            "cpu_lm_head": self.cpu_lm_head,
         }
 
 

@@ -37,7 +37,8 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
                     "text_field": (str,), "seed": (int,), "batch_size": (int,), "ranges": (str,)},
     "quantize": {"recipe": (str,)},  # plus every QuantRecipe field, checked by QuantRecipe.from_dict
     "build": {"targets": (list, str), "profile": (list, str), "optimization_level": (int,), "workspace_mib": (int,),
-              "layout": (str,), "hardware_compatibility": (str,), "version_compatible": (bool,)},
+              "layout": (str,), "hardware_compatibility": (str,), "version_compatible": (bool,),
+              "cpu_lm_head": (str,)},
     # the trtllm target's options (those of `trtforge export-checkpoint`)
     "checkpoint": {"dtype": (str,), "fp8_scheme": (str,), "max_shard_size": (str,), "parity": (bool,),
                    "reference": (str,), "text": (str,), "max_samples": (int,),

@@ -139,7 +139,10 @@ class CpuOrtBackend:
         options.check(target)
 
     def check(self, artifact: Artifact, target: Target, options: BuildOptions) -> BuildPlan:
-        return plan_build(open_source(artifact), target, options)
+        art = open_source(artifact)
+        plan = plan_build(art, target, options)
+        cpu.check_lm_head_option(art.model_path, art.manifest, plan.precision, options.cpu_lm_head)
+        return plan
 
     # ------------------------------------------------------------------ build
     def build(self, artifact: Artifact | str | Path, target: Target, options: BuildOptions, out: str | Path, *,
@@ -154,7 +157,7 @@ class CpuOrtBackend:
         with stage.open() as tmp:
             rel, layout = place(tmp, art, plan, "onnxruntime_onnx", CPU_MODEL_FILE)
             parts = cpu.build_cpu(art.model_path, art.manifest, tmp / "_work", tmp / rel, plan.precision, plan.profile,
-                                  external=external)
+                                  external=external, lm_head=plan.options.cpu_lm_head)
             shutil.rmtree(tmp / "_work", ignore_errors=True)
             copy_side_files(art.path, tmp)
             start_manifest(m, art, plan)

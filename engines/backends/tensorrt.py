@@ -140,6 +140,10 @@ class TensorRTBackend:
         return BuildOptions.from_table(table)
 
     def check_options(self, target: Target, options: BuildOptions) -> None:
+        if options.cpu_only():
+            raise OptionError(f"{', '.join(options.cpu_only())} applies to the cpu target, not {target.name}",
+                              "drop it for GPU targets (TensorRT keeps the lm_head as the artifact has it)",
+                              fields=tuple(options.cpu_only()))
         if options.hardware_compatibility == HardwareCompatibility.AMPERE_PLUS and (target.sm or 0) < 80:
             raise OptionError(f"hardware_compatibility ampere-plus cannot target {target.name} ({target.arch})",
                               "ampere-plus engines run on sm_80 and newer; drop the option for this target",

@@ -58,6 +58,9 @@ class ProfileParam(click.ParamType):
 @click.option("--reference-engine", type=click.Path(path_type=Path),
               help="FP16 engine folder of the same model: warn if this (quantized) engine is slower.")
 @click.option("--bench-iterations", type=int, default=50, show_default=True, help="Timed runs after the build.")
+@click.option("--cpu-lm-head", type=click.Choice(["float", "int8"]), default="float", show_default=True,
+              help="cpu target: 'int8' runs a decoder's float lm_head as an INT8 GEMM (per-token activations, "
+                   "per-channel weights): faster, not the artifact's own values (docs/engines.md).")
 @click.option("--dry-run", is_flag=True, help="Check everything and print the build plan without building; warns "
               "(stderr, and 'warnings' in --json) when this machine could not build it.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
@@ -65,13 +68,15 @@ class ProfileParam(click.ParamType):
 def build(artifact: Path, target: str, out: Path | None, profile: tuple[DimOverride, ...], layout: str,
           model_name: str | None, opt_level: int, workspace_mib: int | None, timing_cache: Path | None,
           no_timing_cache: bool, hardware_compatibility: str, version_compatible: bool, exclude_lean_runtime: bool,
-          reference_engine: Path | None, bench_iterations: int, dry_run: bool, force: bool, as_json: bool) -> None:
+          reference_engine: Path | None, bench_iterations: int, cpu_lm_head: str, dry_run: bool, force: bool,
+          as_json: bool) -> None:
     """Build a TensorRT engine (or a CPU ONNX Runtime artifact) from an export or quantize folder."""
     opts = BuildOptions(
         profile=tuple(profile), optimization_level=opt_level, workspace_mib=workspace_mib, timing_cache=timing_cache,
         use_timing_cache=not no_timing_cache, hardware_compatibility=HardwareCompatibility(hardware_compatibility),
         version_compatible=version_compatible, exclude_lean_runtime=exclude_lean_runtime, layout=Layout(layout),
         model_name=model_name, reference_engine=reference_engine, benchmark_iterations=bench_iterations,
+        cpu_lm_head=cpu_lm_head,
     )
     tgt = resolve_target(target)
     backend = backend_for_target(tgt)
