@@ -178,17 +178,23 @@ def case(name: str, old: dict | None = None) -> dict:
 
 
 def table(results: dict) -> str:
-    rows = ["| case | budget | held-out calib (plain -> budget) | eval text: plain | eval text: budget | "
-            "GEMM weights still quantized | groups kept | time plain / budget (x) |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| case | budget | held-out calib (plain -> budget) | GPTQ rounding (every GEMM quantized, held-out) | "
+            "eval text: plain | eval text: budget | GEMM weights still quantized | groups kept | time plain / budget (x) |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for r in results["cases"]:
         if "eval" not in r:
-            rows.append(f"| {r['case']} | {r['budget']} | failed: {r['budgeted'].get('error') or r['plain'].get('error')} |||||")
+            rows.append(f"| {r['case']} | {r['budget']} | failed: {r['budgeted'].get('error') or r['plain'].get('error')} ||||||")
             continue
         b = r["budgeted"]["budget"]
         pct = b["unit"] == "%"
         fmt = (lambda v: f"{v:+.2f}%") if pct else (lambda v: f"{v:.5f}")
         e = r["eval"]
-        rows.append(f"| {r['case']} | {r['budget']} | {fmt(b['measured_all_quantized'])} -> {fmt(b['measured'])} | "
+        rnd = b.get("rounding") or {}
+        lever = ("not in this run" if not rnd else rnd["reason"].partition(":")[0] if not rnd.get("tried")
+                 else f"{rnd['lever']}: {fmt(rnd['measured_plain'])} -> {fmt(rnd['measured'])}, "
+                 + ("used" if rnd["used"] else "not used"))
+        plain_all = rnd.get("measured_plain", b["measured_all_quantized"])
+        rows.append(f"| {r['case']} | {r['budget']} | {fmt(plain_all)} -> {fmt(b['measured'])} | {lever} | "
                     f"{fmt(e['plain'])} | {fmt(e['budgeted'])} | {100 * r['share_kept_quantized']:.1f}% | "
                     f"{b['groups_kept']} of {b['groups']}" + (f" ({b['groups_int8']} INT8)" if b.get("groups_int8") else "")
                     + f" | {r['plain']['wall_s']:.0f}s / {r['budgeted']['wall_s']:.0f}s ({r['time_ratio']:.1f}x"

@@ -360,9 +360,14 @@ def test_weight_only_int8_recipe_key(weight_outliers, tmp_path):
 @pytest.mark.parametrize("preset,lever", [("int4-rtn", "int4_method=gptq")])
 def test_gptq_rounding_is_the_first_lever(weight_outliers, tmp_path, preset, lever):
     """Where GPTQ's rounding of the same weights meets the budget, nothing is kept in a higher precision."""
+    from trtforge.artifacts import OnnxArtifact
+
     exp, npz = weight_outliers
-    recipe = get_preset(preset).replace(budget="perplexity=1%", num_samples=24, block_size=32)
-    art = quantize(exp, recipe, tmp_path / "q", calib=[npz])
+    r = CliRunner().invoke(main, ["quantize", str(exp.path), "--recipe", preset, "--set", "num_samples=24", "--set",
+                                  "block_size=32", "--budget", "perplexity=1%", "--calib", str(npz), "-o", str(tmp_path / "q")])
+    assert r.exit_code == 0, r.output
+    assert f"GPTQ rounding ({lever}) used: every GEMM quantized +" in r.stdout and "0 of " in r.stdout  # said to the user
+    art = OnnxArtifact.open(tmp_path / "q")
     q = art.manifest.quantization
     b = _check_manifest(art, "perplexity=1%")
     rnd = b["rounding"]

@@ -51,6 +51,10 @@ def quantize(export_dir: Path, recipe_spec: str, calib: tuple[Path, ...], ranges
                  f"(every GEMM quantized: {fmt(b['measured_all_quantized'])}); {b['groups_kept']} of {b['groups']} groups "
                  f"kept out of {q.precision}" + (f" ({b['groups_int8']} in INT8 weight-only)" if b.get("groups_int8") else "")
                  + f", {100 * share:.1f}% of GEMM weights in {q.precision}")
+        rnd = b.get("rounding") or {}
+        if rnd.get("tried"):
+            text += (f"; GPTQ rounding ({rnd['lever']}) {'used' if rnd['used'] else 'tried, not used'}: every GEMM "
+                     f"quantized {fmt(rnd['measured_plain'])} -> {fmt(rnd['measured'])}")
     emit(art.manifest, as_json, text)
 
 
