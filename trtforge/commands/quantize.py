@@ -22,7 +22,8 @@ from trtforge.recipes import PRESETS, load_quant_recipe
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--budget", metavar="METRIC=VALUE",
               help="Accuracy budget, e.g. perplexity=1% (decoders) or embedding_cosine=0.999 (encoders): the fewest "
-                   "GEMM weights stay unquantized until it holds on held-out calibration samples.")
+                   "GEMM weights stay unquantized until it holds on held-out calibration samples (GPTQ rounding of the "
+                   "same weights is tried first; --set budget_rounding=false skips it).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a recipe key, e.g. --set alpha=0.8.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
