@@ -384,6 +384,25 @@ def test_gptq_rounding_is_the_first_lever(weight_outliers, tmp_path, preset, lev
     assert (art.path / "ranges.hessians.npz").exists()
     assert all("GPTQ" in ly["reason"] for ly in q.layers if ly["precision"] == "int4-weight-only")
     assert all("gptq" in n for n in q.nodes if n["status"] == "quantized")
+    # parity --per-layer re-quantizes one GEMM from the record and the saved ranges: GPTQ's weights again, exactly
+    import onnx
+    from onnx import numpy_helper
+
+    from trtforge.requantize import layer_quantizer
+
+    node = "/model/model/layers.1/mlp/down_proj/MatMul"
+    g = next(n for n in q.nodes if n["node"] == node)["gptq"]
+    assert "fallback" not in g and g["error_vs_rtn"] < 1.0  # GPTQ's integers, not round-to-nearest's
+    one = layer_quantizer(q, art.path / "ranges.json", dims=art.dims, dtype=None)(onnx.load(str(exp.model_path)), node)
+
+    def int4_weight(model) -> np.ndarray:
+        prod = {o: n for n in model.graph.node for o in n.output}
+        dq = prod[next(n for n in model.graph.node if n.name == node).input[1]]
+        t = next(t for t in model.graph.initializer if t.name == dq.input[0])
+        return numpy_helper.to_array(t)
+
+    written = onnx.load(str(art.model_path))
+    np.testing.assert_array_equal(int4_weight(one), int4_weight(written))
     if preset == "int4-awq":  # AWQ's factors found once, reused by the GPTQ graph and the written model
         assert q.extra["smoothing"] and all(sm["alpha"] is not None for sm in q.extra["smoothing"])
 
