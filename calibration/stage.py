@@ -195,6 +195,7 @@ def quantize(
             inline_identity_initializers(model, weights)
         if r.hessians and not needs_hessians(recipe):  # kept only for a lever the search did not use
             r.hessians = {}
+            r.meta.pop("hessians", None)
         r.save(tmp / RANGES_FILE)
         copy_side_files(art.path, tmp)
         _write_manifest(output, art, tmp, recipe, dtype, external, samples_info, smooth_check, quick, report)

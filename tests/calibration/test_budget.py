@@ -181,6 +181,8 @@ def test_encoder_keeps_the_outlier_group_and_meets_the_budget(encoder, tmp_path)
     assert (rnd["tried"], rnd["used"]) == (False, False) and rnd["reason"].startswith("not needed")
     # collected for the lever in the one calibration pass, not saved where the recipe does not read them
     assert not (easy.path / "ranges.hessians.npz").exists()
+    saved = json.loads((easy.path / "ranges.json").read_text())
+    assert not saved.get("hessians_file") and "hessians" not in saved.get("meta", {})
     assert easy.manifest.quantization.recipe["weight_rounding"] == "nearest"
 
 
