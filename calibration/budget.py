@@ -14,7 +14,8 @@ provider runs it, TensorRT runs a weight-only INT8 DequantizeLinear into a float
 TensorRT-LLM's loader reads it as a W8A16 layer of a MIXED_PRECISION checkpoint), then the
 unquantized rest's float type (FP16: two bytes). FP8 and INT8 recipes go straight to float.
 
-Method (one calibration pass, statistics reused; calibration/budget_eval.py measures):
+Method (one calibration pass, statistics reused; calibration/budget_graph.py builds the graph,
+calibration/budget_eval.py measures):
 
 1. The recipe quantizes the whole graph once (``prepare`` + ``finish``, the stage's own
    passes), and every quantized GEMM input gets a switch: ``Where(keep_g, float, ...)`` on its
@@ -27,44 +28,51 @@ Method (one calibration pass, statistics reused; calibration/budget_eval.py meas
 2. The unquantized graph (every keep switch on) is measured first: if even it misses the
    budget, the search stops with one error saying what it measures. Then the fully quantized
    graph: if it meets the budget, nothing is kept.
-3. Sensitivity of each group: the relative noise power of the last hidden state (the lm_head's
+3. The zero-byte lever (:func:`rounding_lever`, unless ``budget_rounding`` is off): the plain
+   recipe missed, so the same weights are rounded by GPTQ instead (int4-awq: AWQ's scales then
+   GPTQ; int4-rtn: GPTQ; INT8/FP8: ``weight_rounding = "gptq"``), with the Hessians the same
+   calibration pass collected (the stage collects them whenever a budget has this lever) and
+   the smoothing factors step 1 found (not searched again); the switched graph of that recipe
+   is measured fully quantized on the held-out part and replaces step 1's where it measures
+   better (``budget.rounding`` in the manifest says what was tried, measured and why it was or
+   was not used). If it meets the budget, nothing is kept.
+4. Sensitivity of each group: the relative noise power of the last hidden state (the lm_head's
    input for decoders, ``last_hidden_state`` for encoders) with only that group quantized (and,
    for INT4, with only that group in INT8), against the unquantized graph, on the first
    ``RANK_TOKENS`` held-out tokens (a pruned copy of the graph without the lm_head: a 262k
    vocabulary is most of a small model's compute).
-4. *Moves* (a group INT4 -> INT8, a group INT8 or the recipe's precision -> float) ordered by
+5. *Moves* (a group INT4 -> INT8, a group INT8 or the recipe's precision -> float) ordered by
    error reduction per extra weight byte (INT4 -> INT8 half a byte per weight, INT8 -> FP16 one
    more; cost-aware: a small sensitive layer before a large one of the same error), a group's
    INT8 move always before its float move; the shortest prefix of moves that meets the budget,
    measured on the whole held-out part (exponential then binary search over the prefix length).
 
-The stage then quantizes with that assignment (``exclude`` and ``weight_only_int8`` patterns)
-and measures its written model on the same held-out samples; should that miss the budget, the
+The stage then quantizes with that assignment (the lever's rounding where it was used, and
+``exclude`` and ``weight_only_int8`` patterns; the smoothing factors reused) and measures its written model on the same held-out samples; should that miss the budget, the
 next move is taken and the stage quantizes again (:meth:`Search.more`).
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import onnx
 from onnx import helper
 
-from trtforge.calibration.budget_eval import FLAG, HeldOut, mapped_session, noise_power, split_held_out
+from trtforge.calibration.budget_eval import HeldOut, mapped_session, noise_power, split_held_out
+from trtforge.calibration.budget_graph import Switched, SwitchGroup, build_switched
 from trtforge.calibration.budget_spec import Budget
 from trtforge.calibration.collect import ActivationRanges
-from trtforge.calibration.qdq import insert_before
-from trtforge.calibration.quantize import finish, prepare
-from trtforge.calibration.recipe import QuantRecipe
+from trtforge.calibration.recipe import Int4Method, QuantRecipe, WeightRounding
+from trtforge.calibration.smoothing import Smoothing
 from trtforge.errors import QuantizationError
-from trtforge.graph import GraphIndex, inline_identity_initializers, needed_subgraph, tensor_types
+from trtforge.graph import needed_subgraph, tensor_types
 from trtforge.manifest import ModelDims
-from trtforge.numerics import quantize, weight_scales
-from trtforge.onnx_io import DATA_FILE, MODEL_FILE, DataFile, Weights, load_graph, write_model
+from trtforge.onnx_io import load_graph
 from trtforge.ort import NO_PREPACKING, graph_session, release_memory
 from trtforge.progress import progress
 from trtforge.textdata import Samples
@@ -72,25 +80,13 @@ from trtforge.vocab import Precision
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BYTES", "Search", "search", "split_held_out"]
+__all__ = ["BYTES", "Search", "rounding_lever", "search", "split_held_out"]
 
 BYTES = {Precision.FP32: 4.0, Precision.FP16: 2.0, Precision.BF16: 2.0, Precision.INT8: 1.0, Precision.FP8: 1.0,
          Precision.INT4: 0.5}
 
 
-# --------------------------------------------------------------------------- the switched graph
-
-
-@dataclass
-class _Group:
-    name: str
-    role: str
-    members: list[str]  # quantized GEMM nodes
-    elements: int  # weight elements of the members
-    flag: str = ""  # keep in float
-    flag8: str = ""  # INT8 weight-only (INT4 recipes)
-    sensitivity: float | None = None  # only this group in the recipe's precision
-    sensitivity_int8: float | None = None  # only this group in INT8 weight-only
+# --------------------------------------------------------------------------- the search
 
 
 @dataclass(frozen=True)
@@ -105,88 +101,6 @@ class Move:
     @property
     def ratio(self) -> float:
         return self.gain / max(self.cost, 1e-30)
-
-
-def _groups(prep, quantized: list[str], int8: bool) -> list[_Group]:
-    seen: set[str] = set()
-    out: list[_Group] = []
-    gemms = {n: d.gemm for n, d in prep.decisions.items()}
-    for grp in prep.groups:
-        members = [n for n in grp.gemms if n in quantized and n not in seen]
-        if members:
-            seen.update(members)
-            out.append(_Group(grp.act, grp.role, members, sum(gemms[n].k * gemms[n].n for n in members)))
-    for n in quantized:  # a GEMM in no group: a group of its own
-        if n not in seen:
-            out.append(_Group(gemms[n].act, "other", [n], gemms[n].k * gemms[n].n))
-    for i, g in enumerate(out):
-        g.flag = f"{FLAG}keep_{i}"
-        g.flag8 = f"{FLAG}int8_{i}" if int8 else ""
-    return out
-
-
-def _add_switches(model: onnx.ModelProto, weights: Weights, floats: dict[str, onnx.TensorProto],
-                  int8s: dict[str, onnx.TensorProto], groups: list[_Group]) -> None:
-    """``Where(keep, float, Where(int8, int8_dequantized, dequantized))`` on each quantized GEMM's
-    weight and ``Where(keep, float, dequantized)`` on its activation (module docstring, 1);
-    ``floats`` / ``int8s``: each GEMM's float / INT8-dequantized weight as a tensor already
-    written (:meth:`Weights.put`), in the type of the unquantized rest."""
-    idx = GraphIndex(model, weights)
-    producer = {o: n for n in model.graph.node for o in n.output}
-    nodes = {n.name: n for n in model.graph.node}
-    inits = {t.name: t for t in model.graph.initializer}
-    inserts: dict[str, list[onnx.NodeProto]] = {}
-    for g in groups:
-        for flag in filter(None, (g.flag, g.flag8)):
-            model.graph.input.append(helper.make_tensor_value_info(flag, onnx.TensorProto.BOOL, []))
-        for name in g.members:
-            node = nodes[name]
-            dq = producer.get(node.input[1])
-            if dq is None or dq.op_type != "DequantizeLinear":
-                raise QuantizationError(f"the budget search cannot find {name}'s dequantized weight",
-                                        "this is a trtforge bug; quantize without --budget meanwhile")
-            w = floats[name]
-            if w.data_type != inits[dq.input[1]].data_type:  # the rest's float type is the scales' type
-                raise QuantizationError(f"the budget search planned {name}'s float weight in the wrong type",
-                                        "this is a trtforge bug; quantize without --budget meanwhile")
-            new: list[onnx.NodeProto] = []
-            quantized = node.input[1]
-            if g.flag8:
-                model.graph.initializer.append(int8s[name])
-                out8 = idx.unique(f"{name}_budget_weight_int8")
-                new.append(helper.make_node("Where", [g.flag8, int8s[name].name, quantized], [out8],
-                                            name=idx.unique(f"{name}_budget_w8")))
-                quantized = out8
-            model.graph.initializer.append(w)
-            out = idx.unique(f"{name}_budget_weight")
-            new.append(helper.make_node("Where", [g.flag, w.name, quantized], [out], name=idx.unique(f"{name}_budget_w")))
-            node.input[1] = out
-            adq = producer.get(node.input[0])
-            q = producer.get(adq.input[0]) if adq is not None and adq.op_type == "DequantizeLinear" else None
-            if q is not None and q.op_type == "QuantizeLinear":
-                out = idx.unique(f"{name}_budget_act")
-                new.append(helper.make_node("Where", [g.flag, q.input[0], node.input[0]], [out],
-                                            name=idx.unique(f"{name}_budget_a")))
-                node.input[0] = out
-            inserts[name] = new
-    insert_before(model, inserts)
-
-
-def _hidden_tensor(model: onnx.ModelProto, output: str) -> str:
-    """The lm_head's input (walking back from the logits through elementwise ops), else ``output``."""
-    producer = {o: n for n in model.graph.node for o in n.output}
-    t = output
-    for _ in range(16):
-        n = producer.get(t)
-        if n is None:
-            break
-        if n.op_type in ("MatMul", "Gemm"):
-            return n.input[0]
-        t = n.input[0]
-    return output
-
-
-# --------------------------------------------------------------------------- the search
 
 
 def order_moves(moves: list[Move]) -> list[Move]:
@@ -212,7 +126,7 @@ def order_moves(moves: list[Move]) -> list[Move]:
 class Search:
     budget: Budget
     eval: HeldOut
-    groups: list[_Group]
+    groups: list[SwitchGroup]
     moves: list[Move]  # in the order they are taken
     kept: int  # the first ``kept`` moves are taken
     rest_precision: str
@@ -224,6 +138,10 @@ class Search:
     evaluations: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     gemm_elements: dict[str, int] = field(default_factory=dict)
+    # the zero-byte lever (GPTQ rounding of the same weights): what was tried, measured, chosen
+    rounding: dict = field(default_factory=dict)
+    lever: QuantRecipe | None = None  # the recipe with that rounding, where it was used
+    smoothings: dict[str, Smoothing] = field(default_factory=dict)  # the smoothing method's factors, reused
 
     def assignment(self, k: int | None = None) -> dict[int, Precision]:
         """Group index -> its precision after the first ``k`` moves (default: those taken); groups
@@ -257,10 +175,11 @@ class Search:
 
     def recipe(self, recipe: QuantRecipe) -> QuantRecipe:
         """``recipe`` with the assignment: float GEMMs excluded, INT8 ones as weight_only_int8 (exact names)."""
-        changes: dict = {"exclude": [*recipe.exclude, *(_glob_escape(n) for n in self.keep())]}
+        base = self.lever if self.lever is not None else recipe  # GPTQ rounding where the search chose it
+        changes: dict = {"exclude": [*base.exclude, *(_glob_escape(n) for n in self.keep())]}
         if self.int8():
-            changes["weight_only_int8"] = [*recipe.weight_only_int8, *(_glob_escape(n) for n in self.int8())]
-        return recipe.replace(**changes)
+            changes["weight_only_int8"] = [*base.weight_only_int8, *(_glob_escape(n) for n in self.int8())]
+        return base.replace(**changes)
 
     def verify(self, model_path: Path) -> float:
         sess = mapped_session(model_path)
@@ -282,7 +201,8 @@ class Search:
             prec = (self.quant_precision if status == "quantized" else entry.get("precision", self.rest_precision)
                     if status == "fallback" else self.rest_precision)
             if status == "quantized":
-                reason = "quantized: within the budget"
+                reason = ("quantized: within the budget" if self.lever is None else
+                          f"quantized, weights rounded by GPTQ ({self.rounding.get('lever')}): within the budget")
             elif name in floats or name in int8s:
                 gi = self.groups.index(g)
                 to = Precision.parse(prec)
@@ -325,6 +245,7 @@ class Search:
             "weight_share": {p: e / total for p, e in elems.items()},
             "kept_share_of_planned": (sum(self.groups[gi].elements for gi in final) / planned if planned else 0.0),
             "expected_gemm_weight_bytes": sum(x["weight_bytes"] for x in layers),
+            "rounding": self.rounding,
             "evaluations": self.evaluations,
             "search_s": self.seconds,
             "sensitivity": ("relative noise power of the last hidden state with only the group quantized, "
@@ -339,16 +260,7 @@ def _glob_escape(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
-def _int8_dequantized(w: np.ndarray, trans_b: bool, rest) -> np.ndarray:
-    """What the INT8 weight-only fallback computes for a weight: per-output-channel symmetric
-    INT8, dequantized in the rest's float type (calibration/qdq.py's rule)."""
-    w_kn = w.T if trans_b else w
-    s = weight_scales(w_kn, Precision.INT8, rest)
-    deq = quantize(w_kn, s[None, :], Precision.INT8).astype(np.float32) * s[None, :].astype(np.float32)
-    return np.ascontiguousarray((deq.T if trans_b else deq).astype(rest))
-
-
-def _moves(groups: list[_Group], int8: bool, rest: Precision, quant_bytes: float) -> list[Move]:
+def _moves(groups: list[SwitchGroup], int8: bool, rest: Precision, quant_bytes: float) -> list[Move]:
     out, rest_bytes = [], BYTES.get(rest, 4.0)
     for i, g in enumerate(groups):
         s = g.sensitivity or 0.0
@@ -361,60 +273,40 @@ def _moves(groups: list[_Group], int8: bool, rest: Precision, quant_bytes: float
     return out
 
 
+def rounding_lever(recipe: QuantRecipe) -> tuple[QuantRecipe, str] | None:
+    """The zero-byte lever for ``recipe``: the same precision, scales and layout with GPTQ's
+    rounding of the weights (error feedback through each GEMM input's Hessian), and what it
+    changes; None where the recipe rounds with GPTQ already or ``budget_rounding`` is off.
+    INT4: AWQ -> AWQ's scales then GPTQ (``int4_method = "awq-gptq"``), RTN -> GPTQ; INT8 and
+    FP8: ``weight_rounding = "gptq"``."""
+    if not recipe.budget_rounding:
+        return None
+    if recipe.precision == Precision.INT4:
+        to = {Int4Method.AWQ: Int4Method.AWQ_GPTQ, Int4Method.RTN: Int4Method.GPTQ}.get(recipe.int4_method)
+        return (recipe.replace(int4_method=to), f"int4_method={to.value}") if to is not None else None
+    if recipe.weight_rounding == WeightRounding.NEAREST:
+        return recipe.replace(weight_rounding=WeightRounding.GPTQ), f"weight_rounding={WeightRounding.GPTQ.value}"
+    return None
+
+
 def search(art, recipe: QuantRecipe, ranges: ActivationRanges, held: Samples, dims: ModelDims, dtype: str,
            budget: Budget, scratch: Path) -> Search:
     """The assignment (module docstring); raises QuantizationError when no assignment meets the budget."""
     t0 = time.perf_counter()
-    task = art.manifest.source.task
     int8 = recipe.precision == Precision.INT4 and recipe.budget_int8  # the INT8 weight-only tier
-    model = load_graph(art.model_path)
-    weights = Weights(model, art.path)
-    inline_identity_initializers(model, weights)
-    scratch.mkdir(parents=True, exist_ok=True)
-    path = scratch / MODEL_FILE
-    # every new tensor (the float copies, the quantized weights) goes to the scratch data file as
-    # it is made, and ONNX Runtime maps it from there: nothing of the model is held twice
-    data = weights.out = DataFile(scratch / DATA_FILE)
-    try:
-        prep = prepare(model, recipe, ranges, dims, weights=weights)
-        quantized = [n for n, d in prep.decisions.items() if d.quantize]
-        if not quantized:
-            raise QuantizationError(f"recipe {recipe.name} quantizes no GEMM of this model, so there is nothing to budget",
-                                    "quantize without --budget, or loosen the recipe's exclude patterns")
-        idx = GraphIndex(prep.model, weights)
-        by_name = {n.name: n for n in prep.model.graph.node}
-        rest = np.float16 if (dtype == Precision.FP16 or prep.dtype == Precision.FP16) else np.float32
-        floats, int8s = {}, {}
-        for n in quantized:  # the smoothed float weight, in the type of the unquantized rest
-            w = idx.array(by_name[n].input[1]).astype(np.float32)
-            if int8:
-                int8s[n] = weights.put(_int8_dequantized(w, prep.decisions[n].gemm.trans_b, rest),
-                                       idx.unique(f"{n}_budget_int8_weight"))
-            w = np.clip(w, -65504.0, 65504.0).astype(rest) if rest == np.float16 else w
-            floats[n] = weights.put(w, idx.unique(f"{n}_budget_float_weight"))
-            del w
-        del idx
-        groups = _groups(prep, quantized, int8)
-        qmodel, _ = finish(prep, dtype=dtype)
-        _add_switches(qmodel, weights, floats, int8s, groups)
-        del floats, int8s
-        output = "logits" if task.is_decoder else "last_hidden_state"
-        hidden = _hidden_tensor(qmodel, output)
-        write_model(qmodel, path, weights, external=True, data=data, link=True)
-    finally:
-        data.close()
-    del qmodel, prep, model, weights
-    release_memory()
+    sw = build_switched(art, recipe, ranges, dims, dtype, scratch / "plain")
+    groups = sw.groups
 
     vocab = int(dims.vocab_size or 0)
-    ev = HeldOut(held, dims, task, budget, vocab, int(dims.hidden_size or 0))
+    ev = HeldOut(held, dims, art.manifest.source.task, budget, vocab, int(dims.hidden_size or 0))
     ev.set_reference(art.model_path)
     rest_p, quant_b = Precision.parse(dtype), BYTES[recipe.precision]
     s = Search(budget, ev, groups, [], 0, dtype, recipe.precision.value)
+    s.smoothings = sw.smoothings
     s.gemm_elements = {g.name: g.elements for g in groups}
     everything = {g.flag: True for g in groups}
 
-    sess = mapped_session(path)
+    sess = mapped_session(sw.path)
     s.unquantized = ev.value(sess, everything)
     s.evaluations.append({"moves": "all", "value": s.unquantized})
     if not budget.met(s.unquantized):
@@ -424,22 +316,29 @@ def search(art, recipe: QuantRecipe, ranges: ActivationRanges, held: Samples, di
             "loosen the budget, or keep the unquantized rest in fp32 (recipe dtype = fp32)")
     s.all_quantized = ev.value(sess, {})
     s.evaluations.append({"moves": 0, "value": s.all_quantized})
+    del sess
+    release_memory()
     log.info("budget %s: unquantized %s, every GEMM quantized %s", budget.text, budget.show(s.unquantized),
              budget.show(s.all_quantized))
+    s.rounding = {"lever": None, "tried": False, "used": False, "measured_plain": s.all_quantized}
+    if budget.met(s.all_quantized):
+        s.rounding["reason"] = "not needed: the plain recipe meets the budget"
+    else:
+        sw = _try_rounding(s, sw, art, recipe, ranges, dims, dtype, scratch)
+        groups = s.groups = sw.groups
     if budget.met(s.all_quantized):
         s.searched = s.all_quantized
         s.moves = order_moves(_moves(groups, int8, rest_p, quant_b))  # unranked: only if the written model misses
         s.seconds = time.perf_counter() - t0
         return s
-    del sess
-    release_memory()
 
     # sensitivities, on a copy of the switched graph without the lm_head
-    light = load_graph(path)
+    hidden = sw.hidden
+    light = load_graph(sw.path)
     htype = tensor_types(light).get(hidden, onnx.TensorProto.FLOAT)
     sub = needed_subgraph(light, [hidden], lambda into, known: into.append(
         known.get(hidden) or helper.make_tensor_value_info(hidden, htype, None)))
-    rsess = graph_session(sub, scratch, config=NO_PREPACKING)
+    rsess = graph_session(sub, sw.path.parent, config=NO_PREPACKING)
     del light, sub
     ref = ev.hidden(rsess, everything, hidden)
     for g in progress(groups, len(groups), "budget sensitivity (groups)"):
@@ -450,7 +349,7 @@ def search(art, recipe: QuantRecipe, ranges: ActivationRanges, held: Samples, di
     release_memory()
     s.moves = order_moves(_moves(groups, int8, rest_p, quant_b))
 
-    search_sess = mapped_session(path)
+    search_sess = mapped_session(sw.path)
     n = len(s.moves)
     cache: dict[int, float] = {0: s.all_quantized, n: s.unquantized}  # every move taken: every group in float
 
@@ -476,3 +375,48 @@ def search(art, recipe: QuantRecipe, ranges: ActivationRanges, held: Samples, di
     release_memory()
     s.seconds = time.perf_counter() - t0
     return s
+
+
+def _try_rounding(s: Search, sw: Switched, art, recipe: QuantRecipe, ranges: ActivationRanges, dims: ModelDims, dtype: str,
+                  scratch: Path) -> Switched:
+    """The plain recipe misses the budget: its weights rounded by GPTQ instead (no extra byte),
+    on the same ranges and Hessians and with the same smoothing factors, measured on the held-out
+    part; kept where it measures better. Returns the switched graph the search goes on with."""
+    budget = s.budget
+    lever = rounding_lever(recipe)
+    if lever is None:
+        s.rounding["reason"] = ("not tried: the recipe rounds its weights with GPTQ already" if recipe.budget_rounding
+                                else "not tried: budget_rounding is off")
+        return sw
+    other, what = lever
+    s.rounding["lever"] = what
+    if not ranges.hessians:
+        s.rounding["reason"] = "not tried: the calibration pass kept no Hessians"
+        log.warning("budget %s: GPTQ rounding not tried (no Hessians in the ranges)", budget.text)
+        return sw
+    t = time.perf_counter()
+    log.info("budget %s: the plain recipe misses it (%s); trying GPTQ rounding of the same weights (%s) first",
+             budget.text, budget.show(s.all_quantized), what)
+    alt = build_switched(art, other, ranges, dims, dtype, scratch / "rounding", smoothings=sw.smoothings)
+    sess = mapped_session(alt.path)
+    value = s.eval.value(sess, {})
+    del sess
+    release_memory()
+    s.evaluations.append({"moves": 0, "rounding": what, "value": value})
+    s.rounding.update(tried=True, measured=value, seconds=time.perf_counter() - t)
+    better = value < s.all_quantized if not budget.metric.higher_is_better else value > s.all_quantized
+    if not better:
+        s.rounding["reason"] = (f"not used: every GEMM quantized measures {budget.show(value)} with {what} against "
+                                f"{budget.show(s.all_quantized)} with the plain rounding")
+        log.info("budget %s: %s", budget.text, s.rounding["reason"])
+        shutil.rmtree(alt.path.parent, ignore_errors=True)
+        return sw
+    met = budget.met(value)
+    s.rounding.update(used=True, reason=(
+        f"used: every GEMM quantized measures {budget.show(value)} with {what} against {budget.show(s.all_quantized)} "
+        f"with the plain rounding, at no extra weight byte; "
+        + ("the budget holds without keeping any GEMM" if met else "groups are then kept by error reduction per byte")))
+    log.info("budget %s: %s", budget.text, s.rounding["reason"])
+    s.lever, s.all_quantized = other, value
+    shutil.rmtree(sw.path.parent, ignore_errors=True)
+    return alt

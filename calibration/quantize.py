@@ -15,6 +15,7 @@ planned how is the business of the recipe's QuantMethods (calibration/methods/, 
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import logging
 from dataclasses import dataclass, field
@@ -89,8 +90,14 @@ def _decide(gemms: list[Gemm], recipe: QuantRecipe, only: set[str] | None, metho
 def prepare(
     model: onnx.ModelProto, recipe: QuantRecipe, ranges: ActivationRanges, dims: ModelDims | dict | None,
     *, only: set[str] | None = None, weights: Weights | None = None,
+    smoothings: dict[str, Smoothing] | None = None,
 ) -> Prepared:
     """Exclusions and the smoothing method's factors, folded into the float model.
+
+    ``smoothings`` (by group act): what this recipe's smoothing method already found for this
+    model with the same or more GEMMs quantized (the budget search's first graph): applied to
+    the groups that still have a quantized GEMM, a group absent from it left unsmoothed, nothing
+    searched again.
 
     Without ``weights``, into a copy of ``model`` (an in-memory model the caller keeps: parity's
     per-layer ranking quantizes it once per GEMM). With ``weights`` (bound to ``model``: the
@@ -109,9 +116,13 @@ def prepare(
     decisions = _decide(gemms, recipe, only, methods)
     groups = find_groups(model, dims or {}, idx)
     ctx = PlanContext(model, idx, recipe, ranges, {g.node: g for g in gemms}, decisions, groups)
-    smoothings: dict[str, Smoothing] = {}
+    known = smoothings
+    smoothings = {}
     if methods.smoothing is not None:
         todo = [grp for grp in groups if any(decisions[n].quantize for n in grp.gemms)]
+        if known is not None:  # found before: reused (a group the earlier search left alone stays so)
+            smoothings = {grp.act: dataclasses.replace(known[grp.act], group=grp) for grp in todo if grp.act in known}
+            todo = []
         for grp in progress(todo, len(todo), f"{methods.smoothing.name} search (groups)"):
             sm = methods.smoothing.smooth(ctx, grp)
             if sm is not None:

@@ -104,6 +104,11 @@ class QuantRecipe:
     # it in float (false for a target that cannot run INT8 weight-only: trtforge's TensorRT-LLM
     # checkpoint writer, which writes one W4A16_AWQ precision for the whole model)
     budget_int8: bool = True
+    # whether the budget search, where the plain recipe misses the budget, first rounds the same
+    # weights with GPTQ (int4-awq -> AWQ scales then GPTQ, int4-rtn -> GPTQ, INT8/FP8 ->
+    # weight_rounding "gptq"): no extra weight byte, only quantize time; the calibration pass then
+    # keeps the GEMM inputs' Hessians. False: the search goes straight to higher precision.
+    budget_rounding: bool = True
 
     def to_dict(self) -> dict:
         d = asdict(self)

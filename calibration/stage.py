@@ -12,8 +12,8 @@ import numpy as np
 import onnx
 
 from trtforge.artifacts import OnnxArtifact, copy_side_files, sha256_file
+from trtforge.calibration.budget import rounding_lever, split_held_out
 from trtforge.calibration.budget import search as budget_search
-from trtforge.calibration.budget import split_held_out
 from trtforge.calibration.budget_spec import check_applies, parse_budget
 from trtforge.calibration.collect import ActivationRanges, collect_ranges, model_key
 from trtforge.calibration.layerwise import run_by_blocks, wants_layerwise
@@ -130,7 +130,10 @@ def quantize(
         )
         timings["tokenize_s"] = time.perf_counter() - t
         bmm = set(attention_bmm_inputs(model, idx))
-        hessians = {name for name in watched if name not in bmm} if needs_hessians(recipe) else None
+        # a budget whose recipe has a GPTQ rounding lever collects the Hessians in this one pass too
+        # (the search tries that lever first; calibration/budget.py)
+        wants = needs_hessians(recipe) or (budget is not None and rounding_lever(recipe) is not None)
+        hessians = {name for name in watched if name not in bmm} if wants else None
         if budget is not None:  # ranges from one part, the budget measured on the other
             samples, held = split_held_out(samples)
         with output.timed("calibrate_s"):
@@ -157,8 +160,9 @@ def quantize(
             recipe = search.recipe(plain) if search is not None else plain
             data = weights.out = DataFile(tmp / DATA_FILE) if external else None
             try:
-                with output.timed("prepare_s"):
-                    prep = prepare(model, recipe, r, dims, weights=weights)
+                with output.timed("prepare_s"):  # the search's smoothing factors, not searched again
+                    prep = prepare(model, recipe, r, dims, weights=weights,
+                                   smoothings=search.smoothings if search is not None else None)
                 smooth_check = None
                 if prep.smoothings:
                     with output.timed("smoothing_check_s"):
@@ -189,6 +193,9 @@ def quantize(
             model = load_graph(art.model_path)
             weights = Weights(model, art.path)
             inline_identity_initializers(model, weights)
+        if r.hessians and not needs_hessians(recipe):  # kept only for a lever the search did not use
+            r.hessians = {}
+            r.meta.pop("hessians", None)
         r.save(tmp / RANGES_FILE)
         copy_side_files(art.path, tmp)
         _write_manifest(output, art, tmp, recipe, dtype, external, samples_info, smooth_check, quick, report)

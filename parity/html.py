@@ -384,7 +384,9 @@ def _precision_assignment(pa: dict[str, Any]) -> str:
             ("metric", b.get("metric")), ("limit", _n(b.get("limit"))), ("measured", _n(b.get("measured"))),
             ("measured with every layer quantized", _n(b.get("measured_all_quantized"))),
             ("held-out samples", _n(b.get("held_out_samples"))),
-            ("met", Raw('<span class="ok">yes</span>' if b.get("met") else '<span class="ko">NO</span>'))]))
+            ("met", Raw('<span class="ok">yes</span>' if b.get("met") else '<span class="ko">NO</span>')),
+            *((("weight rounding (GPTQ, no extra byte)", b["rounding"]["reason"]),)
+              if isinstance(b.get("rounding"), dict) and b["rounding"].get("reason") else ())]))
     if pa["kept"]:
         kept = [[f"<code>{_e(x['name'])}</code>", _e(x.get("group") or ""), _e(x.get("precision")), _e(x.get("reason") or ""),
                  _n(x.get("sensitivity")), _n((x.get("weight_bytes") or 0) / 2**20, "MiB")] for x in pa["kept"]]

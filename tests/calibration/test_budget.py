@@ -154,6 +154,14 @@ def test_decoder_keeps_the_outlier_group_and_meets_the_budget(decoder, tmp_path)
     assert max(sens, key=sens.get).startswith("/model/model/layers.1/mlp/")
     # parity's --per-layer record: the kept GEMMs are excluded in the recorded recipe, so a re-quantization matches
     assert any("layers.1/mlp/gate_proj" in p for p in m["quantization"]["recipe"]["exclude"])
+    # the zero-byte lever came first: GPTQ rounding of the INT8 weights, measured fully quantized; it
+    # cannot fix per-tensor activation outliers, so the outlier group is still kept after it
+    rnd = b["rounding"]
+    assert rnd["lever"] == "weight_rounding=gptq" and rnd["tried"] is True
+    assert rnd["measured_plain"] == b["measured_all_quantized"] or rnd["used"]
+    assert rnd["measured"] > 1.0 and rnd["seconds"] > 0
+    assert [e.get("rounding") for e in b["evaluations"][:3]] == [None, None, "weight_rounding=gptq"]
+    assert m["quantization"]["recipe"]["weight_rounding"] == ("gptq" if rnd["used"] else "nearest")
 
 
 def test_encoder_keeps_the_outlier_group_and_meets_the_budget(encoder, tmp_path):
@@ -169,6 +177,13 @@ def test_encoder_keeps_the_outlier_group_and_meets_the_budget(encoder, tmp_path)
                     calib=[DATA / "calib-mpl-lgpl.txt"])
     assert not _kept(easy.manifest.quantization)
     assert easy.manifest.quantization.budget["groups_kept"] == 0
+    rnd = easy.manifest.quantization.budget["rounding"]
+    assert (rnd["tried"], rnd["used"]) == (False, False) and rnd["reason"].startswith("not needed")
+    # collected for the lever in the one calibration pass, not saved where the recipe does not read them
+    assert not (easy.path / "ranges.hessians.npz").exists()
+    saved = json.loads((easy.path / "ranges.json").read_text())
+    assert not saved.get("hessians_file") and "hessians" not in saved.get("meta", {})
+    assert easy.manifest.quantization.recipe["weight_rounding"] == "nearest"
 
 
 def test_an_impossible_budget_is_one_error_and_writes_nothing(encoder, tmp_path):
@@ -268,12 +283,14 @@ def test_int4_outlier_gemm_lands_in_int8_first(weight_outliers, tmp_path):
     from trtforge.ort import session
 
     exp, npz = weight_outliers
-    recipe = get_preset("int4-rtn").replace(budget="perplexity=1%", num_samples=24, block_size=32)
+    # the rounding lever off: GPTQ alone meets this budget on this model (test_gptq_rounding_is_the_first_lever)
+    recipe = get_preset("int4-rtn").replace(budget="perplexity=1%", num_samples=24, block_size=32, budget_rounding=False)
     art = quantize(exp, recipe, tmp_path / "q", calib=[npz])
     q = art.manifest.quantization
     b = _check_manifest(art, "perplexity=1%")
     assert b["measured_all_quantized"] > 1.0 >= b["measured"]
     assert b["measured"] == pytest.approx(b["measured_search"], abs=1e-6)  # RTN: the switched graph is exact
+    assert b["rounding"]["tried"] is False and "budget_rounding is off" in b["rounding"]["reason"]
     down = "/model/model/layers.1/mlp/down_proj/MatMul"
     layers = {ly["name"]: ly for ly in q.layers}
     # the outlier GEMM is the most sensitive, is the search's first move, and goes to INT8, not float
@@ -340,3 +357,100 @@ def test_weight_only_int8_recipe_key(weight_outliers, tmp_path):
     r = CliRunner().invoke(main, ["build", str(tmp_path / "q"), "--target", "cpu", "-o", str(tmp_path / "cpu"), "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["build"]["self_check"]["relative_rms_err"] < 1e-4
+
+
+@pytest.mark.parametrize("preset,lever", [("int4-rtn", "int4_method=gptq")])
+def test_gptq_rounding_is_the_first_lever(weight_outliers, tmp_path, preset, lever):
+    """Where GPTQ's rounding of the same weights meets the budget, nothing is kept in a higher precision."""
+    from trtforge.artifacts import OnnxArtifact
+
+    exp, npz = weight_outliers
+    r = CliRunner().invoke(main, ["quantize", str(exp.path), "--recipe", preset, "--set", "num_samples=24", "--set",
+                                  "block_size=32", "--budget", "perplexity=1%", "--calib", str(npz), "-o", str(tmp_path / "q")])
+    assert r.exit_code == 0, r.output
+    assert f"GPTQ rounding ({lever}) used: every GEMM quantized +" in r.stdout and "0 of " in r.stdout  # said to the user
+    art = OnnxArtifact.open(tmp_path / "q")
+    q = art.manifest.quantization
+    b = _check_manifest(art, "perplexity=1%")
+    rnd = b["rounding"]
+    assert (rnd["lever"], rnd["tried"], rnd["used"]) == (lever, True, True)
+    assert rnd["measured"] < 1.0 < rnd["measured_plain"]
+    assert "at no extra weight byte" in rnd["reason"] and "without keeping any GEMM" in rnd["reason"]
+    # nothing kept: every GEMM the plain recipe quantizes stays INT4, at the plain recipe's bytes
+    assert b["groups_kept"] == 0 and b["kept_share_of_planned"] == 0.0 and not _kept(q)
+    assert b["measured_all_quantized"] == rnd["measured"] and b["measured"] == pytest.approx(rnd["measured"], abs=1e-6)
+    assert b["ranking_tokens"] == 0  # no sensitivity was measured
+    # the recorded recipe is the one that was applied (so --ranges and parity --per-layer reproduce it), and the
+    # Hessians it reads, collected in the one calibration pass, are saved beside the ranges
+    assert q.recipe["int4_method"] == lever.partition("=")[2] and q.recipe["name"] == preset
+    assert (art.path / "ranges.hessians.npz").exists()
+    assert all("GPTQ" in ly["reason"] for ly in q.layers if ly["precision"] == "int4-weight-only")
+    assert all("gptq" in n for n in q.nodes if n["status"] == "quantized")
+    # parity --per-layer re-quantizes one GEMM from the record and the saved ranges: GPTQ's weights again, exactly
+    import onnx
+    from onnx import numpy_helper
+
+    from trtforge.requantize import layer_quantizer
+
+    node = "/model/model/layers.1/mlp/down_proj/MatMul"
+    g = next(n for n in q.nodes if n["node"] == node)["gptq"]
+    assert "fallback" not in g and g["error_vs_rtn"] < 1.0  # GPTQ's integers, not round-to-nearest's
+    one = layer_quantizer(q, art.path / "ranges.json", dims=art.dims, dtype=None)(onnx.load(str(exp.model_path)), node)
+
+    def int4_weight(model) -> np.ndarray:
+        prod = {o: n for n in model.graph.node for o in n.output}
+        dq = prod[next(n for n in model.graph.node if n.name == node).input[1]]
+        t = next(t for t in model.graph.initializer if t.name == dq.input[0])
+        return numpy_helper.to_array(t)
+
+    written = onnx.load(str(art.model_path))
+    np.testing.assert_array_equal(int4_weight(one), int4_weight(written))
+    if preset == "int4-awq":  # AWQ's factors found once, reused by the GPTQ graph and the written model
+        assert q.extra["smoothing"] and all(sm["alpha"] is not None for sm in q.extra["smoothing"])
+
+
+def test_rounding_lever_of_each_preset():
+    from trtforge.calibration.budget import rounding_lever
+
+    want = {"fp8": "weight_rounding=gptq", "int8-sq": "weight_rounding=gptq", "int8": "weight_rounding=gptq",
+            "int4-awq": "int4_method=awq-gptq", "int4-rtn": "int4_method=gptq", "fp8-gptq": None, "int8-sq-gptq": None,
+            "int4-gptq": None, "int4-awq-gptq": None}
+    for name, what in want.items():
+        got = rounding_lever(get_preset(name))
+        assert (got[1] if got else None) == what, name
+        if got:  # the same recipe otherwise
+            diff = {k for k, v in got[0].to_dict().items() if get_preset(name).to_dict()[k] != v}
+            assert diff == {what.partition("=")[0]}
+    assert rounding_lever(get_preset("fp8").replace(budget_rounding=False)) is None
+
+
+@pytest.mark.parametrize("plain,lever", [("int4-awq", "int4-awq-gptq"), ("int8-sq", "int8-sq-gptq")])
+def test_reused_smoothing_factors_are_the_ones_a_fresh_search_finds(exported, tmp_path, plain, lever):
+    """The budget's GPTQ graph and the written model reuse the plain graph's smoothing factors
+    (prepare(smoothings=...)) instead of searching again: the same factors, the same weights."""
+    import onnx
+
+    from trtforge.calibration.collect import ActivationRanges
+    from trtforge.calibration.quantize import finish, prepare
+
+    exp = exported("llama", outliers=True)
+    src = quantize(exp, get_preset(lever).replace(num_samples=8), tmp_path / "q", calib=[DATA / "calib-mpl-lgpl.txt"])
+    ranges = ActivationRanges.load(src.path / "ranges.json")
+    model = onnx.load(str(exp.model_path))
+    found = prepare(model, get_preset(plain), ranges, exp.dims).smoothings
+    assert found
+    fresh = prepare(model, get_preset(lever), ranges, exp.dims)
+    reused = prepare(model, get_preset(lever), ranges, exp.dims, smoothings=found)
+    assert set(fresh.smoothings) == set(reused.smoothings) == set(found)
+    for act, sm in fresh.smoothings.items():
+        np.testing.assert_array_equal(sm.s, reused.smoothings[act].s)
+        assert reused.smoothings[act].group.gemms == sm.group.gemms
+    a, _ = finish(fresh, dtype="fp32")
+    b, _ = finish(reused, dtype="fp32")
+    wa = {t.name: onnx.numpy_helper.to_array(t) for t in a.graph.initializer}
+    wb = {t.name: onnx.numpy_helper.to_array(t) for t in b.graph.initializer}
+    assert wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa)
+    # a group excluded since (the budget kept it) gets no factor, and nothing is searched for it
+    first = next(iter(found.values())).group.gemms
+    fewer = prepare(model, get_preset(lever).replace(exclude=list(first)), ranges, exp.dims, smoothings=found)
+    assert set(fewer.smoothings) == set(found) - {next(iter(found))}

@@ -115,7 +115,8 @@ LAYERS = [
      "sensitivity": 0.02, "reason": "within budget", "weight_bytes": 6_000_000},
 ]
 BUDGET = {"metric": "kl_mean", "limit": 0.01, "measured": 0.006, "measured_all_quantized": 0.02,
-          "held_out_samples": 16, "met": True}
+          "held_out_samples": 16, "met": True,
+          "rounding": {"lever": "weight_rounding=gptq", "tried": True, "used": True, "reason": "used: 0.02 against 0.03"}}
 
 
 def test_precision_assignment_is_shown_from_the_manifest(int8_tiny, tmp_path, validate_report):
@@ -138,6 +139,7 @@ def test_precision_assignment_is_shown_from_the_manifest(int8_tiny, tmp_path, va
     summary = "<details><summary>precision assignment: 70 % int8, 30 % fp16 of the weights; 1 layer kept off int8"
     assert summary in html, html[html.find("precision assignment") - 100:html.find("precision assignment") + 200]
     assert "largest share of the held-out KL" in html and "measured with every layer quantized" in html
+    assert "weight rounding (GPTQ, no extra byte)" in html and "used: 0.02 against 0.03" in html
     md = (rep.path / "report.md").read_text()
     assert "Precision assignment: 70 % int8, 30 % fp16 of the weights" in md and "Accuracy budget: kl_mean" in md
     # without the keys, nothing is shown

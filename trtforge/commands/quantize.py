@@ -22,7 +22,8 @@ from trtforge.recipes import PRESETS, load_quant_recipe
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--budget", metavar="METRIC=VALUE",
               help="Accuracy budget, e.g. perplexity=1% (decoders) or embedding_cosine=0.999 (encoders): the fewest "
-                   "GEMM weights stay unquantized until it holds on held-out calibration samples.")
+                   "GEMM weights stay unquantized until it holds on held-out calibration samples (GPTQ rounding of the "
+                   "same weights is tried first; --set budget_rounding=false skips it).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a recipe key, e.g. --set alpha=0.8.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
@@ -51,6 +52,10 @@ def quantize(export_dir: Path, recipe_spec: str, calib: tuple[Path, ...], ranges
                  f"(every GEMM quantized: {fmt(b['measured_all_quantized'])}); {b['groups_kept']} of {b['groups']} groups "
                  f"kept out of {q.precision}" + (f" ({b['groups_int8']} in INT8 weight-only)" if b.get("groups_int8") else "")
                  + f", {100 * share:.1f}% of GEMM weights in {q.precision}")
+        rnd = b.get("rounding") or {}
+        if rnd.get("tried"):
+            text += (f"; GPTQ rounding ({rnd['lever']}) {'used' if rnd['used'] else 'tried, not used'}: every GEMM "
+                     f"quantized {fmt(rnd['measured_plain'])} -> {fmt(rnd['measured'])}")
     emit(art.manifest, as_json, text)
 
 
