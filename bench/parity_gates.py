@@ -409,10 +409,10 @@ def table(paths: list[Path]) -> str:
         res = json.loads(path.read_text())
         for r in res["rows"]:
             if "figures" in r:
-                rows.append((res["model"], r))
+                rows.append((f"{res['model']} ({res.get('num_samples')} x {res.get('max_len')})", r))
     used = [(k, h) for k, h in COLUMNS if k == "primary_cosine_mean" or any(r["figures"].get(k) is not None
                                                                          for _, r in rows)]
-    out = ["| model | candidate | " + " | ".join(h for _, h in used) + " | meets presets |",
+    out = ["| model (texts x tokens) | candidate | " + " | ".join(h for _, h in used) + " | meets presets |",
            "|---|---|" + "---:|" * len(used) + "---|"]
     for model, r in rows:
         f = {**r["figures"]}
