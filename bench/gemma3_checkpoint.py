@@ -116,9 +116,9 @@ def main() -> None:
     if a.table:
         print(table(a.table))
         return
-    model = a.model or (Path(os.environ["TRTFORGE_GEMMA3_DIR"]) if os.environ.get("TRTFORGE_GEMMA3_DIR") else gemma3_270m())
     a.out.mkdir(parents=True, exist_ok=True)
     q = a.quantized or a.out / f"gemma-{a.recipe}"
+    model = a.model or _float_model(q if (q / "manifest.json").is_file() else a.export)
     steps: dict = {}
     if a.quantized is None and not (a.reuse and (q / "manifest.json").is_file()):
         steps["quantize"] = timed(["trtforge", "quantize", str(a.export), "--recipe", a.recipe, "-o", str(q), "--force",
@@ -169,6 +169,19 @@ def main() -> None:
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
+def _float_model(art: Path) -> Path:
+    """The float reference: TRTFORGE_GEMMA3_DIR, else the HF folder the artifact's manifest names
+    (a quantized artifact's source is its export's), else bench/models.py's prepared copy. Without
+    this a --quantized artifact's checkpoint was compared with bench/models.py's folder, which it
+    prepares from a GGUF (Q4_K_M) when TRTFORGE_GEMMA3_DIR is unset: not the weights it was made from."""
+    if os.environ.get("TRTFORGE_GEMMA3_DIR"):
+        return Path(os.environ["TRTFORGE_GEMMA3_DIR"])
+    src = Path((json.loads((art / "manifest.json").read_text()).get("source") or {}).get("path") or "")
+    if src.name and (src / "model.safetensors").is_file():
+        return src
+    return gemma3_270m()
 
 
 def _merge(path: Path | None, case: str, row: dict) -> None:

@@ -122,14 +122,17 @@ _PRESETS: dict[Preset, dict[str, float | None]] = {
     # embedding cosine 0.9975 vs 0.9981; Gemma 3 top-1 0.848 vs 0.828 on its logits).
     Preset.FP8: dict(_INT8),
     Preset.INT8: dict(_INT8),
-    # INT4 decoders (issue 16): today's int4-awq of the real Gemma 3 270M measures top-1 0.696, KL
-    # 0.206, perplexity +16.2% (+17.8% on the full held-out text), and the same artifact with a
-    # planted gate_proj x4 fault 0.652 / 0.245 / +22.8%: closer to it than 1.5x its error, so no
-    # limit both passes it and fails the fault. The perplexity limit stays +10% (what a release
-    # of an INT4 LLM accepts; int4-awq-gptq measures +9.0% on the full text); top-1 / top-5 / KL
-    # are set looser than INT8's (0.70 / 0.70 / 0.15). Gemma's int4-awq fails this preset.
-    Preset.INT4: dict(cosine_mean=0.95, cosine_min=0.85, snr_db=9.0, top1_agreement=0.70,
-                      top5_agreement=0.70, kl_mean=0.15, ppl_change_pct=10.0,
+    # INT4 decoders (issue 16), from the real Gemma 3 270M at parity's default 24 texts x 96 tokens
+    # (bench/parity_gates.py, docs/results/parity-gates-gemma3-int4*-24x96.json): healthy
+    # int4-awq-gptq / int4-awq / int4-gptq measure top-1 0.763 / 0.758 / 0.725, top-5 0.795 /
+    # 0.764 / 0.734, KL 0.168 / 0.212 / 0.262, perplexity +7.9 / +17.6 / +14.8 %, cosine 0.975 /
+    # 0.968 / 0.962, 12.3 / 11.4 / 10.8 dB. The planted lost MLP (layer 9 up_proj zeroed in
+    # int4-awq-gptq) measures 0.624, 0.673, 0.408, +34.9 %, 0.9457, 8.97 dB and fails five limits;
+    # a gate_proj scale x4 in it (0.731, 0.224, +12.6 %) is milder than healthy int4-awq and no
+    # precision-wide limit can fail it while int4-awq passes (a per-recipe thresholds file can:
+    # docs/parity.md). Perplexity 25 % is about the geometric middle of +17.6 % and +34.9 %.
+    Preset.INT4: dict(cosine_mean=0.95, cosine_min=0.85, snr_db=9.0, top1_agreement=0.65,
+                      top5_agreement=0.65, kl_mean=0.35, ppl_change_pct=25.0,
                       embedding_cosine_mean=0.95, embedding_cosine_min=0.94,
                       task_agreement=0.30, task_accuracy_drop=10.0),
 }

@@ -55,7 +55,7 @@ class ResourceError(TrtforgeError):
 # trtforge parity for these precisions: parity/options.py, _PRESETS[Preset.FP8 / Preset.INT4]
 # ["ppl_change_pct"], reasoned in docs/parity.md. Copied, not imported (engines imports only the
 # core); tests/engines/test_trtllm_checkpoint.py checks that the two tables agree.
-MAX_PPL_CHANGE_PCT: dict[Precision, float] = {Precision.FP8: 5.0, Precision.INT4: 10.0}
+MAX_PPL_CHANGE_PCT: dict[Precision, float] = {Precision.FP8: 5.0, Precision.INT4: 25.0}
 
 
 @dataclass(frozen=True)

@@ -233,6 +233,20 @@ class CheckpointReader:
             out[name] = self.array(name)
         return out
 
+    def served_float_params(self) -> dict[str, np.ndarray]:
+        """``float_params`` as the server holds them. Where the family's loader adds an offset
+        (Gemma's norms: ``p.data.copy_(module_weights[n][:] + 1)``, Gemma3HfWeightMapper.handle_manual_copy)
+        it adds it to the stored tensor in the checkpoint's dtype, which rounds the sum once more
+        (bfloat16: up to 2^-9 of it). Returned as that sum in float32 minus the offset, exactly, so a
+        Hugging Face model, which computes ``offset + w`` itself in float32, holds the server's scale."""
+        out = self.float_params()
+        for name in out:
+            offset = self.norm_offset(name)
+            if offset:
+                served = self.tensor(name) + offset  # in the stored dtype, as the loader computes it
+                out[name] = torch_adapter().to_numpy(served) - np.float32(offset)
+        return out
+
     def iter_linears(self) -> Iterator[ServerLinear]:
         """Each Linear as the server computes it, one at a time (a fused FP8 group together), so
         only one layer's float64 weight is alive at once."""

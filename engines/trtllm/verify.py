@@ -185,7 +185,7 @@ def parity(reader: CheckpointReader, art: OnnxArtifact, *, reference: Path | Non
     rows, data = held_out_rows(art, text, max_samples)
     specs = ((s.module, t.LinearSpec(s.weight, s.bias, s.pre_quant_scale, s.act, s.input_scale))
              for s in reader.iter_linears() if s.quantized)
-    model = t.build_model(reader.config, reader.float_params(), specs)
+    model = t.build_model(reader.config, reader.served_float_params(), specs)
     cand = t.logits(model, rows)
     del model
     onnx = onnx_logits(art, rows)

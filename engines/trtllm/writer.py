@@ -11,7 +11,7 @@ Out: OUT_DIR, a Hugging Face checkpoint in NVIDIA Model Optimizer's unified form
      verification figures). The folder appears only after the checkpoint was read back the way
      TensorRT-LLM reads it and verified; any failure leaves nothing behind, and so does a
      perplexity change over the float model above the limit (``max_ppl_change_pct``, by default
-     parity's preset for the precision: 5% FP8, 10% INT4; checks.MAX_PPL_CHANGE_PCT).
+     parity's preset for the precision: 5% FP8, 25% INT4; checks.MAX_PPL_CHANGE_PCT).
 
 Every tensor comes from the ONNX artifact (same calibration, same recipe), so the two artifacts
 agree by construction; verify.py measures how exactly.

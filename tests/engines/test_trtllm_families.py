@@ -137,6 +137,17 @@ def test_gemma_dtype_defaults_to_bfloat16_from_an_fp32_export(exported, tmp_path
     v = ck.manifest["verification"]
     assert v["parity"]["checkpoint_vs_onnx"]["cosine_mean"] > 0.98  # bfloat16 norms/embeddings vs an FP32 graph
     assert v["perplexity_gate"]["passed"]
+    # the read-back model holds the norms as TensorRT-LLM does: w + 1 computed in bfloat16
+    # (Gemma3HfWeightMapper: p.data.copy_(w + 1)), one rounding more than HF's 1 + w.float()
+    import ml_dtypes
+
+    rd = CheckpointReader(ck.path)
+    stored, served = rd.float_params(), rd.served_float_params()
+    name = "model.layers.0.input_layernorm.weight"
+    want = (stored[name] + np.float32(1)).astype(ml_dtypes.bfloat16).astype(np.float32)
+    np.testing.assert_array_equal(served[name] + np.float32(1), want)
+    assert not np.array_equal(served[name], stored[name])  # the second rounding is real on these weights
+    np.testing.assert_array_equal(served["model.embed_tokens.weight"], stored["model.embed_tokens.weight"])
 
 
 # Phi-4-mini's rotary on head_dim 32: 0.75 of it rotated, 12 long/short factors, switching at 32 positions

@@ -113,3 +113,24 @@ def test_int8_weight_only_fallback_is_refused_in_one_line(exported, tmp_path):
     line = one_line_error(r, "stores 2 GEMMs as INT8 weight-only (model.layers.0.mlp.down_proj, ...)", "W4A16_AWQ",
                           "budget_int8")
     assert "trtforge build" in line and not out.exists()
+
+
+def test_quantize_says_in_its_log_which_block_sizes_the_checkpoint_will_use(exported, tmp_path, caplog):
+    """Issue 16: the 64/128 mix was silent at quantize time. The log names each fallback K and the
+    one group size a TensorRT-LLM checkpoint of the artifact takes; a model whose every K the
+    block divides (Gemma 3 270M: 640, 1024, 2048) gets no such line."""
+    import logging
+
+    from trtforge.calibration import get_preset, quantize
+
+    src = exported("llama-100m", task="causal-lm-with-past", dtype="fp16", **SMOL)
+    recipe = get_preset("int4-rtn").replace(num_samples=2, seq_len=32)
+    with caplog.at_level(logging.INFO, logger="trtforge"):
+        quantize(src, recipe, tmp_path / "q", calib=[DATA / "calib-apache-2.0.txt"])
+    lines = [r.getMessage() for r in caplog.records if "does not divide every GEMM" in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in caplog.records][-5:]
+    assert "K=576 uses block 64" in lines[0] and "uses group size 64 for every layer" in lines[0], lines[0]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="trtforge"):
+        quantize(src, recipe.replace(block_size=64), tmp_path / "q64", calib=[DATA / "calib-apache-2.0.txt"])
+    assert not [r for r in caplog.records if "does not divide every GEMM" in r.getMessage()]

@@ -180,3 +180,29 @@ def test_the_int8_gate_fails_a_planted_weight_scale_fault(int8_tiny, tmp_path):
     assert not rep.passed and rep.exit_code == 1, node
     failed = {c.metric for c in rep.failures}
     assert {"snr_db", "kl_mean"} & failed, failed
+
+
+@pytest.fixture(scope="module")
+def int4_tiny(exported, tmp_path_factory, quantized_tiny):
+    from trtforge.calibration import get_preset, quantize
+
+    from .conftest import CALIB_TEXT
+
+    fp32 = exported("llama", task="causal-lm")
+    recipe = get_preset("int4-awq").replace(num_samples=16, seq_len=64, block_size=32)
+    return fp32, quantize(fp32, recipe, tmp_path_factory.mktemp("q4") / "int4-awq", calib=[CALIB_TEXT])
+
+
+def test_the_int4_gate_fails_a_planted_weight_scale_fault(int4_tiny, tmp_path):
+    """The same point for the int4 preset, whose limits are the loosest: healthy INT4 AWQ of a tiny
+    LLaMA passes it; one down_proj's block scales x8 (the planted fault of docs/parity.md) fails it
+    on the decoder metrics, not only on the per-output ones."""
+    fp32, q = int4_tiny
+    healthy = check_parity(fp32.path, q.path, [EVAL_TEXT], "int4", tmp_path / "healthy", options=fast_options())
+    assert healthy.passed, [c.message for c in healthy.failures]
+    bad = copy_artifact(q.path, tmp_path / "fault")
+    node = scale_one_weight(bad, "layers.0/mlp/down_proj", 8.0)
+    rep = check_parity(fp32.path, bad, [EVAL_TEXT], "int4", tmp_path / "r", options=fast_options())
+    assert not rep.passed and rep.exit_code == 1, node
+    failed = {c.metric for c in rep.failures}
+    assert {"top1_agreement", "kl_mean", "ppl_change_pct"} & failed, failed
