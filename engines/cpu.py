@@ -458,9 +458,9 @@ def build_cpu(source_model: Path, source_manifest: dict, work: Path, dest: Path,
     the fallback is logged and recorded (``build.int8_gemm.float_fallback``).
 
     ``lm_head="int8"`` (opt-in) also runs the float lm_head as an INT8 GEMM (cpu_lm_head.py); the
-    self-check then compares with the input model with that one rewrite (``build.lm_head``).
+    self-check then compares with the input model with that one rewrite (``build.lm_head``);
+    the backend's plan refuses it where it cannot apply (:func:`check_lm_head_option`).
     """
-    check_lm_head_option(source_model, source_manifest, info, lm_head)
     t0 = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
     runtime = runtime_for(info)
