@@ -213,10 +213,9 @@ def main() -> int:
             row.update(quantize(args.fp32, folder, name, over, args.ranges))
         if "error" not in row and not args.checkpoint_only:
             row.update(summary(evaluate(folder, windows), ref))
-        if "error" not in row:
-            if args.checkpoint:
-                schemes = ["tensor", "rowwise"] if args.checkpoint == "both" else [args.checkpoint]
-                row["checkpoint"] = [checkpoint(folder, args.out / f"{folder.name}-ckpt-{s}", s, windows, ref) for s in schemes]
+        if "error" not in row and args.checkpoint:
+            schemes = ["tensor", "rowwise"] if args.checkpoint == "both" else [args.checkpoint]
+            row["checkpoint"] = [checkpoint(folder, args.out / f"{folder.name}-ckpt-{s}", s, windows, ref) for s in schemes]
         results["rows"].append(row)
         print(json.dumps(row), flush=True)
         if args.json:
