@@ -1,0 +1,147 @@
+"""calib_device: where calibration runs ONNX Runtime (auto | cpu | cuda), recorded in the manifest.
+
+The CPU tests cover the choice (auto on a machine without onnxruntime-gpu, cuda refused before
+any work, the CUDA provider and its options handed to the sessions when ONNX Runtime lists it,
+with the session factory stubbed so that no CUDA session is created). The ``gpu``+``ort_cuda``
+test runs calibration on both devices where onnxruntime-gpu sees a GPU and compares the ranges.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from trtforge import ort as tort
+from trtforge.artifacts import read_json
+from trtforge.calibration import ActivationRanges, get_preset, quantize
+from trtforge.cli import main
+from trtforge.errors import OptionError
+from trtforge.vocab import CalibDevice
+
+from ..conftest import DATA, one_line_error  # noqa: TID252
+
+CALIB = DATA / "calib-mpl-lgpl.txt"
+SMALL = {"num_samples": 4, "seq_len": 32}
+# amax of the same tensors on CUDA and on the CPU, relative: FP32 GEMMs without TF32 (use_tf32=0)
+# differ from the CPU's only in summation order, about sqrt(K) * 2^-24 relative per dot product
+# (K <= 256 here: ~1e-6), and the error grows through the layers by a few times that; 1e-3 is
+# 100x that headroom and still 20x under an INT8 step at the range's end (1/127 ~ 8e-3), so
+# ranges that pass give the same scales to well within a quantization step.
+AMAX_RTOL = 1e-3
+
+
+def test_auto_is_the_cpu_without_onnxruntime_gpu(monkeypatch):
+    ort = pytest.importorskip("onnxruntime")
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    d = tort.calibration_device("auto")
+    assert d.device == CalibDevice.CPU and d.providers == ("CPUExecutionProvider",)
+    assert tort.calibration_device("cpu").device == CalibDevice.CPU
+    with pytest.raises(OptionError) as e:
+        tort.calibration_device("cuda")
+    assert "onnxruntime-gpu" in e.value.hint and "calib_device=cpu" in e.value.hint
+
+
+def test_auto_chooses_cuda_and_the_sessions_get_its_options(monkeypatch, exported, tmp_path):
+    """ONNX Runtime listing CUDAExecutionProvider: auto picks CUDA, and every calibration session
+    is asked for CUDA (with use_tf32=0) then the CPU; asserted on InferenceSession's arguments,
+    which a stub records before running the graph on the CPU (no CUDA session is created)."""
+    ort = pytest.importorskip("onnxruntime")
+    real_session = ort.InferenceSession
+    calls: list[list] = []
+
+    def fake(src, so=None, providers=None, **kw):
+        calls.append(list(providers or []))
+        return real_session(src, so, providers=["CPUExecutionProvider"], **kw)
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", fake)
+    d = tort.calibration_device(CalibDevice.AUTO)
+    assert d.device == CalibDevice.CUDA
+    assert d.providers[0][0] == "CUDAExecutionProvider" and d.providers[0][1]["use_tf32"] == "0"
+    assert d.providers[-1] == "CPUExecutionProvider"
+
+    art = quantize(exported("llama"), get_preset("fp8").replace(**SMALL), tmp_path / "q", calib=[CALIB])
+    cuda_calls = [c for c in calls if c and isinstance(c[0], tuple) and c[0][0] == "CUDAExecutionProvider"]
+    assert cuda_calls, calls  # the calibration probe
+    for c in cuda_calls:
+        assert c[0][1] == tort.CUDA_CALIB_OPTIONS and c[1:] == ["CPUExecutionProvider"]
+    # the checks of the written model (quick check, smoothing check) stay on the CPU
+    assert any(c == ["CPUExecutionProvider"] for c in calls)
+    rec = art.manifest.quantization.extra["calibration_device"]
+    assert rec["requested"] == "auto"
+    assert rec["provider_options"]["CUDAExecutionProvider"]["use_tf32"] == "0"
+    # what actually ran (the stub ran the CPU): the device comes from the session, not the request
+    assert rec["providers"] == ["CPUExecutionProvider"] and rec["device"] == "cpu"
+
+
+def test_cli_cuda_without_it_is_one_error_before_any_work(exported, tmp_path, monkeypatch):
+    ort = pytest.importorskip("onnxruntime")
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    out = tmp_path / "q"
+    for extra in (["--calib-device", "cuda"], ["--set", "calib_device=cuda"]):
+        r = CliRunner().invoke(main, ["quantize", str(exported("llama").path), "--recipe", "fp8", "--calib", str(CALIB),
+                                      "-o", str(out), *extra])
+        line = one_line_error(r, "CUDAExecutionProvider", "onnxruntime-gpu", "calib")
+        assert "calib_device=cpu" in line or "--calib-device=cpu" in line, line
+        assert not out.exists()
+    r = CliRunner().invoke(main, ["quantize", str(exported("llama").path), "--recipe", "fp8", "--calib", str(CALIB),
+                                  "-o", str(out), "--calib-device", "gpu"])
+    assert r.exit_code == 2 and "gpu" in r.output  # click's usage error names the choices
+
+
+def test_manifest_and_ranges_record_the_cpu(exported, tmp_path):
+    r = CliRunner().invoke(main, ["-q", "quantize", str(exported("llama").path), "--recipe", "int8-sq", "--calib", str(CALIB),
+                                  "-o", str(tmp_path / "q"), "--calib-device", "cpu", "--json",
+                                  *(x for k, v in SMALL.items() for x in ("--set", f"{k}={v}"))])
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.stdout)
+    rec = m["quantization"]["calibration_device"]
+    assert rec == {"requested": "cpu", "device": "cpu", "providers": ["CPUExecutionProvider"]}
+    assert m["quantization"]["recipe"]["calib_device"] == "cpu"
+    meta = read_json(tmp_path / "q" / "ranges.json")["meta"]
+    assert meta["device"] == "cpu" and meta["providers"] == ["CPUExecutionProvider"]
+    # the ranges' key is the graph's, whatever the device: reused under auto, recorded as reused
+    r2 = CliRunner().invoke(main, ["-q", "quantize", str(exported("llama").path), "--recipe", "int8-sq",
+                                   "--ranges", str(tmp_path / "q" / "ranges.json"), "-o", str(tmp_path / "q2"), "--json",
+                                   *(x for k, v in SMALL.items() for x in ("--set", f"{k}={v}"))])
+    assert r2.exit_code == 0, r2.output
+    rec2 = json.loads(r2.stdout)["quantization"]["calibration_device"]
+    assert rec2["reused_ranges"] and rec2["device"] == "cpu" and rec2["requested"] == "auto"
+
+
+def test_recipe_rejects_an_unknown_device():
+    from trtforge.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="calib_device"):
+        get_preset("fp8").replace(calib_device="tpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.ort_cuda
+@pytest.mark.parametrize("recipe", ["fp8", "int8-sq"])
+def test_cuda_and_cpu_calibration_agree(exported, tmp_path, recipe):
+    """The same graph on the CUDA and CPU providers: every watched tensor's amax within AMAX_RTOL."""
+    ort = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu with a visible GPU")
+    art = exported("llama")
+    base = get_preset(recipe).replace(**SMALL)
+    qc = quantize(art, base.replace(calib_device="cuda"), tmp_path / "cuda", calib=[CALIB])
+    qp = quantize(art, base.replace(calib_device="cpu"), tmp_path / "cpu", calib=[CALIB])
+    assert qc.manifest.quantization.extra["calibration_device"]["providers"][0] == "CUDAExecutionProvider"
+    rc, rp = ActivationRanges.load(qc.path / "ranges.json"), ActivationRanges.load(qp.path / "ranges.json")
+    assert rc.model_key == rp.model_key and rc.meta["device"] == "cuda" and rp.meta["device"] == "cpu"
+    assert rc.tensors.keys() == rp.tensors.keys()
+    worst = worst_channel = 0.0
+    for name, sp in rp.tensors.items():
+        sc = rc.tensors[name]
+        assert sc.count == sp.count
+        worst = max(worst, abs(sc.absmax - sp.absmax) / max(sp.absmax, 1e-12))
+        if sp.channel_absmax is not None:  # per channel, relative to the tensor's amax (near-zero channels)
+            d = np.abs(sc.channel_absmax.astype(np.float64) - sp.channel_absmax) / max(sp.absmax, 1e-12)
+            worst_channel = max(worst_channel, float(d.max()))
+    assert worst <= AMAX_RTOL, f"worst relative amax difference {worst:.2e}"
+    assert worst_channel <= AMAX_RTOL, f"worst per-channel amax difference {worst_channel:.2e} of the tensor's amax"
