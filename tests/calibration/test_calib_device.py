@@ -201,3 +201,17 @@ def test_cuda_and_cpu_calibration_agree(exported, tmp_path, recipe):
             worst_channel = max(worst_channel, float(d.max()))
     assert worst <= AMAX_RTOL, f"worst relative amax difference {worst:.2e}"
     assert worst_channel <= AMAX_RTOL, f"worst per-channel amax difference {worst_channel:.2e} of the tensor's amax"
+
+
+def test_run_recipe_with_cuda_is_refused_in_preflight(tiny_model, tmp_path, monkeypatch):
+    import trtforge
+    from trtforge.errors import RecipeError
+
+    ort = pytest.importorskip("onnxruntime")
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    p = tmp_path / "r.toml"
+    p.write_text(f'[model]\npath = "{tiny_model("llama")}"\n[calibration]\ndata = ["{CALIB}"]\n'
+                 '[quantize]\nrecipe = "fp8"\ncalib_device = "cuda"\n[build]\ntargets = ["cpu"]\n')
+    with pytest.raises(RecipeError, match=r"\[quantize\] calib_device = cuda, but ONNX Runtime has no CUDAExecutionProvider"):
+        trtforge.run(p, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
