@@ -182,7 +182,7 @@ class Search:
         return base.replace(**changes)
 
     def verify(self, model_path: Path) -> float:
-        sess = mapped_session(model_path)
+        sess = mapped_session(model_path, self.eval.providers)
         self.measured = self.eval.value(sess)
         del sess
         release_memory()
@@ -290,15 +290,16 @@ def rounding_lever(recipe: QuantRecipe) -> tuple[QuantRecipe, str] | None:
 
 
 def search(art, recipe: QuantRecipe, ranges: ActivationRanges, held: Samples, dims: ModelDims, dtype: str,
-           budget: Budget, scratch: Path) -> Search:
-    """The assignment (module docstring); raises QuantizationError when no assignment meets the budget."""
+           budget: Budget, scratch: Path, *, providers: list | None = None) -> Search:
+    """The assignment (module docstring); raises QuantizationError when no assignment meets the budget.
+    ``providers``: the calibration device's, for every session of the search."""
     t0 = time.perf_counter()
     int8 = recipe.precision == Precision.INT4 and recipe.budget_int8  # the INT8 weight-only tier
     sw = build_switched(art, recipe, ranges, dims, dtype, scratch / "plain")
     groups = sw.groups
 
     vocab = int(dims.vocab_size or 0)
-    ev = HeldOut(held, dims, art.manifest.source.task, budget, vocab, int(dims.hidden_size or 0))
+    ev = HeldOut(held, dims, art.manifest.source.task, budget, vocab, int(dims.hidden_size or 0), providers)
     ev.set_reference(art.model_path)
     rest_p, quant_b = Precision.parse(dtype), BYTES[recipe.precision]
     s = Search(budget, ev, groups, [], 0, dtype, recipe.precision.value)
@@ -306,7 +307,7 @@ def search(art, recipe: QuantRecipe, ranges: ActivationRanges, held: Samples, di
     s.gemm_elements = {g.name: g.elements for g in groups}
     everything = {g.flag: True for g in groups}
 
-    sess = mapped_session(sw.path)
+    sess = mapped_session(sw.path, providers)
     s.unquantized = ev.value(sess, everything)
     s.evaluations.append({"moves": "all", "value": s.unquantized})
     if not budget.met(s.unquantized):
@@ -338,7 +339,7 @@ def search(art, recipe: QuantRecipe, ranges: ActivationRanges, held: Samples, di
     htype = tensor_types(light).get(hidden, onnx.TensorProto.FLOAT)
     sub = needed_subgraph(light, [hidden], lambda into, known: into.append(
         known.get(hidden) or helper.make_tensor_value_info(hidden, htype, None)))
-    rsess = graph_session(sub, sw.path.parent, config=NO_PREPACKING)
+    rsess = graph_session(sub, sw.path.parent, config=NO_PREPACKING, providers=providers)
     del light, sub
     ref = ev.hidden(rsess, everything, hidden)
     for g in progress(groups, len(groups), "budget sensitivity (groups)"):
@@ -349,7 +350,7 @@ def search(art, recipe: QuantRecipe, ranges: ActivationRanges, held: Samples, di
     release_memory()
     s.moves = order_moves(_moves(groups, int8, rest_p, quant_b))
 
-    search_sess = mapped_session(sw.path)
+    search_sess = mapped_session(sw.path, providers)
     n = len(s.moves)
     cache: dict[int, float] = {0: s.all_quantized, n: s.unquantized}  # every move taken: every group in float
 
@@ -398,7 +399,7 @@ def _try_rounding(s: Search, sw: Switched, art, recipe: QuantRecipe, ranges: Act
     log.info("budget %s: the plain recipe misses it (%s); trying GPTQ rounding of the same weights (%s) first",
              budget.text, budget.show(s.all_quantized), what)
     alt = build_switched(art, other, ranges, dims, dtype, scratch / "rounding", smoothings=sw.smoothings)
-    sess = mapped_session(alt.path)
+    sess = mapped_session(alt.path, s.eval.providers)
     value = s.eval.value(sess, {})
     del sess
     release_memory()

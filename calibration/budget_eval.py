@@ -53,8 +53,10 @@ def split_held_out(samples: Samples) -> tuple[Samples, Samples]:
 class HeldOut:
     """The held-out batches, the float export's result on them, and the budget metric of a session."""
 
-    def __init__(self, held: Samples, dims: ModelDims, task: Task, budget: Budget, vocab: int, hidden_size: int) -> None:
+    def __init__(self, held: Samples, dims: ModelDims, task: Task, budget: Budget, vocab: int, hidden_size: int,
+                 providers: list | None = None) -> None:
         self.held, self.dims, self.task, self.budget = held, dims, task, budget
+        self.providers = providers  # the calibration device's (trtforge.ort.calibration_device)
         self.decoder = task.is_decoder
         self.output = "logits" if self.decoder else "last_hidden_state"
         width = vocab if self.decoder else hidden_size
@@ -123,7 +125,7 @@ class HeldOut:
         return float(np.mean(cos)) if np.isfinite(cos).all() else -math.inf
 
     def set_reference(self, export_model: Path) -> None:
-        sess = mapped_session(export_model)
+        sess = mapped_session(export_model, self.providers)
         self.reference = self.value(sess)
         del sess
         release_memory()
@@ -132,10 +134,10 @@ class HeldOut:
         return [np.asarray(h, np.float64) for _, h in self.outputs(sess, flags, tensor, self.rank_batches)]
 
 
-def mapped_session(path: Path):
+def mapped_session(path: Path, providers: list | None = None):
     """A session whose weights ONNX Runtime reads from their file (a model held in one file
     included: its graph is loaded without them), never parsed into this process whole."""
-    return graph_session(load_graph(path), path.parent, config=NO_PREPACKING)
+    return graph_session(load_graph(path), path.parent, config=NO_PREPACKING, providers=providers)
 
 
 def _nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:

@@ -30,7 +30,7 @@ from trtforge.graph import needed_subgraph, tensor_types
 from trtforge.inputs import make_feeds
 from trtforge.manifest import ModelDims
 from trtforge.onnx_io import has_external_data, weight_bytes
-from trtforge.ort import NO_PREPACKING, graph_session, release_memory
+from trtforge.ort import NO_PREPACKING, graph_session, log_fallback, ran_on, release_memory
 from trtforge.progress import Progress
 from trtforge.textdata import Samples
 
@@ -244,6 +244,8 @@ def collect_ranges(
                                   layers_per_block=layers_per_block, hessians=hessians)
     types = tensor_types(model)
     sess = _probe_session(model, watched, types, base_dir, providers)
+    where = ran_on(sess)
+    log_fallback("calibration", where)
     input_names = [i.name for i in model.graph.input]
     float_dtype = np.float16 if any(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for i in model.graph.input) else np.float32
     stats: dict[str, TensorStats] = {}
@@ -275,7 +277,7 @@ def collect_ranges(
         "batch_size": batch_size,
         "histogram_bins": bins,
         "kept_rows_per_tensor": keep,
-        "providers": list(sess.get_providers()),
+        **where,  # which device produced these statistics (not part of model_key)
     }
     sess = run = None  # noqa: F841 - the session goes now, not when the caller is done
     release_memory()  # the probe's weights and activations, back to the system before the next step

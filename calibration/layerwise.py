@@ -33,9 +33,18 @@ from trtforge.graph import needed_nodes, tensor_types
 from trtforge.inputs import make_feeds
 from trtforge.manifest import ModelDims
 from trtforge.onnx_io import copy_fields
-from trtforge.ort import NO_PREPACKING, graph_session, release_memory
+from trtforge.ort import (
+    CPU_EP,
+    NO_PREPACKING,
+    graph_session,
+    log_fallback,
+    nodes_by_provider,
+    ran_on,
+    release_memory,
+)
 from trtforge.progress import Progress
 from trtforge.textdata import Samples
+from trtforge.vocab import CalibDevice
 
 _LAYER = re.compile(r"/(?:layers|h|layer|blocks)\.(\d+)/")
 
@@ -146,13 +155,15 @@ def run_blocks(
     block_done=None,
     desc: str = "layer by layer",
     where=None,
+    ran: dict | None = None,
 ) -> int:
     """Run ``model`` block by block of decoder layers on ``batches`` batches, computing ``targets``.
 
     ``feeds_for(i)``: batch i's graph inputs (a dict; called once per block that reads them);
     ``on_output(i, name, x)``: each target's value for batch i, as its block computes it;
     ``block_done(names)``: after a block has run every batch, with the targets it computed;
-    ``where(i)``: batch i's part of the progress line. What later blocks read is spilled to a
+    ``where(i)``: batch i's part of the progress line; ``ran``: filled with what the block
+    sessions ran on (:func:`trtforge.ort.ran_on`, nodes summed over blocks). What later blocks read is spilled to a
     folder on disk (``spill_dir``, default a temporary one, emptied as they are read for the
     last time). Returns the number of blocks."""
     g = model.graph
@@ -190,6 +201,8 @@ def run_blocks(
                 continue
             sess = graph_session(_block_model(model, nodes, block_inputs[b], outs, types), base_dir,
                                  providers=providers, arena=False, config=NO_PREPACKING)
+            if ran is not None:
+                _record_device(ran, sess)
             for bi in range(batches):
                 feeds = {}
                 base = None
@@ -223,6 +236,14 @@ def run_blocks(
         if own_spill:
             shutil.rmtree(spill, ignore_errors=True)
     return len(blocks)
+
+
+def _record_device(ran: dict, sess) -> None:
+    counts = dict(ran.get("nodes_by_provider") or {})
+    for k, v in (nodes_by_provider(sess) or {}).items():
+        counts[k] = counts.get(k, 0) + v
+    ran.clear()
+    ran.update(ran_on(sess, counts))
 
 
 def run_by_blocks(model: onnx.ModelProto, cases: list[dict[str, np.ndarray]], *, base_dir: str | Path | None,
@@ -283,8 +304,9 @@ def layer_stats(
         if observe is not None:
             observe(name, x)
 
+    ran: dict = {}
     nblocks = run_blocks(model, watched, len(groups), feeds_for, count, base_dir=base_dir, providers=providers,
-                         layers_per_block=layers_per_block, spill_dir=spill_dir,
+                         layers_per_block=layers_per_block, spill_dir=spill_dir, ran=ran,
                          block_done=(lambda names: block_done(names, stats)) if block_done is not None else None,
                          desc="calibration (layer by layer)",
                          where=lambda bi: f"windows {starts[bi] + 1}-{starts[bi + 1]}/{starts[-1]}")
@@ -293,5 +315,6 @@ def layer_stats(
         raise CalibrationError(f"layer-wise calibration did not reach {missing[0]}", "report this with the model")
     meta = {"batches": len(groups), "layer_blocks": nblocks, "layers_per_block": layers_per_block,
             "histogram_bins": bins, "kept_rows_per_tensor": keep,
-            "providers": list(providers or ["CPUExecutionProvider"])}
+            **(ran or {"device": CalibDevice.CPU.value, "providers": [CPU_EP]})}  # no block session: nothing ran
+    log_fallback("layer-by-layer calibration", meta)
     return {w: stats[w] for w in watched}, meta

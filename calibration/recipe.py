@@ -14,7 +14,7 @@ from enum import Enum
 
 from trtforge.calibration.budget_spec import parse_budget
 from trtforge.errors import OptionError, RecipeError
-from trtforge.vocab import RECIPE_PRECISIONS, Granularity, Precision
+from trtforge.vocab import RECIPE_PRECISIONS, CalibDevice, Granularity, Precision
 
 
 class CalibMethod(str, Enum):
@@ -99,6 +99,11 @@ class QuantRecipe:
     batch_size: int = 8
     keep_tokens: int = 512  # rows per tensor kept for SmoothQuant auto-alpha / AWQ search
     histogram_bins: int = 2048
+    # where calibration runs ONNX Runtime (every session of the stage: probe, layer blocks, budget
+    # search): auto = CUDA where onnxruntime-gpu sees a GPU, else CPU; cuda where it is missing
+    # is an error. The same graph either way, so the same tensors get the same statistics
+    # (docs/quantization.md, "GPU calibration"); not part of any cache key.
+    calib_device: CalibDevice = CalibDevice.AUTO
     # --- accuracy budget (calibration/budget.py): e.g. "perplexity=1%"; None: quantize every GEMM
     # the recipe selects. With a budget the fewest weight bytes stay unquantized until it holds.
     budget: str | None = None

@@ -44,7 +44,7 @@ from trtforge.onnx_io import (
     weight_bytes,
     write_model,
 )
-from trtforge.ort import NO_PREPACKING, graph_session, release_memory, session
+from trtforge.ort import NO_PREPACKING, calibration_device, graph_session, release_memory, session
 from trtforge.sample_text import SENTENCES
 from trtforge.stage import StageOutput
 from trtforge.textdata import build_samples, load_tokenizer
@@ -66,6 +66,11 @@ def quantize(
     force: bool = False,
     providers: list[str] | None = None,
 ) -> OnnxArtifact:
+    """``providers``: ONNX Runtime providers for calibration's sessions, in place of the recipe's
+    calib_device (the checks of the written model run on the CPU either way)."""
+    # before any work: calib_device = cuda where ONNX Runtime has no CUDA provider is an error
+    device = calibration_device(recipe.calib_device)
+    providers = list(providers or device.providers)
     art = export if isinstance(export, OnnxArtifact) else OnnxArtifact.open(export)
     src = art.manifest
     if src.quantization is not None:
@@ -120,6 +125,9 @@ def quantize(
                              "which only a GPTQ recipe's calibration saves",
                              "calibrate again with this recipe (--calib) instead of reusing these ranges")
         samples_info = {**r.calibration, "reused_from": str(Path(ranges).resolve())}
+        # no session ran the calibration here: the device that produced the reused ranges
+        ran = {"requested": device.requested.value, "reused_ranges": True,
+               **{k: r.meta[k] for k in ("device", "providers", "nodes_by_provider") if k in r.meta}}
     else:
         tok = load_tokenizer(art.path)
         mode = recipe.calib_mode if recipe.calib_mode != "auto" else (
@@ -142,6 +150,8 @@ def quantize(
                                providers=providers, per_tensor=bmm, base_dir=art.path, hessians=hessians,
                                layerwise=layerwise)
         samples_info = r.calibration
+        ran = {**device.describe(), **{k: r.meta[k] for k in ("device", "providers", "nodes_by_provider") if k in r.meta}}
+        log.info("calibration ran on %s (%s)", ran.get("device"), ", ".join(ran.get("providers", [])))
         if held is not None:
             samples_info = {**samples_info, "held_out": {**held.describe(), "use": "budget measurement only, never ranges"}}
     del idx
@@ -153,7 +163,7 @@ def quantize(
         search = None
         if budget is not None:
             with output.timed("budget_search_s"):
-                search = budget_search(art, recipe, r, held, dims, dtype, budget, tmp / "_budget")
+                search = budget_search(art, recipe, r, held, dims, dtype, budget, tmp / "_budget", providers=providers)
             shutil.rmtree(tmp / "_budget", ignore_errors=True)
         plain = recipe
         while True:
@@ -198,10 +208,11 @@ def quantize(
             r.meta.pop("hessians", None)
         r.save(tmp / RANGES_FILE)
         copy_side_files(art.path, tmp)
-        _write_manifest(output, art, tmp, recipe, dtype, external, samples_info, smooth_check, quick, report)
+        _write_manifest(output, art, tmp, recipe, dtype, external, samples_info, smooth_check, quick, report, ran)
     _log_block_fallbacks(report, recipe)
-    log.info("quantized %s with %s: %d GEMMs quantized, %d excluded, in %.1fs", art.path.name, recipe.name,
-             report["counts"]["quantized"], report["counts"]["excluded"], timings["total_s"])
+    log.info("quantized %s with %s: %d GEMMs quantized, %d excluded, in %.1fs; calibration on %s (%s)", art.path.name,
+             recipe.name, report["counts"]["quantized"], report["counts"]["excluded"], timings["total_s"],
+             ran.get("device", "?"), ", ".join(ran.get("providers", [])) + (", reused ranges" if ranges else ""))
     return OnnxArtifact.open(output.path)
 
 
@@ -220,7 +231,8 @@ def _log_block_fallbacks(report: dict, recipe: QuantRecipe) -> None:
 
 
 def _write_manifest(output: StageOutput, art: OnnxArtifact, tmp: Path, recipe: QuantRecipe, dtype: str,
-                    external: bool, samples_info: dict, smooth_check: dict | None, quick: dict, report: dict) -> None:
+                    external: bool, samples_info: dict, smooth_check: dict | None, quick: dict, report: dict,
+                    ran: dict) -> None:
     """Typed sections: source, dims and io (with the quantized graph's inputs/outputs) from the
     export, the model file, the quantization record and the upstream link (twice: top level and,
     as schema 1 has it, under quantization)."""
@@ -245,7 +257,8 @@ def _write_manifest(output: StageOutput, art: OnnxArtifact, tmp: Path, recipe: Q
         recipe=recipe.to_dict(),
         calibration=samples_info,
         upstream=Upstream(path=str(art.path), sha256=art.sha256, dtype=art.dtype),
-        extra={"ranges_file": RANGES_FILE, "smoothing_check": smooth_check, "quick_check": quick, **record},
+        extra={"ranges_file": RANGES_FILE, "smoothing_check": smooth_check, "quick_check": quick,
+               "calibration_device": ran, **record},
     )
     m.upstream = Upstream(path=str(art.path), stage=src.stage, model_sha256=art.sha256, dtype=art.dtype,
                           manifest_sha256=sha256_file(art.path / MANIFEST))

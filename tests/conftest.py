@@ -17,7 +17,8 @@ DATA = REPO / "examples" / "data"
 
 def pytest_collection_modifyitems(config, items):
     """`gpu` tests need an NVIDIA GPU and TensorRT; those also marked `trtllm` need TensorRT-LLM
-    instead of TensorRT (its 1.x releases no longer install TensorRT's Python package)."""
+    instead of TensorRT (its 1.x releases no longer install TensorRT's Python package), those
+    marked `ort_cuda` ONNX Runtime's CUDA execution provider (onnxruntime-gpu) instead."""
     gpu_items = [item for item in items if "gpu" in item.keywords]
     if not gpu_items:
         return
@@ -27,12 +28,26 @@ def pytest_collection_modifyitems(config, items):
     has_gpu = bool(gpus())
     has_trt = has_gpu and tensorrt_status()["available"]
     has_trtllm = has_gpu and available("tensorrt_llm")
+    has_ort_cuda = has_gpu and _ort_has_cuda()
     for item in gpu_items:
-        if "trtllm" in item.keywords:
+        if "ort_cuda" in item.keywords:
+            if not has_ort_cuda:
+                item.add_marker(pytest.mark.skip(reason="needs an NVIDIA GPU and onnxruntime-gpu (CUDAExecutionProvider)"))
+        elif "trtllm" in item.keywords:
             if not has_trtllm:
                 item.add_marker(pytest.mark.skip(reason="needs an NVIDIA GPU and an importable tensorrt_llm"))
         elif not has_trt:
             item.add_marker(pytest.mark.skip(reason="needs an NVIDIA GPU and an importable tensorrt"))
+
+
+def _ort_has_cuda() -> bool:
+    from trtforge._deps import available
+
+    if not available("onnxruntime"):
+        return False
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
 @pytest.fixture(scope="session")

@@ -5,15 +5,22 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 
 from trtforge._deps import require
-from trtforge.errors import InputError
+from trtforge.errors import InputError, OptionError
 from trtforge.onnx_io import Weights, embedded_bytes, has_external_data, save_streaming, write_model
+from trtforge.vocab import CalibDevice
+
+log = logging.getLogger(__name__)
+CPU_EP = "CPUExecutionProvider"
+CUDA_EP = "CUDAExecutionProvider"
 
 # ONNX Runtime fuses DequantizeLinear(int4, block) + MatMul into MatMulNBits and, at its default
 # accuracy level 4, quantizes the activations to int8 on the fly: W4A16 would then be measured
@@ -33,6 +40,21 @@ EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"
 # copy: a quantize process opens the float model up to three times (calibration and checks), and
 # prepacking held every GEMM weight twice while a session loaded (+400 MB for a 49k x 2048 lm_head).
 NO_PREPACKING = {"session.disable_prepacking": "1"}
+# CUDA execution provider options for calibration: statistics as close to the CPU path's as the
+# GPU allows (names: onnxruntime/core/providers/cuda/cuda_execution_provider_info.cc).
+# use_tf32=0: FP32 GEMMs in full FP32, not TF32's 10-bit mantissa (ORT's default is TF32 on
+# Ampere and later, a ~1e-3 relative error on every GEMM output); strict SkipLayerNorm: FP32
+# accumulation in that fused kernel; no tunable ops and cuDNN's default algorithm: the same
+# kernels on every run; arena grown by what is asked (a session per layer, not powers of two).
+CUDA_CALIB_OPTIONS = {
+    "use_tf32": "0",
+    "enable_skip_layer_norm_strict_mode": "1",
+    "tunable_op_enable": "0",
+    "cudnn_conv_algo_search": "DEFAULT",
+    "arena_extend_strategy": "kSameAsRequested",
+}
+# ONNX Runtime (1.2x and later) records which execution provider runs each node when asked
+RECORD_ASSIGNMENT = "session.record_ep_graph_assignment_info"
 # a graph with more embedded data than this is written to a file instead of serialized in memory
 _SERIALIZE_LIMIT = 64 << 20
 
@@ -59,7 +81,10 @@ def session(
     if optimization:
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, optimization)
     available = ort.get_available_providers()
-    provs = [p for p in (providers or ["CPUExecutionProvider"]) if p in available] or ["CPUExecutionProvider"]
+    # a provider is a name or (name, options), as InferenceSession takes them
+    provs = [p for p in (providers or [CPU_EP]) if _provider_name(p) in available] or [CPU_EP]
+    if any(_provider_name(p) == CUDA_EP for p in provs):
+        so.add_session_config_entry(RECORD_ASSIGNMENT, "1")
     src = model if isinstance(model, bytes) else os.fspath(model)
     try:
         return ort.InferenceSession(src, so, providers=provs)
@@ -112,6 +137,84 @@ def release_memory() -> None:
 def _unreadable(msg: str) -> bool:
     m = msg.lower()
     return any(w in m for w in ("protobuf", "parse", "external data", "no such file", "load model", "corrupt"))
+
+
+def _provider_name(p) -> str:
+    return p if isinstance(p, str) else p[0]
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where calibration runs: what was asked, what was chosen, and the providers a session gets."""
+
+    requested: CalibDevice
+    device: CalibDevice  # cpu or cuda
+    providers: tuple  # names or (name, options), CUDA first with the CPU as fallback for its missing ops
+
+    def describe(self, sess=None) -> dict:
+        """The manifest's record; ``sess``: a session of this device, whose providers are what ran."""
+        d = {"requested": self.requested.value, "device": self.device.value,
+             "providers": list(sess.get_providers()) if sess is not None else [_provider_name(p) for p in self.providers]}
+        opts = {_provider_name(p): dict(p[1]) for p in self.providers if not isinstance(p, str)}
+        if opts:
+            d["provider_options"] = opts
+        return d
+
+
+def calibration_device(requested: CalibDevice | str = CalibDevice.AUTO) -> Device:
+    """The calibration device: CUDA (ONNX Runtime's CUDA execution provider, with
+    CUDA_CALIB_OPTIONS, the CPU provider for the ops it lacks) when asked, or by default where
+    onnxruntime-gpu sees a GPU; the CPU otherwise. Asking for cuda where it is missing is an
+    error before any work."""
+    requested = CalibDevice(requested)
+    ort = require("onnxruntime")
+    has_cuda = CUDA_EP in ort.get_available_providers()
+    if requested == CalibDevice.CUDA and not has_cuda:
+        raise OptionError(
+            "calib_device = cuda, but ONNX Runtime has no CUDAExecutionProvider here "
+            f"(onnxruntime {ort.__version__}: {', '.join(ort.get_available_providers())})",
+            "install onnxruntime-gpu matching this machine's CUDA version in place of onnxruntime "
+            "(pip uninstall onnxruntime; pip install onnxruntime-gpu), or calibrate on the CPU: calib_device=cpu",
+            fields=("calib_device",))
+    if requested != CalibDevice.CPU and has_cuda:
+        return Device(requested, CalibDevice.CUDA, ((CUDA_EP, dict(CUDA_CALIB_OPTIONS)), CPU_EP))
+    return Device(requested, CalibDevice.CPU, (CPU_EP,))
+
+
+def nodes_by_provider(sess) -> dict[str, int] | None:
+    """Nodes of a session's (optimized) graph per execution provider, where ONNX Runtime recorded
+    them (CUDA sessions opened by :func:`session`); None where it did not."""
+    get = getattr(sess, "get_provider_graph_assignment_info", None)
+    if get is None:
+        return None
+    try:
+        info = get()
+    except Exception:  # noqa: BLE001 - not recorded for this session, or an older binding
+        return None
+    counts: dict[str, int] = {}
+    for sub in info:
+        counts[sub.ep_name] = counts.get(sub.ep_name, 0) + len(sub.get_nodes())
+    return counts or None
+
+
+def ran_on(sess, counts: dict[str, int] | None = None) -> dict:
+    """What a calibration session ran on, for ranges.json's meta: the device, ONNX Runtime's
+    providers, and (CUDA) the nodes per provider (``counts``: summed over several sessions)."""
+    provs = list(sess.get_providers())
+    d = {"device": (CalibDevice.CUDA if CUDA_EP in provs else CalibDevice.CPU).value, "providers": provs}
+    counts = counts if counts is not None else nodes_by_provider(sess)
+    if counts and CUDA_EP in provs:
+        d["nodes_by_provider"] = dict(counts)
+    return d
+
+
+def log_fallback(what: str, meta: dict) -> None:
+    """One line when a CUDA calibration ran some nodes on the CPU (ops the CUDA provider lacks)."""
+    counts = meta.get("nodes_by_provider") or {}
+    on_cpu, total = counts.get(CPU_EP, 0), sum(counts.values())
+    if on_cpu:
+        log.info("%s on CUDA: %d of %d nodes ran on the CPU provider (ops CUDA lacks; their inputs are copied to "
+                 "the host)", what, on_cpu, total)
 
 
 def default_providers() -> list[str]:

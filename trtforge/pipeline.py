@@ -55,6 +55,7 @@ from trtforge.engines.targets import Target, resolve_target
 from trtforge.errors import LockedError, OptionError, RecipeError, TargetError, TrtforgeError
 from trtforge.exporter import DType, ExportOptions, export_onnx, inspect_source
 from trtforge.manifest import MANIFEST, Manifest
+from trtforge.ort import calibration_device
 from trtforge.parity import ParityOptions, Thresholds, check_parity, load_prompts
 from trtforge.pipeline_out import REPORT, STATE, changed_on_disk, check_out, needs_refresh, with_file_checks
 from trtforge.pipeline_recipe import PipelineRecipe, load_pipeline_recipe
@@ -225,6 +226,10 @@ class Runner:
             if r.ranges:
                 raise RecipeError(f"{r.source}: [quantize] budget is measured on held-out calibration samples, and "
                                   "[calibration] ranges brings none", "set [calibration] data instead of ranges")
+        try:  # [quantize] calib_device = cuda where ONNX Runtime has no CUDA provider: before any work
+            calibration_device(r.quant.calib_device)
+        except OptionError as exc:
+            raise RecipeError(f"{r.source}: [quantize] {exc.problem}", exc.hint) from None
         for p in [*r.calib_data, *r.parity_data, *([r.ranges] if r.ranges else [])]:
             if not Path(p).exists():
                 raise TrtforgeError(f"data file {p} does not exist", "check calibration.data / parity.data in the recipe")
@@ -347,7 +352,10 @@ class Runner:
             quantize(exp32, quant, folder, calib=r.calib_data or None, ranges=r.ranges, force=True)
 
         qname = f"quantized/{quant.name}"
-        self.stage(qname, qdir, {"upstream": self.upstream_key(exp32), "recipe": quant.to_dict(), **data_key},
+        # calib_device is where calibration runs, not what it computes (the same ranges within the
+        # tolerance of docs/quantization.md, "GPU calibration"): switching it reuses the artifact
+        recipe_key = {k: v for k, v in quant.to_dict().items() if k != "calib_device"}
+        self.stage(qname, qdir, {"upstream": self.upstream_key(exp32), "recipe": recipe_key, **data_key},
                    quantize_to, after=("export/fp32",))
 
         built: list[tuple[str, Path, str]] = []

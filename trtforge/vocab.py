@@ -93,6 +93,14 @@ class Granularity(StrEnum):
     TOKEN = "token"  # one per row, computed at run time (dynamic activations)
 
 
+class CalibDevice(StrEnum):
+    """Where calibration runs ONNX Runtime (recipe key ``calib_device``)."""
+
+    AUTO = "auto"  # CUDA where onnxruntime-gpu sees a GPU, else CPU
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
 class Task(StrEnum):
     FEATURE_EXTRACTION = "feature-extraction"
     SEQUENCE_CLASSIFICATION = "sequence-classification"

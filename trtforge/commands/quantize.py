@@ -10,6 +10,7 @@ from trtforge.calibration import quantize as run
 from trtforge.calibration.budget_spec import parse_budget
 from trtforge.commands.base import emit
 from trtforge.recipes import PRESETS, load_quant_recipe
+from trtforge.vocab import CalibDevice
 
 
 @click.command()
@@ -24,16 +25,21 @@ from trtforge.recipes import PRESETS, load_quant_recipe
               help="Accuracy budget, e.g. perplexity=1% (decoders) or embedding_cosine=0.999 (encoders): the fewest "
                    "GEMM weights stay unquantized until it holds on held-out calibration samples (GPTQ rounding of the "
                    "same weights is tried first; --set budget_rounding=false skips it).")
+@click.option("--calib-device", type=click.Choice([d.value for d in CalibDevice]), default=None,
+              help="Where calibration runs ONNX Runtime: auto (CUDA where onnxruntime-gpu sees a GPU, else CPU), cpu, "
+                   "or cuda (an error where it is missing). Overrides the recipe's calib_device (default auto).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a recipe key, e.g. --set alpha=0.8.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def quantize(export_dir: Path, recipe_spec: str, calib: tuple[Path, ...], ranges: Path | None, out: Path,
-             budget: str | None, sets: tuple[str, ...], force: bool, as_json: bool) -> None:
+             budget: str | None, calib_device: str | None, sets: tuple[str, ...], force: bool, as_json: bool) -> None:
     """Quantize an exported model: SmoothQuant + INT8, FP8, or INT4 weight-only (AWQ/RTN)."""
     recipe = load_quant_recipe(recipe_spec, sets)
     if budget is not None:
         parse_budget(budget)  # refused here, naming --budget, before the recipe check words it for files
         recipe = recipe.replace(budget=budget)
+    if calib_device is not None:
+        recipe = recipe.replace(calib_device=calib_device)
     art = run(export_dir, recipe, out, calib=list(calib) or None, ranges=ranges, force=force)
     q = art.manifest.quantization
     qc, counts = q.extra["quick_check"], q.extra["counts"]

@@ -23,7 +23,7 @@ HISTOGRAM_METHODS = (CalibMethod.PERCENTILE, CalibMethod.ENTROPY, CalibMethod.MS
 
 def applicable_keys(r: QuantRecipe) -> list[str]:
     """The recipe fields its method reads, in the dataclass's order."""
-    keys = {"name", "precision", "exclude", "dtype", *DATA_KEYS}
+    keys = {"name", "precision", "exclude", "dtype", "calib_device", *DATA_KEYS}
     if r.precision == Precision.INT4:
         keys |= {"int4_method", "block_size"}
         if r.int4_method == Int4Method.AWQ:
