@@ -52,12 +52,12 @@ import numpy as np
 import onnx
 
 from trtforge._deps import require
+from trtforge.engines.cpu_gemm import check_gemms, summary
+from trtforge.engines.cpu_lm_head import INT8_LM_HEAD, find_lm_head, quantize_lm_head
 from trtforge.engines.feeds import synthetic_feeds
 from trtforge.engines.precision import PrecisionInfo
 from trtforge.engines.profiles import BATCH, PAST, SEQ, TOTAL, ShapeProfile
 from trtforge.engines.qdq_fold import fold_weight_dequantize
-from trtforge.engines.cpu_gemm import check_gemms, summary
-from trtforge.engines.cpu_lm_head import INT8_LM_HEAD, find_lm_head, quantize_lm_head
 from trtforge.engines.qdq_u8 import U8_WEIGHT_SUFFIX, int8_weights_to_uint8, symmetric_int8_to_uint8
 from trtforge.engines.targets import FP8, FP32, INT8
 from trtforge.env import cpu_name
@@ -461,7 +461,6 @@ def build_cpu(source_model: Path, source_manifest: dict, work: Path, dest: Path,
     self-check then compares with the input model with that one rewrite (``build.lm_head``);
     the backend's plan refuses it where it cannot apply (:func:`check_lm_head_option`).
     """
-    t0 = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
     runtime = runtime_for(info)
     feeds = synthetic_feeds(source_manifest, _self_check_sizes(profile), seed=1)

@@ -6,7 +6,7 @@ import numpy as np
 
 from trtforge.calibration.methods.smoothquant import choose_smoothing, relative_gemm_error
 from trtforge.calibration.patterns import Group
-from trtforge.calibration.stats import TensorStats, amax_from_rows, amax_mse_fp8, choose_amax
+from trtforge.calibration.stats import TensorStats, amax_from_rows, choose_amax
 from trtforge.numerics import as_scale, fake_quant
 from trtforge.vocab import Precision
 

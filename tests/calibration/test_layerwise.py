@@ -98,8 +98,8 @@ def test_layerwise_is_chosen_by_size_or_the_environment(monkeypatch):
 def test_spilled_activations_are_removed(setup, tmp_path):
     art, model, dims, watched, samples = setup("llama")
     spill = tmp_path / "spill"
-    from trtforge.calibration.layerwise import layer_stats
     from trtforge.calibration.collect import batches
+    from trtforge.calibration.layerwise import layer_stats
 
     stats, meta = layer_stats(model, watched, samples, dims, groups=batches(samples, 2), base_dir=art.path,
                               spill_dir=spill, bins=64, keep=8)
