@@ -172,6 +172,13 @@ def test_encoder_keeps_the_outlier_group_and_meets_the_budget(encoder, tmp_path)
     b = _check_manifest(art, "embedding_cosine=0.99999")
     assert b["measured_all_quantized"] < 0.99999 <= b["measured"]
     assert _kept(q) == {"/model/encoder/layer.1/output/dense/MatMul"}
+    # judged by the lower bound of the per-sentence cosines' mean: mean - t(0.95, m - 1) * se
+    from trtforge.calibration.budget_spec import t_quantile
+
+    m = b["held_out_samples"]
+    assert b["quantile"] == pytest.approx(t_quantile(0.95, m - 1)) and b["standard_error"] > 0
+    assert b["measured_bound"] == pytest.approx(b["measured"] - b["quantile"] * b["standard_error"], abs=1e-12)
+    assert 0.99999 <= b["measured_bound"] < b["measured"] and b["standard_error_unit"] == "cosine"
     # a budget the plain recipe already meets keeps nothing
     easy = quantize(encoder, get_preset("int8").replace(budget="embedding_cosine=0.999"), tmp_path / "easy",
                     calib=[DATA / "calib-mpl-lgpl.txt"])
