@@ -14,6 +14,10 @@ provider runs it, TensorRT runs a weight-only INT8 DequantizeLinear into a float
 TensorRT-LLM's loader reads it as a W8A16 layer of a MIXED_PRECISION checkpoint), then the
 unquantized rest's float type (FP16: two bytes). FP8 and INT8 recipes go straight to float.
 
+Every "meets the budget" below is judged by a one-sided confidence bound of the held-out
+measurement (recipe key ``budget_confidence``, default 0.95; 0: the point estimate), never by the
+point estimate alone: calibration/budget_spec.py says why, calibration/budget_eval.py computes it.
+
 Method (one calibration pass, statistics reused; calibration/budget_graph.py builds the graph,
 calibration/budget_eval.py measures):
 
