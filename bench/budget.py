@@ -188,7 +188,7 @@ def case(name: str, old: dict | None = None) -> dict:
 
 
 def table(results: dict) -> str:
-    rows = ["| case | budget | held-out calib (plain -> budget) | GPTQ rounding (every GEMM quantized, held-out) | "
+    rows = ["| case | budget | held-out calib (plain -> budget; its confidence bound) | GPTQ rounding (every GEMM quantized, held-out) | "
             "eval text: plain | eval text: budget | GEMM weights still quantized | groups kept | time plain / budget (x) |",
             "|---|---|---|---|---|---|---|---|---|"]
     for r in results["cases"]:
@@ -204,7 +204,9 @@ def table(results: dict) -> str:
                  else f"{rnd['lever']}: {fmt(rnd['measured_plain'])} -> {fmt(rnd['measured'])}, "
                  + ("used" if rnd["used"] else "not used"))
         plain_all = rnd.get("measured_plain", b["measured_all_quantized"])
-        rows.append(f"| {r['case']} | {r['budget']} | {fmt(plain_all)} -> {fmt(b['measured'])} | {lever} | "
+        held = fmt(b["measured"]) + (f" (bound {fmt(b['measured_bound'])})" if b.get("measured_bound") not in
+                                     (None, b["measured"]) else "")
+        rows.append(f"| {r['case']} | {r['budget']} | {fmt(plain_all)} -> {held} | {lever} | "
                     f"{fmt(e['plain'])} | {fmt(e['budgeted'])} | {100 * r['share_kept_quantized']:.1f}% | "
                     f"{b['groups_kept']} of {b['groups']}" + (f" ({b['groups_int8']} INT8)" if b.get("groups_int8") else "")
                     + f" | {r['plain']['wall_s']:.0f}s / {r['budgeted']['wall_s']:.0f}s ({r['time_ratio']:.1f}x"

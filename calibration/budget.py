@@ -14,6 +14,10 @@ provider runs it, TensorRT runs a weight-only INT8 DequantizeLinear into a float
 TensorRT-LLM's loader reads it as a W8A16 layer of a MIXED_PRECISION checkpoint), then the
 unquantized rest's float type (FP16: two bytes). FP8 and INT8 recipes go straight to float.
 
+Every "meets the budget" below is judged by a one-sided confidence bound of the held-out
+measurement (recipe key ``budget_confidence``, default 0.95; 0: the point estimate), never by the
+point estimate alone: calibration/budget_spec.py says why, calibration/budget_eval.py computes it.
+
 Method (one calibration pass, statistics reused; calibration/budget_graph.py builds the graph,
 calibration/budget_eval.py measures):
 
@@ -65,7 +69,7 @@ from onnx import helper
 
 from trtforge.calibration.budget_eval import HeldOut, mapped_session, noise_power, split_held_out
 from trtforge.calibration.budget_graph import Switched, SwitchGroup, build_switched
-from trtforge.calibration.budget_spec import Budget
+from trtforge.calibration.budget_spec import Budget, Measured
 from trtforge.calibration.collect import ActivationRanges
 from trtforge.calibration.recipe import Int4Method, QuantRecipe, WeightRounding
 from trtforge.calibration.smoothing import Smoothing
@@ -131,10 +135,11 @@ class Search:
     kept: int  # the first ``kept`` moves are taken
     rest_precision: str
     quant_precision: str
-    unquantized: float = 0.0
-    all_quantized: float = 0.0
-    searched: float | None = None  # the switched graph's value with the chosen moves taken
-    measured: float | None = None  # the written model's value (Search.verify)
+    # measurements on the held-out part: point estimate and the confidence bound the budget is judged by
+    unquantized: Measured = Measured(0.0, 0.0)
+    all_quantized: Measured = Measured(0.0, 0.0)
+    searched: Measured | None = None  # the switched graph's value with the chosen moves taken
+    measured: Measured | None = None  # the written model's value (Search.verify)
     evaluations: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     gemm_elements: dict[str, int] = field(default_factory=dict)
@@ -181,7 +186,7 @@ class Search:
             changes["weight_only_int8"] = [*base.weight_only_int8, *(_glob_escape(n) for n in self.int8())]
         return base.replace(**changes)
 
-    def verify(self, model_path: Path) -> float:
+    def verify(self, model_path: Path) -> Measured:
         sess = mapped_session(model_path, self.eval.providers)
         self.measured = self.eval.value(sess)
         del sess
@@ -226,10 +231,20 @@ class Search:
         value = self.measured if self.measured is not None else self.searched
         budget = {
             **self.budget.to_json(),
-            "measured": value,
-            "measured_all_quantized": self.all_quantized,
-            "measured_unquantized": self.unquantized,
-            "measured_search": self.searched,
+            "measured": value.point if value is not None else None,  # the point estimate
+            # the budget is judged by this one-sided confidence bound (budget_spec.DEFAULT_CONFIDENCE)
+            "measured_bound": value.bound if value is not None else None,
+            "standard_error": value.se if value is not None else None,
+            "standard_error_unit": "nats per token" if self.budget.metric.unit == "%" else "cosine",
+            "confidence": self.eval.confidence,
+            "quantile": value.quantile if value is not None else 0.0,
+            "judged_by": ("point estimate" if value is None or value.quantile == 0.0 else
+                          f"one-sided {100 * self.eval.confidence:g}% bound (Student t, {value.samples - 1} dof)"),
+            "measured_all_quantized": self.all_quantized.point,
+            "measured_all_quantized_bound": self.all_quantized.bound,
+            "measured_unquantized": self.unquantized.point,
+            "measured_search": self.searched.point if self.searched is not None else None,
+            "measured_search_bound": self.searched.bound if self.searched is not None else None,
             "held_out_samples": len(self.eval.held.ids),
             "held_out_tokens": self.eval.held.num_tokens,
             "held_out_sha256": self.eval.held.sha256,
@@ -299,8 +314,12 @@ def search(art, recipe: QuantRecipe, ranges: ActivationRanges, held: Samples, di
     groups = sw.groups
 
     vocab = int(dims.vocab_size or 0)
-    ev = HeldOut(held, dims, art.manifest.source.task, budget, vocab, int(dims.hidden_size or 0), providers)
+    ev = HeldOut(held, dims, art.manifest.source.task, budget, vocab, int(dims.hidden_size or 0), providers,
+                 confidence=recipe.budget_confidence)
     ev.set_reference(art.model_path)
+    if recipe.budget_confidence > 0 and len(held.ids) < 2:
+        log.warning("budget %s: one held-out sample gives no standard error; judged by the point estimate "
+                    "(pass more calibration text)", budget.text)
     rest_p, quant_b = Precision.parse(dtype), BYTES[recipe.precision]
     s = Search(budget, ev, groups, [], 0, dtype, recipe.precision.value)
     s.smoothings = sw.smoothings
@@ -309,19 +328,20 @@ def search(art, recipe: QuantRecipe, ranges: ActivationRanges, held: Samples, di
 
     sess = mapped_session(sw.path, providers)
     s.unquantized = ev.value(sess, everything)
-    s.evaluations.append({"moves": "all", "value": s.unquantized})
+    s.evaluations.append({"moves": "all", **s.unquantized.to_json()})
     if not budget.met(s.unquantized):
         raise QuantizationError(
             f"budget {budget.text} cannot be met: with no GEMM quantized ({dtype} rest) the graph itself measures "
             f"{budget.metric.name} {budget.show(s.unquantized)} on {len(held.ids)} held-out calibration samples",
             "loosen the budget, or keep the unquantized rest in fp32 (recipe dtype = fp32)")
     s.all_quantized = ev.value(sess, {})
-    s.evaluations.append({"moves": 0, "value": s.all_quantized})
+    s.evaluations.append({"moves": 0, **s.all_quantized.to_json()})
     del sess
     release_memory()
     log.info("budget %s: unquantized %s, every GEMM quantized %s", budget.text, budget.show(s.unquantized),
              budget.show(s.all_quantized))
-    s.rounding = {"lever": None, "tried": False, "used": False, "measured_plain": s.all_quantized}
+    s.rounding = {"lever": None, "tried": False, "used": False, "measured_plain": s.all_quantized.point,
+                  "measured_plain_bound": s.all_quantized.bound}
     if budget.met(s.all_quantized):
         s.rounding["reason"] = "not needed: the plain recipe meets the budget"
     else:
@@ -352,12 +372,12 @@ def search(art, recipe: QuantRecipe, ranges: ActivationRanges, held: Samples, di
 
     search_sess = mapped_session(sw.path, providers)
     n = len(s.moves)
-    cache: dict[int, float] = {0: s.all_quantized, n: s.unquantized}  # every move taken: every group in float
+    cache: dict[int, Measured] = {0: s.all_quantized, n: s.unquantized}  # every move taken: every group in float
 
-    def at(k: int, sess=search_sess) -> float:
+    def at(k: int, sess=search_sess) -> Measured:
         if k not in cache:
             cache[k] = ev.value(sess, s.flags(k))
-            s.evaluations.append({"moves": k, "value": cache[k]})
+            s.evaluations.append({"moves": k, **cache[k].to_json()})
             log.info("budget %s: %d of %d moves -> %s", budget.text, k, n, budget.show(cache[k]))
         return cache[k]
 
@@ -403,9 +423,11 @@ def _try_rounding(s: Search, sw: Switched, art, recipe: QuantRecipe, ranges: Act
     value = s.eval.value(sess, {})
     del sess
     release_memory()
-    s.evaluations.append({"moves": 0, "rounding": what, "value": value})
-    s.rounding.update(tried=True, measured=value, seconds=time.perf_counter() - t)
-    better = value < s.all_quantized if not budget.metric.higher_is_better else value > s.all_quantized
+    s.evaluations.append({"moves": 0, "rounding": what, **value.to_json()})
+    s.rounding.update(tried=True, measured=value.point, measured_bound=value.bound, seconds=time.perf_counter() - t)
+    # compared by the bound the budget is judged by (the point at budget_confidence 0)
+    better = (value.bound < s.all_quantized.bound if not budget.metric.higher_is_better
+              else value.bound > s.all_quantized.bound)
     if not better:
         s.rounding["reason"] = (f"not used: every GEMM quantized measures {budget.show(value)} with {what} against "
                                 f"{budget.show(s.all_quantized)} with the plain rounding")

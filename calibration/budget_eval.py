@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trtforge.calibration.budget_spec import Budget
+from trtforge.calibration.budget_spec import DEFAULT_CONFIDENCE, Budget, Measured, t_quantile
 from trtforge.calibration.collect import batches
 from trtforge.errors import CalibrationError
 from trtforge.inputs import make_feeds
@@ -54,9 +54,13 @@ class HeldOut:
     """The held-out batches, the float export's result on them, and the budget metric of a session."""
 
     def __init__(self, held: Samples, dims: ModelDims, task: Task, budget: Budget, vocab: int, hidden_size: int,
-                 providers: list | None = None) -> None:
+                 providers: list | None = None, confidence: float = DEFAULT_CONFIDENCE) -> None:
         self.held, self.dims, self.task, self.budget = held, dims, task, budget
         self.providers = providers  # the calibration device's (trtforge.ort.calibration_device)
+        # the one-sided confidence of the bound the budget is judged by (budget_spec.DEFAULT_CONFIDENCE)
+        self.confidence = confidence
+        m = len(held.ids)
+        self.quantile = t_quantile(confidence, m - 1) if confidence > 0 and m >= 2 else 0.0
         self.decoder = task.is_decoder
         self.output = "logits" if self.decoder else "last_hidden_state"
         width = vocab if self.decoder else hidden_size
@@ -105,24 +109,34 @@ class HeldOut:
             feeds = self._feeds(sess, idx, flags)
             yield feeds, sess.run([tensor], feeds)[0]
 
-    def value(self, sess, flags: dict[str, bool] | None = None) -> float:
-        """The budget metric of ``sess`` (with ``flags``) against the float export's reference."""
+    def value(self, sess, flags: dict[str, bool] | None = None) -> Measured:
+        """The budget metric of ``sess`` (with ``flags``) against the float export's reference:
+        the point estimate and its confidence bound (:func:`bound`)."""
         if self.decoder:
-            nll, count = 0.0, 0
+            sums, counts = [], []
             for feeds, logits in self.outputs(sess, flags, self.output, self.batches):
-                s, n = _nll(logits, feeds["input_ids"])
-                nll, count = nll + s, count + n
-            mean = nll / max(count, 1)
+                s, n = _nll_rows(logits, feeds["input_ids"])
+                sums.append(s)
+                counts.append(n)
+            nll, count = np.concatenate(sums), np.concatenate(counts).astype(np.float64)
             if self.reference is None:
-                return mean
-            d = mean - float(self.reference)
-            return 100.0 * (math.exp(d) - 1.0) if math.isfinite(d) and d < 700 else math.inf
+                return nll  # type: ignore[return-value]
+            ref = np.asarray(self.reference)
+            # per sample, the mean NLL difference against the float export; the point estimate is
+            # their token-weighted mean (the pooled perplexity ratio, as over all held-out tokens)
+            d, se = bound((nll - ref) / np.maximum(count, 1), count)
+            return Measured(_pct(d), _pct(d + self.quantile * se) if se is not None else _pct(d), se,
+                            self.quantile if se is not None else 0.0, len(nll))
         pooled = np.concatenate([mean_pool(h, f["attention_mask"]) for f, h in
                                  self.outputs(sess, flags, self.output, self.batches)])
         if self.reference is None:
             return pooled  # type: ignore[return-value]
         cos = row_cosine(np.asarray(self.reference), pooled)
-        return float(np.mean(cos)) if np.isfinite(cos).all() else -math.inf
+        if not np.isfinite(cos).all():
+            return Measured(-math.inf, -math.inf, None, 0.0, len(cos))
+        c, se = bound(np.asarray(cos, np.float64), np.ones(len(cos)))
+        return Measured(c, c - self.quantile * se if se is not None else c, se,
+                        self.quantile if se is not None else 0.0, len(cos))
 
     def set_reference(self, export_model: Path) -> None:
         sess = mapped_session(export_model, self.providers)
@@ -140,18 +154,36 @@ def mapped_session(path: Path, providers: list | None = None):
     return graph_session(load_graph(path), path.parent, config=NO_PREPACKING, providers=providers)
 
 
-def _nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
-    """Summed next-token negative log-likelihood over every position of unpadded rows."""
+def bound(values: np.ndarray, weights: np.ndarray) -> tuple[float, float | None]:
+    """(weighted mean, its standard error) of per-sample values: the ratio estimator's
+    SE^2 = m / (m - 1) * sum(w_i^2 (x_i - mean)^2) / (sum w_i)^2, which for equal weights is
+    the sample variance (ddof 1) over m; None with fewer than two samples."""
+    w = np.asarray(weights, np.float64)
+    x = np.asarray(values, np.float64)
+    mean = float((w * x).sum() / max(w.sum(), 1e-300))
+    m = len(x)
+    if m < 2:
+        return mean, None
+    var = m / (m - 1) * float((w**2 * (x - mean) ** 2).sum()) / float(w.sum()) ** 2
+    return mean, math.sqrt(max(var, 0.0))
+
+
+def _pct(d: float) -> float:
+    """A mean NLL difference (nats) as a perplexity change in percent."""
+    return 100.0 * (math.exp(d) - 1.0) if math.isfinite(d) and d < 700 else math.inf
+
+
+def _nll_rows(logits: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of unpadded rows: (summed next-token negative log-likelihood, positions)."""
     b, s, v = logits.shape
-    rows = logits[:, :-1].reshape(-1, v)
-    targets = ids[:, 1:].reshape(-1)
-    total = 0.0
-    for k in range(0, rows.shape[0], 64):
-        x = rows[k : k + 64].astype(np.float64)
-        m = x.max(axis=1, keepdims=True)
-        lse = (m[:, 0] + np.log(np.exp(x - m).sum(axis=1)))
-        total += float((lse - x[np.arange(x.shape[0]), targets[k : k + 64]]).sum())
-    return total, int(rows.shape[0])
+    out = np.zeros(b, np.float64)
+    for r in range(b):
+        for k in range(0, s - 1, 64):
+            x = logits[r, k : min(k + 64, s - 1)].astype(np.float64)
+            m = x.max(axis=1, keepdims=True)
+            lse = m[:, 0] + np.log(np.exp(x - m).sum(axis=1))
+            out[r] += float((lse - x[np.arange(x.shape[0]), ids[r, k + 1 : k + 1 + x.shape[0]]]).sum())
+    return out, np.full(b, s - 1, np.int64)
 
 
 def noise_power(ref: list[np.ndarray], got: list[np.ndarray]) -> float:

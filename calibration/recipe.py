@@ -12,7 +12,7 @@ import typing
 from dataclasses import asdict, dataclass, fields
 from enum import Enum
 
-from trtforge.calibration.budget_spec import parse_budget
+from trtforge.calibration.budget_spec import DEFAULT_CONFIDENCE, parse_budget
 from trtforge.errors import OptionError, RecipeError
 from trtforge.vocab import RECIPE_PRECISIONS, CalibDevice, Granularity, Precision
 
@@ -116,6 +116,10 @@ class QuantRecipe:
     # weight_rounding "gptq"): no extra weight byte, only quantize time; the calibration pass then
     # keeps the GEMM inputs' Hessians. False: the search goes straight to higher precision.
     budget_rounding: bool = True
+    # the budget holds when a one-sided confidence bound of its held-out measurement does, at this
+    # confidence (Student t over the held-out samples' paired differences; calibration/budget_spec.py
+    # says why): 0.95 by default; 0: the point estimate alone (no margin for the few held-out samples)
+    budget_confidence: float = DEFAULT_CONFIDENCE
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -171,6 +175,9 @@ class QuantRecipe:
                 parse_budget(self.budget)
             except OptionError as exc:
                 raise RecipeError(f"{source}: {exc.problem}", exc.hint) from None
+        if not (self.budget_confidence == 0.0 or 0.5 <= self.budget_confidence < 1.0):
+            raise RecipeError(f"{source}: budget_confidence {self.budget_confidence} is neither 0 nor in [0.5, 1)",
+                              "use 0.95 (the budget judged by a one-sided 95% bound) or 0 (by the point estimate)")
         if self.weight_only_int8 and self.precision != Precision.INT4:
             raise RecipeError(f"{source}: weight_only_int8 is the INT8 fallback of an INT4 weight-only recipe, and this "
                               f"recipe is {self.precision.value}",

@@ -193,6 +193,9 @@ def quantize(
             with output.timed("budget_verify_s"):  # the final graph itself, not the search's estimate
                 value = search.verify(tmp / MODEL_FILE)
             if budget.met(value):
+                log.info("budget %s: the written model measures %s on %d held-out samples (judged by %s)", budget.text,
+                         budget.show(value), value.samples, "the point estimate" if value.quantile == 0 else
+                         f"the one-sided {100 * recipe.budget_confidence:g}% bound, t = {value.quantile:.3f}")
                 report["layers"], report["budget"] = search.records(report)
                 break
             if not search.more():

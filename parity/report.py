@@ -236,7 +236,10 @@ def render_markdown(content: dict[str, Any]) -> str:
                      f"{pa['precision']}{': ' + kept if kept else ''}{' ...' if len(pa['kept']) > 5 else ''}.")
         b = pa.get("budget")
         if b:
-            lines.append(f"Accuracy budget: {b.get('metric')} {_v(b.get('measured'))} against a limit of "
+            bd = b.get("measured_bound")
+            lines.append(f"Accuracy budget: {b.get('metric')} {_v(b.get('measured'))}"
+                         + (f" (confidence bound {_v(bd)})" if bd is not None and bd != b.get("measured") else "")
+                         + " against a limit of "
                          f"{_v(b.get('limit'))} ({'met' if b.get('met') else 'NOT met'}; all quantized: "
                          f"{_v(b.get('measured_all_quantized'))}, {b.get('held_out_samples')} held-out samples).")
     pl = content.get("per_layer")

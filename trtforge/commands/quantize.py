@@ -54,7 +54,10 @@ def quantize(export_dir: Path, recipe_spec: str, calib: tuple[Path, ...], ranges
         def fmt(v: float) -> str:
             return f"{v:+.3f}%" if b.get("unit") == "%" else f"{v:.8f}"
 
-        text += (f"\nbudget {b['text']}: {b['metric']} {fmt(b['measured'])} on {b['held_out_samples']} held-out samples "
+        bound = b.get("measured_bound")
+        shown = fmt(b["measured"]) + (f" (bound {fmt(bound)}, {100 * b['confidence']:g}% one-sided)"
+                                      if bound is not None and bound != b["measured"] else "")
+        text += (f"\nbudget {b['text']}: {b['metric']} {shown} on {b['held_out_samples']} held-out samples "
                  f"(every GEMM quantized: {fmt(b['measured_all_quantized'])}); {b['groups_kept']} of {b['groups']} groups "
                  f"kept out of {q.precision}" + (f" ({b['groups_int8']} in INT8 weight-only)" if b.get("groups_int8") else "")
                  + f", {100 * share:.1f}% of GEMM weights in {q.precision}")
