@@ -77,7 +77,10 @@ def test_interrupt_then_resume(recipe, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-c", "from trtforge.cli import main; main()", "run", str(recipe), "-o", str(out),
            "--set", "calibration.batch_size=1"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    # SIGINT restored for the child: a test run started in the background by a non-interactive
+    # shell (``cmd &``) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in proc.stderr:
         seen.append(line)
