@@ -34,6 +34,8 @@ EXAMPLE = "e.g. budget perplexity=1% (decoders) or embedding_cosine=0.999 (encod
 DEFAULT_CONFIDENCE = 0.95
 
 
+# written here rather than scipy.stats.t.ppf: scipy is not a dependency of trtforge (pyproject.toml),
+# and one quantile does not justify adding it; tests/calibration/test_budget.py checks table values
 def t_quantile(p: float, dof: int) -> float:
     """Student's t quantile (``p`` in [0.5, 1)): exact for 1 and 2 degrees of freedom, the
     Cornish-Fisher expansion in the normal quantile beyond (for p <= 0.99: within 0.4% at 3,
