@@ -100,30 +100,32 @@ def _nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
     return total, rows.shape[0]
 
 
-def eval_decoder(paths: list[Path], seq: int = 256) -> tuple[list[float], int]:
+def eval_decoder(paths: list[Path], seq: int = 256) -> tuple[list[float], int, list[float]]:
     """Mean NLL per model on every non-overlapping window of the eval text, each <bos> + 255 text
-    tokens (bench/quantize.py's windows: the calibration windows start with the tokenizer's BOS too)."""
+    tokens (bench/quantize.py's windows: the calibration windows start with the tokenizer's BOS too),
+    and each later model's mean KL from the first (the expected change, bench/kl_vs_nll.py)."""
+    from kl_vs_nll import log_softmax
+    from kl_vs_nll import run as run_window
     from quantize import eval_windows
 
-    from trtforge.ort import NO_PREPACKING, release_memory, session
+    from trtforge.ort import NO_PREPACKING, session
     from trtforge.textdata import load_tokenizer
 
     wins = eval_windows(load_tokenizer(paths[0]), None, seq)
-    out = []
-    for p in paths:
-        sess = session(p / "model.onnx", config=NO_PREPACKING)
-        names = [i.name for i in sess.get_inputs()]
-        nll = n = 0
-        for w in wins:
-            feeds = {"input_ids": w[None], "attention_mask": np.ones((1, len(w)), np.int64)}
-            if "position_ids" in names:
-                feeds["position_ids"] = np.arange(len(w), dtype=np.int64)[None]
-            s, c = _nll(sess.run(["logits"], {k: feeds[k] for k in names})[0], w[None])
-            nll, n = nll + s, n + c
-        out.append(nll / n)
-        del sess
-        release_memory()
-    return out, len(wins)
+    sessions = [session(p / "model.onnx", config=NO_PREPACKING) for p in paths]
+    nll, kl, n = np.zeros(len(paths)), np.zeros(len(paths)), 0
+    for w in wins:
+        ref = None
+        for j, sess in enumerate(sessions):
+            lp = log_softmax(run_window(sess, w))
+            nll[j] -= float(lp[np.arange(len(w) - 1), w[1:]].sum())
+            if ref is None:
+                ref = lp
+            else:
+                kl[j] += float((np.exp(ref) * (ref - lp)).sum())
+            del lp
+        n += len(w) - 1
+    return list(nll / n), len(wins), list(kl[1:] / n)
 
 
 def eval_encoder(paths: list[Path]) -> list[np.ndarray]:
@@ -165,16 +167,17 @@ def case(name: str, old: dict | None = None) -> dict:
         return res
     paths = [src, OUT / f"{name}-plain", OUT / f"{name}-budget"]
     if kind == "gemma3" and from_file:
-        (b,), nwin = eval_decoder(paths[2:])
-        ref = float(np.log(old["eval"]["ppl_fp32"]))
-        res["eval"] = {**old["eval"], "budgeted": 100 * (np.exp(b - ref) - 1),
-                       "reused": "FP32 and plain figures from the earlier run in this file; the budgeted model measured now"}
+        (ref, b), nwin, (kb,) = eval_decoder([paths[0], paths[2]])
+        res["eval"] = {**old["eval"], "budgeted": 100 * (np.exp(b - ref) - 1), "budgeted_kl": 100 * np.expm1(kb),
+                       "reused": "plain figures from the earlier run in this file; FP32 and the budgeted model measured now"}
         res["plain_reused"] = True
     elif kind == "gemma3":
-        (ref, a, b), nwin = eval_decoder(paths)
+        (ref, a, b), nwin, (ka, kb) = eval_decoder(paths)
         res["eval"] = {"metric": f"perplexity change % (eval-gpl-3.0, all {nwin} windows of <bos> + 255 tokens)",
                        "ppl_fp32": float(np.exp(ref)),
-                       "plain": 100 * (np.exp(a - ref) - 1), "budgeted": 100 * (np.exp(b - ref) - 1)}
+                       "plain": 100 * (np.exp(a - ref) - 1), "budgeted": 100 * (np.exp(b - ref) - 1),
+                       # the expected change on the same windows: exp(mean KL from FP32) - 1 (bench/kl_vs_nll.py)
+                       "plain_kl": 100 * np.expm1(ka), "budgeted_kl": 100 * np.expm1(kb)}
     else:
         ref, a, b = eval_encoder(paths)
         res["eval"] = {"metric": f"mean embedding cosine (eval-gpl-3.0, {len(ref)} sentences)",

@@ -17,6 +17,9 @@ unquantized rest's float type (FP16: two bytes). FP8 and INT8 recipes go straigh
 Every "meets the budget" below is judged by a one-sided confidence bound of the held-out
 measurement (recipe key ``budget_confidence``, default 0.95; 0: the point estimate), never by the
 point estimate alone: calibration/budget_spec.py says why, calibration/budget_eval.py computes it.
+A decoder's perplexity change is by default its expected change, from the KL divergence of the
+next-token distributions (``budget_estimator = "kl"``; "nll": the held-out text's own change):
+calibration/budget_eval.py says why; the other estimate is recorded beside it.
 
 Method (one calibration pass, statistics reused; calibration/budget_graph.py builds the graph,
 calibration/budget_eval.py measures):
@@ -40,11 +43,13 @@ calibration/budget_eval.py measures):
    is measured fully quantized on the held-out part and replaces step 1's where it measures
    better (``budget.rounding`` in the manifest says what was tried, measured and why it was or
    was not used). If it meets the budget, nothing is kept.
-4. Sensitivity of each group: the relative noise power of the last hidden state (the lm_head's
-   input for decoders, ``last_hidden_state`` for encoders) with only that group quantized (and,
-   for INT4, with only that group in INT8), against the unquantized graph, on the first
-   ``RANK_TOKENS`` held-out tokens (a pruned copy of the graph without the lm_head: a 262k
-   vocabulary is most of a small model's compute).
+4. Sensitivity of each group, with only that group quantized (and, for INT4, with only that
+   group in INT8), on the first ``RANK_TOKENS`` held-out tokens: the budget's own metric, i.e.
+   for a decoder judged by the KL (the default) the mean KL of its next-token distribution from
+   the float export's, for an encoder 1 - the mean embedding cosine; for a decoder judged by the
+   observed perplexity (``budget_estimator = "nll"``, whose label term is noise at one group's
+   size) the relative noise power of the last hidden state (the lm_head's input) against the
+   unquantized graph, on a pruned copy of the graph without the lm_head.
 5. *Moves* (a group INT4 -> INT8, a group INT8 or the recipe's precision -> float) ordered by
    error reduction per extra weight byte (INT4 -> INT8 half a byte per weight, INT8 -> FP16 one
    more; cost-aware: a small sensitive layer before a large one of the same error), a group's
@@ -229,6 +234,7 @@ class Search:
         final = self.assignment()
         int8_groups = sum(p == Precision.INT8 for p in final.values())
         value = self.measured if self.measured is not None else self.searched
+        kl = self.eval.decoder and self.eval.estimator == "kl"
         budget = {
             **self.budget.to_json(),
             "measured": value.point if value is not None else None,  # the point estimate
@@ -239,7 +245,17 @@ class Search:
             "confidence": self.eval.confidence,
             "quantile": value.quantile if value is not None else 0.0,
             "judged_by": ("point estimate" if value is None or value.quantile == 0.0 else
-                          f"one-sided {100 * self.eval.confidence:g}% bound (Student t, {value.samples - 1} dof)"),
+                          f"one-sided {100 * self.eval.confidence:g}% bound (Student t, {value.samples - 1} dof)")
+                         + (" of the expected perplexity change (KL)" if kl else ""),
+            "estimator": (("kl: expected perplexity change, exp(mean KL(float || quantized)) - 1 over the held-out "
+                           f"next-token distributions (the float export's top {self.eval.kl_top} tokens per position, the rest "
+                           "one bucket)") if kl else
+                          "nll: the held-out text's observed perplexity change" if self.eval.decoder else
+                          "mean cosine of the held-out sentences' embeddings"),
+            # decoders judged by the KL: the held-out text's own perplexity change beside it
+            "observed": value.observed if value is not None else None,
+            "observed_bound": value.observed_bound if value is not None else None,
+            "observed_standard_error": value.observed_se if value is not None else None,
             "measured_all_quantized": self.all_quantized.point,
             "measured_all_quantized_bound": self.all_quantized.bound,
             "measured_unquantized": self.unquantized.point,
@@ -263,7 +279,11 @@ class Search:
             "rounding": self.rounding,
             "evaluations": self.evaluations,
             "search_s": self.seconds,
-            "sensitivity": ("relative noise power of the last hidden state with only the group quantized, "
+            "sensitivity": (("mean KL (nats per token) of the next-token distribution from the float export's with only "
+                             "the group quantized, on the ranking tokens" if self.eval.decoder else
+                             "1 - mean embedding cosine to the float export with only the group quantized, on the "
+                             "ranking samples") if self.eval.ranks_by_metric else
+                            "relative noise power of the last hidden state with only the group quantized, "
                             "against the unquantized graph"),
         }
         if any(g.flag8 for g in self.groups):
@@ -315,7 +335,7 @@ def search(art, recipe: QuantRecipe, ranges: ActivationRanges, held: Samples, di
 
     vocab = int(dims.vocab_size or 0)
     ev = HeldOut(held, dims, art.manifest.source.task, budget, vocab, int(dims.hidden_size or 0), providers,
-                 confidence=recipe.budget_confidence)
+                 confidence=recipe.budget_confidence, estimator=recipe.budget_estimator)
     ev.set_reference(art.model_path)
     if recipe.budget_confidence > 0 and len(held.ids) < 2:
         log.warning("budget %s: one held-out sample gives no standard error; judged by the point estimate "
@@ -353,20 +373,30 @@ def search(art, recipe: QuantRecipe, ranges: ActivationRanges, held: Samples, di
         s.seconds = time.perf_counter() - t0
         return s
 
-    # sensitivities, on a copy of the switched graph without the lm_head
-    hidden = sw.hidden
-    light = load_graph(sw.path)
-    htype = tensor_types(light).get(hidden, onnx.TensorProto.FLOAT)
-    sub = needed_subgraph(light, [hidden], lambda into, known: into.append(
-        known.get(hidden) or helper.make_tensor_value_info(hidden, htype, None)))
-    rsess = graph_session(sub, sw.path.parent, config=NO_PREPACKING, providers=providers)
-    del light, sub
-    ref = ev.hidden(rsess, everything, hidden)
-    for g in progress(groups, len(groups), "budget sensitivity (groups)"):
-        g.sensitivity = noise_power(ref, ev.hidden(rsess, {**everything, g.flag: False}, hidden))
-        if int8:
-            g.sensitivity_int8 = noise_power(ref, ev.hidden(rsess, {**everything, g.flag: False, g.flag8: True}, hidden))
-    del rsess, ref
+    if ev.ranks_by_metric:
+        # sensitivities: the budget's own metric (a decoder's KL, an encoder's 1 - cosine) with only
+        # the group quantized, on the ranking tokens, through the whole switched graph
+        rsess = mapped_session(sw.path, providers)
+        for g in progress(groups, len(groups), "budget sensitivity (groups)"):
+            g.sensitivity = ev.rank_error(rsess, {**everything, g.flag: False})
+            if int8:
+                g.sensitivity_int8 = ev.rank_error(rsess, {**everything, g.flag: False, g.flag8: True})
+        del rsess
+    else:
+        # sensitivities, on a copy of the switched graph without the lm_head
+        hidden = sw.hidden
+        light = load_graph(sw.path)
+        htype = tensor_types(light).get(hidden, onnx.TensorProto.FLOAT)
+        sub = needed_subgraph(light, [hidden], lambda into, known: into.append(
+            known.get(hidden) or helper.make_tensor_value_info(hidden, htype, None)))
+        rsess = graph_session(sub, sw.path.parent, config=NO_PREPACKING, providers=providers)
+        del light, sub
+        ref = ev.hidden(rsess, everything, hidden)
+        for g in progress(groups, len(groups), "budget sensitivity (groups)"):
+            g.sensitivity = noise_power(ref, ev.hidden(rsess, {**everything, g.flag: False}, hidden))
+            if int8:
+                g.sensitivity_int8 = noise_power(ref, ev.hidden(rsess, {**everything, g.flag: False, g.flag8: True}, hidden))
+        del rsess, ref
     release_memory()
     s.moves = order_moves(_moves(groups, int8, rest_p, quant_b))
 

@@ -5,6 +5,23 @@ In:  the calibration samples (split into a ranges part and a held-out part), a s
 Out: the budget metric of a session on the held-out part (perplexity change over the float
      export, or mean embedding cosine), and the last hidden state per batch for the per-group
      sensitivities.
+
+Two estimators of a decoder's perplexity change (recipe key ``budget_estimator``):
+
+* ``kl`` (default): the *expected* change, exp(mean KL(p_float || p_quant)) - 1 over the held-out
+  next-token distributions. To second order in the logit error e, a token's NLL rises by
+  -e[label] + E_p[e] + e^T (diag(p) - p p^T) e / 2 and the KL by the last term alone: the Hessian of
+  log-softmax does not depend on the label, so both have the same expectation on any text, and the
+  KL leaves out the first-order label term, whose sign is random per token. That term is most of
+  the observed estimate's spread (Gemma 3 270M fp8: bench/kl_vs_nll.py, docs/quantization.md), so
+  the KL's bound sits close to its point and successive search steps are ordered by their error,
+  not by which tokens happened to gain.
+* ``nll``: the *observed* change of the held-out text's own perplexity (exp(mean NLL difference) - 1).
+
+Both are computed on every measurement; the other one is recorded beside the one judged by. The KL
+keeps the float export's ``KL_TOP`` (1024) most probable tokens per held-out position and the rest of
+its probability as one bucket (a coarse-graining, so a lower bound of the full KL; the kept mass
+and the difference are measured in bench/kl_vs_nll.py).
 """
 
 from __future__ import annotations
@@ -29,6 +46,13 @@ HELD_OUT_SHARE = 0.2  # of the calibration samples, spread evenly over them
 MAX_HELD_OUT = 32
 RANK_TOKENS = 512  # held-out tokens the per-group sensitivities are measured on
 OUTPUT_BYTES = 256 << 20  # a batch's output (logits) kept under this
+# the float export's most probable tokens kept per held-out position for the KL (fewer where the
+# held-out part has so many positions that they would pass KL_TOP_BYTES). On Gemma 3 270M fp8
+# (29 eval windows, bench/kl_vs_nll.py) the top 1024 hold 98.8% of the probability and the
+# truncated KL is 2% under the full one (+2.762% against +2.821%; top 256: 96.1%, 6% under)
+KL_TOP = 1024
+KL_TOP_BYTES = 512 << 20
+ESTIMATORS = ("kl", "nll")
 FLAG = "trtforge_budget_"  # the switched graph's boolean inputs start with it
 
 
@@ -54,8 +78,9 @@ class HeldOut:
     """The held-out batches, the float export's result on them, and the budget metric of a session."""
 
     def __init__(self, held: Samples, dims: ModelDims, task: Task, budget: Budget, vocab: int, hidden_size: int,
-                 providers: list | None = None, confidence: float = DEFAULT_CONFIDENCE) -> None:
+                 providers: list | None = None, confidence: float = DEFAULT_CONFIDENCE, estimator: str = "kl") -> None:
         self.held, self.dims, self.task, self.budget = held, dims, task, budget
+        self.estimator = estimator  # decoders: which perplexity estimate the budget is judged by (module docstring)
         self.providers = providers  # the calibration device's (trtforge.ort.calibration_device)
         # the one-sided confidence of the bound the budget is judged by (budget_spec.DEFAULT_CONFIDENCE)
         self.confidence = confidence
@@ -69,6 +94,11 @@ class HeldOut:
         self.batches = batches(held, size)
         self.rank_batches = self._first_tokens(RANK_TOKENS)
         self.reference: float | np.ndarray | None = None
+        self.reference_top: list[tuple[np.ndarray, np.ndarray]] | None = None  # per batch: top-K ids, log-probs
+        self.rank_reference_top: list[tuple[np.ndarray, np.ndarray]] | None = None  # the same, ranking batches
+        self.rank_reference: np.ndarray | None = None  # encoders: pooled embeddings of the ranking batches
+        positions = max(1, sum(max(0, len(a) - 1) for a in held.ids))
+        self.kl_top = max(16, min(KL_TOP, KL_TOP_BYTES // (8 * positions)))
         self.runs = 0
 
     def _first_tokens(self, limit: int) -> list[list[int]]:
@@ -113,20 +143,17 @@ class HeldOut:
         """The budget metric of ``sess`` (with ``flags``) against the float export's reference:
         the point estimate and its confidence bound (:func:`bound`)."""
         if self.decoder:
-            sums, counts = [], []
-            for feeds, logits in self.outputs(sess, flags, self.output, self.batches):
-                s, n = _nll_rows(logits, feeds["input_ids"])
-                sums.append(s)
-                counts.append(n)
-            nll, count = np.concatenate(sums), np.concatenate(counts).astype(np.float64)
             if self.reference is None:
-                return nll  # type: ignore[return-value]
-            ref = np.asarray(self.reference)
-            # per sample, the mean NLL difference against the float export; the point estimate is
-            # their token-weighted mean (the pooled perplexity ratio, as over all held-out tokens)
-            d, se = bound((nll - ref) / np.maximum(count, 1), count)
-            return Measured(_pct(d), _pct(d + self.quantile * se) if se is not None else _pct(d), se,
-                            self.quantile if se is not None else 0.0, len(nll))
+                raise RuntimeError("set_reference first")
+            nll, kl, count = self._decoder(sess, flags)
+            # per sample, the mean difference against the float export; the point estimate is their
+            # token-weighted mean (the pooled perplexity ratio, as over all held-out tokens)
+            observed = self._measured((nll - np.asarray(self.reference)) / np.maximum(count, 1), count)
+            if self.estimator == "nll":
+                return observed
+            expected = self._measured(kl / np.maximum(count, 1), count)
+            return Measured(expected.point, expected.bound, expected.se, expected.quantile, expected.samples,
+                            observed=observed.point, observed_bound=observed.bound, observed_se=observed.se)
         pooled = np.concatenate([mean_pool(h, f["attention_mask"]) for f, h in
                                  self.outputs(sess, flags, self.output, self.batches)])
         if self.reference is None:
@@ -138,9 +165,63 @@ class HeldOut:
         return Measured(c, c - self.quantile * se if se is not None else c, se,
                         self.quantile if se is not None else 0.0, len(cos))
 
+    def _measured(self, per_sample: np.ndarray, count: np.ndarray) -> Measured:
+        d, se = bound(per_sample, count)
+        return Measured(_pct(d), _pct(d + self.quantile * se) if se is not None else _pct(d), se,
+                        self.quantile if se is not None else 0.0, len(per_sample))
+
+    def _decoder(self, sess, flags, keep_top: bool = False, rank: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per held-out sample (``rank``: per sample of the ranking tokens): summed next-token NLL,
+        summed KL against the reference's top tokens (zeros without a reference), positions; with
+        ``keep_top`` the session's own top tokens become the reference's."""
+        which = self.rank_batches if rank else self.batches
+        ref_top = self.rank_reference_top if rank else self.reference_top
+        sums, kls, counts, tops = [], [], [], []
+        for b, (feeds, logits) in enumerate(self.outputs(sess, flags, self.output, which)):
+            top = ref_top[b] if ref_top is not None and not keep_top else None
+            s, k, n, t = _decoder_rows(logits, feeds["input_ids"], top, self.kl_top if keep_top else 0)
+            sums.append(s)
+            kls.append(k)
+            counts.append(n)
+            tops.append(t)
+        if keep_top:
+            if rank:
+                self.rank_reference_top = tops
+            else:
+                self.reference_top = tops
+        return np.concatenate(sums), np.concatenate(kls), np.concatenate(counts).astype(np.float64)
+
+    @property
+    def ranks_by_metric(self) -> bool:
+        """Whether the per-group sensitivities are the budget's own metric (a decoder judged by the
+        KL: its mean KL; an encoder: one minus its mean embedding cosine) rather than the last
+        hidden state's noise power (a decoder judged by the observed perplexity, whose label term
+        is noise at one group's size)."""
+        return not self.decoder or self.estimator == "kl"
+
+    def rank_error(self, sess, flags: dict[str, bool]) -> float:
+        """The budget metric's error of ``sess`` with ``flags`` on the ranking tokens: mean KL
+        (nats per token) from the float export for decoders, 1 - mean embedding cosine for encoders."""
+        if self.decoder:
+            _, kl, count = self._decoder(sess, flags, rank=True)
+            return float(kl.sum() / max(count.sum(), 1.0))
+        pooled = np.concatenate([mean_pool(h, f["attention_mask"]) for f, h in
+                                 self.outputs(sess, flags, self.output, self.rank_batches)])
+        if self.rank_reference is None:
+            self.rank_reference = pooled
+            return 0.0
+        return float(1.0 - np.mean(row_cosine(self.rank_reference, pooled)))
+
     def set_reference(self, export_model: Path) -> None:
         sess = mapped_session(export_model, self.providers)
-        self.reference = self.value(sess)
+        if self.decoder:
+            self.reference = self._decoder(sess, None, keep_top=self.estimator == "kl")[0]
+            if self.ranks_by_metric:
+                self._decoder(sess, None, keep_top=True, rank=True)
+        else:
+            self.reference = self.value(sess)
+            self.rank_reference = None
+            self.rank_error(sess, {})  # sets rank_reference
         del sess
         release_memory()
 
@@ -173,17 +254,35 @@ def _pct(d: float) -> float:
     return 100.0 * (math.exp(d) - 1.0) if math.isfinite(d) and d < 700 else math.inf
 
 
-def _nll_rows(logits: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per row of unpadded rows: (summed next-token negative log-likelihood, positions)."""
+def _decoder_rows(logits: np.ndarray, ids: np.ndarray, top: tuple[np.ndarray, np.ndarray] | None = None,
+                  keep: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    """Per row of unpadded rows: (summed next-token negative log-likelihood, summed KL from the
+    reference ``top`` (its top-K token ids and log-probabilities per position, the rest of its
+    mass one bucket), positions, this batch's own top-``keep`` ids and log-probabilities or None)."""
     b, s, v = logits.shape
-    out = np.zeros(b, np.float64)
+    nll, kl = np.zeros(b, np.float64), np.zeros(b, np.float64)
+    k_keep = min(keep, v - 1) if keep else 0
+    own = (np.zeros((b, s - 1, k_keep), np.int32), np.zeros((b, s - 1, k_keep), np.float32)) if k_keep else None
     for r in range(b):
         for k in range(0, s - 1, 64):
-            x = logits[r, k : min(k + 64, s - 1)].astype(np.float64)
+            e = min(k + 64, s - 1)
+            x = logits[r, k:e].astype(np.float64)
             m = x.max(axis=1, keepdims=True)
             lse = m[:, 0] + np.log(np.exp(x - m).sum(axis=1))
-            out[r] += float((lse - x[np.arange(x.shape[0]), ids[r, k + 1 : k + 1 + x.shape[0]]]).sum())
-    return out, np.full(b, s - 1, np.int64)
+            nll[r] += float((lse - x[np.arange(x.shape[0]), ids[r, k + 1 : e + 1]]).sum())
+            if own is not None:
+                idx = np.argpartition(-x, k_keep - 1, axis=1)[:, :k_keep]
+                own[0][r, k:e] = idx
+                own[1][r, k:e] = np.take_along_axis(x, idx, 1) - lse[:, None]
+            if top is not None:
+                lp = top[1][r, k:e].astype(np.float64)
+                lq = np.take_along_axis(x, top[0][r, k:e].astype(np.int64), 1) - lse[:, None]
+                p = np.exp(lp)
+                rest_p = np.clip(1.0 - p.sum(axis=1), 0.0, 1.0)
+                rest_q = np.clip(1.0 - np.exp(lq).sum(axis=1), 1e-300, 1.0)
+                tail = np.where(rest_p > 0, rest_p * (np.log(np.maximum(rest_p, 1e-300)) - np.log(rest_q)), 0.0)
+                kl[r] += float((p * (lp - lq)).sum() + tail.sum())
+    return nll, kl, np.full(b, s - 1, np.int64), own
 
 
 def noise_power(ref: list[np.ndarray], got: list[np.ndarray]) -> float:

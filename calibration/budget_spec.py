@@ -66,9 +66,17 @@ class Measured:
     se: float | None = None
     quantile: float = 0.0
     samples: int = 0
+    # decoders judged by the expected (KL) perplexity change: the held-out text's observed change
+    # beside it (budget_eval.py's module docstring), its bound and standard error
+    observed: float | None = None
+    observed_bound: float | None = None
+    observed_se: float | None = None
 
     def to_json(self) -> dict:
-        return {"value": self.point, "bound": self.bound, "standard_error": self.se}
+        out = {"value": self.point, "bound": self.bound, "standard_error": self.se}
+        if self.observed is not None:
+            out.update(observed=self.observed, observed_bound=self.observed_bound, observed_standard_error=self.observed_se)
+        return out
 
 
 @dataclass(frozen=True)

@@ -120,6 +120,12 @@ class QuantRecipe:
     # confidence (Student t over the held-out samples' paired differences; calibration/budget_spec.py
     # says why): 0.95 by default; 0: the point estimate alone (no margin for the few held-out samples)
     budget_confidence: float = DEFAULT_CONFIDENCE
+    # decoders (a perplexity budget): which estimate of the perplexity change the budget is judged
+    # by (calibration/budget_eval.py): "kl", the expected change exp(mean KL(float || quantized)) - 1
+    # over the held-out next-token distributions (the same expectation as the text's own change to
+    # second order, without its label noise), or "nll", the held-out text's observed change.
+    # Both are measured and recorded; encoders' embedding_cosine has one estimate.
+    budget_estimator: str = "kl"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -178,6 +184,9 @@ class QuantRecipe:
         if not (self.budget_confidence == 0.0 or 0.5 <= self.budget_confidence < 1.0):
             raise RecipeError(f"{source}: budget_confidence {self.budget_confidence} is neither 0 nor in [0.5, 1)",
                               "use 0.95 (the budget judged by a one-sided 95% bound) or 0 (by the point estimate)")
+        if self.budget_estimator not in ("kl", "nll"):
+            raise RecipeError(f"{source}: budget_estimator {self.budget_estimator!r} is neither kl nor nll",
+                              "use kl (the expected perplexity change, the default) or nll (the held-out text's own)")
         if self.weight_only_int8 and self.precision != Precision.INT4:
             raise RecipeError(f"{source}: weight_only_int8 is the INT8 fallback of an INT4 weight-only recipe, and this "
                               f"recipe is {self.precision.value}",

@@ -14,7 +14,7 @@ import onnx
 from trtforge.artifacts import OnnxArtifact, copy_side_files, sha256_file
 from trtforge.calibration.budget import rounding_lever, split_held_out
 from trtforge.calibration.budget import search as budget_search
-from trtforge.calibration.budget_spec import check_applies, parse_budget
+from trtforge.calibration.budget_spec import Measured, check_applies, parse_budget
 from trtforge.calibration.collect import ActivationRanges, collect_ranges, model_key
 from trtforge.calibration.layerwise import run_by_blocks, wants_layerwise
 from trtforge.calibration.methods.base import needs_hessians
@@ -193,9 +193,12 @@ def quantize(
             with output.timed("budget_verify_s"):  # the final graph itself, not the search's estimate
                 value = search.verify(tmp / MODEL_FILE)
             if budget.met(value):
-                log.info("budget %s: the written model measures %s on %d held-out samples (judged by %s)", budget.text,
-                         budget.show(value), value.samples, "the point estimate" if value.quantile == 0 else
+                log.info("budget %s: the written model measures %s on %d held-out samples (judged by %s)%s", budget.text,
+                         budget.show(value), value.samples, ("the point estimate" if value.quantile == 0 else
                          f"the one-sided {100 * recipe.budget_confidence:g}% bound, t = {value.quantile:.3f}")
+                         + (" of the expected change (KL)" if value.observed is not None else ""),
+                         "" if value.observed is None else
+                         f"; the held-out text's own perplexity change {budget.show(Measured(value.observed, value.observed_bound))}")
                 report["layers"], report["budget"] = search.records(report)
                 break
             if not search.more():

@@ -382,6 +382,8 @@ def _precision_assignment(pa: dict[str, Any]) -> str:
     if b:
         parts.append("<h3>Accuracy budget</h3>" + _kv([
             ("metric", b.get("metric")), ("limit", _n(b.get("limit"))), ("measured", _n(b.get("measured"))),
+            *((("judged by", b["judged_by"]),) if b.get("judged_by") else ()),
+            *((("the held-out text's own change", _n(b["observed"])),) if b.get("observed") is not None else ()),
             ("measured with every layer quantized", _n(b.get("measured_all_quantized"))),
             ("held-out samples", _n(b.get("held_out_samples"))),
             ("met", Raw('<span class="ok">yes</span>' if b.get("met") else '<span class="ko">NO</span>')),

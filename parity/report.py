@@ -239,6 +239,8 @@ def render_markdown(content: dict[str, Any]) -> str:
             bd = b.get("measured_bound")
             lines.append(f"Accuracy budget: {b.get('metric')} {_v(b.get('measured'))}"
                          + (f" (confidence bound {_v(bd)})" if bd is not None and bd != b.get("measured") else "")
+                         + (f", expected from the KL divergence; the held-out text's own {_v(b.get('observed'))}"
+                            if b.get("observed") is not None else "")
                          + " against a limit of "
                          f"{_v(b.get('limit'))} ({'met' if b.get('met') else 'NOT met'}; all quantized: "
                          f"{_v(b.get('measured_all_quantized'))}, {b.get('held_out_samples')} held-out samples).")

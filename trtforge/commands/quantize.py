@@ -57,6 +57,9 @@ def quantize(export_dir: Path, recipe_spec: str, calib: tuple[Path, ...], ranges
         bound = b.get("measured_bound")
         shown = fmt(b["measured"]) + (f" (bound {fmt(bound)}, {100 * b['confidence']:g}% one-sided)"
                                       if bound is not None and bound != b["measured"] else "")
+        if b.get("observed") is not None:  # judged by the expected change (KL); the text's own beside it
+            shown = (f"expected {shown}; the held-out text's own {fmt(b['observed'])}"
+                     + (f" (bound {fmt(b['observed_bound'])})" if b.get("observed_bound") is not None else ""))
         text += (f"\nbudget {b['text']}: {b['metric']} {shown} on {b['held_out_samples']} held-out samples "
                  f"(every GEMM quantized: {fmt(b['measured_all_quantized'])}); {b['groups_kept']} of {b['groups']} groups "
                  f"kept out of {q.precision}" + (f" ({b['groups_int8']} in INT8 weight-only)" if b.get("groups_int8") else "")
