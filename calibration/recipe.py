@@ -121,9 +121,9 @@ class QuantRecipe:
     # says why): 0.95 by default; 0: the point estimate alone (no margin for the few held-out samples)
     budget_confidence: float = DEFAULT_CONFIDENCE
     # decoders (a perplexity budget): which estimate of the perplexity change the budget is judged
-    # by (calibration/budget_eval.py): "kl", the expected change exp(mean KL(float || quantized)) - 1
-    # over the held-out next-token distributions (the same expectation as the text's own change to
-    # second order, without its label noise), or "nll", the held-out text's observed change.
+    # by (calibration/budget_eval.py): "kl", exp(mean KL(float || quantized)) - 1 over the held-out
+    # next-token distributions (the change on text the float model would write: fidelity to the
+    # float model, without the label noise of a few windows), or "nll", the held-out text's observed change.
     # Both are measured and recorded; encoders' embedding_cosine has one estimate.
     budget_estimator: str = "kl"
 
