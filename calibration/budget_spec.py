@@ -110,6 +110,19 @@ class Budget:
             return False
         return value >= self.limit if self.metric.higher_is_better else value <= self.limit
 
+    def error(self, value: float | Measured) -> float:
+        """``value`` (a Measured: its bound) on a scale where the quantization errors of separate
+        groups add up, 0 for the float export: a perplexity change in percent -> nats per token
+        (log(1 + p / 100), what a KL sum or an NLL difference is in); a cosine -> 1 - cosine.
+        The prefix search (calibration/budget.py) interpolates on it; inf where not finite."""
+        if isinstance(value, Measured):
+            value = value.bound
+        if value is None or not math.isfinite(value):
+            return math.inf
+        if self.metric.unit == "%":
+            return math.log1p(value / 100.0) if value > -100.0 else -math.inf
+        return 1.0 - value if self.metric.higher_is_better else value
+
     def show(self, value: float | Measured | None) -> str:
         if isinstance(value, Measured):
             if value.bound == value.point:

@@ -27,6 +27,7 @@ from trtforge.calibration.quantize import (
     watched_tensors,
 )
 from trtforge.calibration.recipe import QuantRecipe
+from trtforge.env import available_bytes
 from trtforge.errors import InputError, OptionError, QuantizationError, ValidationError
 from trtforge.graph import GraphIndex, describe_io, inline_identity_initializers
 from trtforge.inputs import make_feeds
@@ -108,6 +109,8 @@ def quantize(
     watched = watched_tensors(model, idx)
     key = model_key(model, watched)
     timings["load_s"] = time.perf_counter() - t
+    if budget is not None:
+        _warn_budget_memory(weight_bytes(model), budget.text)
     t = time.perf_counter()
     # layer by layer (a model too big to hold whole): calibration and the float checks run a
     # decoder layer at a time, so memory holds one layer's weights, not the model's
@@ -220,6 +223,22 @@ def quantize(
              recipe.name, report["counts"]["quantized"], report["counts"]["excluded"], timings["total_s"],
              ran.get("device", "?"), ", ".join(ran.get("providers", [])) + (", reused ranges" if ranges else ""))
     return OnnxArtifact.open(output.path)
+
+
+# The budget search's sessions hold each quantized GEMM's float weight beside its dequantized
+# copy: 2.49x the FP32 weight bytes on TinyLlama-1.1B's width (docs/benchmarks.md, "The budget
+# search at size"); it does not go layer by layer as the plain quantize does.
+BUDGET_MEMORY_FACTOR = 2.5
+
+
+def _warn_budget_memory(weights: int, text: str) -> None:
+    """Say before any work when the budget search will likely not fit in the memory available."""
+    free = available_bytes()
+    need = BUDGET_MEMORY_FACTOR * weights
+    if free is not None and need > free:
+        log.warning("budget %s: the search needs about %.1f GiB (%.1fx the export's %.1f GiB of weights) and %.1f GiB "
+                    "is available; quantize without a budget (it goes layer by layer), or on a machine with more memory",
+                    text, need / 2**30, BUDGET_MEMORY_FACTOR, weights / 2**30, free / 2**30)
 
 
 def _log_block_fallbacks(report: dict, recipe: QuantRecipe) -> None:

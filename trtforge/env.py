@@ -44,6 +44,25 @@ def gpus() -> list[Gpu]:
     return found
 
 
+def available_bytes() -> int | None:
+    """Memory this process can still use: psutil if installed, else /proc/meminfo MemAvailable;
+    None where neither says."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def cpu_name() -> str:
     """The CPU's model name (from /proc/cpuinfo on Linux), for reports and benchmark records."""
     try:

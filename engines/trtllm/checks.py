@@ -36,6 +36,7 @@ from trtforge.engines.trtllm.formats import (
     writable_architectures,
 )
 from trtforge.engines.trtllm.onnx_source import module_of
+from trtforge.env import available_bytes
 from trtforge.errors import InputError, OptionError, QuantizationError, TrtforgeError
 from trtforge.numerics import block_size_for
 from trtforge.vocab import Precision, Task
@@ -354,24 +355,6 @@ def _read_config(folder: Path) -> dict:
     if not p.exists():
         raise InputError(f"{folder} has no config.json", "re-run trtforge export and quantize (they copy it)")
     return read_json(p, "config")
-
-
-def available_bytes() -> int | None:
-    """Memory this process can still use: psutil if installed, else /proc/meminfo MemAvailable."""
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        pass
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def estimate_memory(art: OnnxArtifact, *, parity: bool, available: int | None = None) -> dict:

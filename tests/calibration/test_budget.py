@@ -358,6 +358,89 @@ def test_moves_int8_before_float_and_cost_aware():
         assert order.index((gi, Precision.INT8)) < order.index((gi, fp16))
 
 
+def _prefix_case(errors_nats, se=0.0, limit="perplexity=1%"):
+    """(n, measure, calls) for a budget whose k-move prefix measures ``errors_nats[k]`` nats."""
+    from trtforge.calibration.budget_spec import Measured
+
+    budget = parse_budget(limit)
+    calls: list[int] = []
+
+    def at(k):
+        calls.append(k)
+        e = float(errors_nats[k])
+        return Measured(100 * np.expm1(e), 100 * np.expm1(e + se))
+
+    return budget, at, calls
+
+
+def test_the_prefix_search_finds_the_shortest_prefix_in_two_runs_where_errors_add_up():
+    """Additive sensitivities (as the one-group KLs are on Gemma 3): the line through the ends
+    lands on the answer, and the prefix before it proves it the shortest: 2 runs besides the two
+    ends the search has measured already, where a bisection of 72 moves takes about 10."""
+    from trtforge.calibration.budget import shortest_prefix
+
+    rng = np.random.default_rng(0)
+    for trial in range(50):
+        n = int(rng.integers(5, 150))
+        gains = rng.lognormal(-8, 1.0, n)
+        gains[::-1].sort()  # best first, as order_moves leaves them per byte
+        cum = np.concatenate([[0.0], np.cumsum(gains)])
+        total = cum[-1] * rng.uniform(1.05, 6.0)  # the plain recipe's error: 1.05-6x what the limit allows
+        errors = (cum[-1] - cum) * total / cum[-1]
+        limit = 100 * np.expm1(total / rng.uniform(1.05, 6.0))
+        budget, at, calls = _prefix_case(errors, limit=f"perplexity={limit}%")
+        want = next(i for i in range(n + 1) if budget.met(at(i)))
+        calls.clear()
+        k = shortest_prefix(n, list(cum), at, budget)
+        assert k == want, trial
+        inner = [c for c in calls if 0 < c < n]
+        assert len(inner) <= 2, (trial, inner)
+
+
+@pytest.mark.parametrize("shape", ["convex", "concave", "steps", "noisy"])
+def test_the_prefix_search_is_right_and_no_slower_than_bisection_where_they_do_not(shape):
+    """Where the error is not a straight line in the removed sensitivity, every answer is still a
+    measured bracket (k meets, k - 1 misses), the shortest one where the errors fall monotonically,
+    in at most about as many runs as a bisection."""
+    from trtforge.calibration.budget import shortest_prefix
+
+    rng = np.random.default_rng(1)
+    for trial in range(40):
+        n = int(rng.integers(8, 200))
+        cum = np.concatenate([[0.0], np.cumsum(np.sort(rng.lognormal(-8, 1.0, n))[::-1])])
+        x = cum / cum[-1]
+        if shape == "convex":
+            errors = 0.03 * (1 - x) ** 4
+        elif shape == "concave":
+            errors = 0.03 * (1 - x ** 4)
+        elif shape == "steps":
+            errors = 0.03 * (1 - np.floor(x * 4) / 4)
+        else:
+            errors = np.maximum(0.03 * (1 - x) + rng.normal(0, 0.002, n + 1), 0.0)
+            errors[0], errors[-1] = 0.05, 0.0
+        limit = float(rng.uniform(0.2, 2.5))
+        budget, at, calls = _prefix_case(errors, limit=f"perplexity={limit}%")
+        if budget.met(at(0)):
+            continue
+        calls.clear()
+        k = shortest_prefix(n, list(cum), at, budget)
+        runs = len(set(c for c in calls if 0 < c < n))
+        assert budget.met(at(k)) and not budget.met(at(k - 1)), trial
+        if shape != "noisy":
+            assert k == next(i for i in range(n + 1) if budget.met(at(i)))
+        assert runs <= 2 * int(np.ceil(np.log2(n))) + 2, (trial, runs)
+
+
+def test_budget_error_scale():
+    """The additive scale the prefix search interpolates on: nats for a perplexity change, 1 - cosine."""
+    from trtforge.calibration.budget_spec import Measured
+
+    ppl, cos = parse_budget("perplexity=1%"), parse_budget("embedding_cosine=0.999")
+    assert ppl.error(1.0) == pytest.approx(np.log(1.01)) and ppl.error(Measured(0.5, 2.0)) == pytest.approx(np.log(1.02))
+    assert cos.error(0.999) == pytest.approx(0.001) and cos.error(Measured(0.9, 0.8)) == pytest.approx(0.2)
+    assert ppl.error(float("nan")) == np.inf and cos.error(float("inf")) == np.inf
+
+
 def test_weight_only_int8_recipe_key(weight_outliers, tmp_path):
     exp, npz = weight_outliers
     with pytest.raises(RecipeError, match="weight_only_int8 is the INT8 fallback of an INT4"):
@@ -625,3 +708,26 @@ def test_bad_budget_estimator_is_one_error(exported, tmp_path):
                                   "--calib", str(DATA / "calib-mpl-lgpl.txt"), "-o", str(out)])
     line = one_line_error(r, "budget_estimator")
     assert "kl" in line and "nll" in line and not out.exists()
+
+
+
+def test_a_budget_that_will_not_fit_in_memory_is_said_before_any_work(monkeypatch, caplog):
+    """The search holds about 2.5x the export's weights (docs/benchmarks.md); with less available
+    the stage warns up front with the figures and what to do."""
+    import logging
+
+    from trtforge.calibration import stage
+
+    monkeypatch.setattr(stage, "available_bytes", lambda: 4 * 2**30)
+    with caplog.at_level(logging.WARNING, logger="trtforge.calibration.stage"):
+        stage._warn_budget_memory(1 * 2**30, "perplexity=1%")
+    assert not caplog.records  # 2.5 GiB needed, 4 available
+    with caplog.at_level(logging.WARNING, logger="trtforge.calibration.stage"):
+        stage._warn_budget_memory(3 * 2**30, "perplexity=1%")
+    (rec,) = caplog.records
+    msg = rec.getMessage()
+    assert "7.5 GiB" in msg and "4.0 GiB is available" in msg and "without a budget" in msg
+    monkeypatch.setattr(stage, "available_bytes", lambda: None)  # unknown: nothing said
+    caplog.clear()
+    stage._warn_budget_memory(100 * 2**30, "perplexity=1%")
+    assert not caplog.records
