@@ -28,6 +28,7 @@ import onnx
 from onnx import helper
 
 from trtforge.calibration.stats import TensorStats, count_batch
+from trtforge.env import available_bytes
 from trtforge.errors import CalibrationError
 from trtforge.graph import needed_nodes, tensor_types
 from trtforge.inputs import make_feeds
@@ -133,12 +134,8 @@ def wants_layerwise(weight_bytes: int) -> bool:
         return forced == "1"
     if weight_bytes > LAYERWISE_ABOVE:
         return True
-    try:
-        with open("/proc/meminfo") as f:
-            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return False
-    return weight_bytes > 0.6 * avail
+    avail = available_bytes()
+    return avail is not None and weight_bytes > 0.6 * avail
 
 
 def run_blocks(

@@ -109,12 +109,13 @@ def quantize(
     watched = watched_tensors(model, idx)
     key = model_key(model, watched)
     timings["load_s"] = time.perf_counter() - t
+    wbytes = weight_bytes(model)
     if budget is not None:
-        _warn_budget_memory(weight_bytes(model), budget.text)
+        _warn_budget_memory(wbytes, budget.text)
     t = time.perf_counter()
     # layer by layer (a model too big to hold whole): calibration and the float checks run a
     # decoder layer at a time, so memory holds one layer's weights, not the model's
-    layerwise = has_external_data(model) and wants_layerwise(weight_bytes(model))
+    layerwise = has_external_data(model) and wants_layerwise(wbytes)
     if ranges:
         r = ActivationRanges.load(ranges)
         if r.model_key != key:
