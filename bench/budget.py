@@ -38,6 +38,7 @@ EVAL = DATA / "eval-gpl-3.0.txt"
 CASES = {
     "gemma3-fp8": ("gemma3", "fp8", "perplexity=1%"),
     "gemma3-int4-awq": ("gemma3", "int4-awq", "perplexity=10%"),
+    "gemma3-int8-sq": ("gemma3", "int8-sq", "perplexity=2%"),
     "gemma3-fp8-sq": ("gemma3", str(Path(__file__).resolve().parent / "recipes" / "fp8-sq.toml"), "perplexity=1%"),
     "minilm-fp8": ("minilm", "fp8", "embedding_cosine=0.999"),
     "minilm-int8-sq": ("minilm", "int8-sq", "embedding_cosine=0.999"),
@@ -292,10 +293,12 @@ def main() -> int:
     if a.json.exists():
         old = json.loads(a.json.read_text())
         before = {c["case"]: c for c in old.get("cases", [])}
-        results["cases"] = [c for c in old.get("cases", []) if c["case"] not in a.only.split(",")]
+        # each row keeps the machine it ran on: the file merges runs of several sessions
+        results["cases"] = [{"machine": old.get("machine"), **c} for c in old.get("cases", [])
+                            if c["case"] not in a.only.split(",")]
     for name in a.only.split(","):
         print(f"== {name}", file=sys.stderr, flush=True)
-        results["cases"].append(case(name, before.get(name) if a.reuse_plain else None))
+        results["cases"].append({"machine": results["machine"], **case(name, before.get(name) if a.reuse_plain else None)})
         results["cases"].sort(key=lambda c: list(CASES).index(c["case"]))
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(results, indent=1, default=float))

@@ -161,6 +161,11 @@ class QuantRecipe:
                               f"use one of: {', '.join(p.value for p in RECIPE_PRECISIONS)}")
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
             raise RecipeError(f"{source}: alpha {self.alpha} is outside [0, 1]", "use 0.5 (INT8 default) or null for automatic")
+        # alpha_grid: values above 1 were searched on Gemma 3 270M int8-sq (1.05-1.5 beside the
+        # preset's grid) and never chosen: the same 72 factors (docs/benchmarks.md)
+        if not self.alpha_grid or any(not 0.0 <= a <= 1.0 for a in self.alpha_grid):
+            raise RecipeError(f"{source}: alpha_grid {list(self.alpha_grid)} must hold at least one alpha, each in [0, 1]",
+                              "use e.g. [0.5, 0.75, 0.9, 1.0]")
         if not 0 < self.percentile <= 100:
             raise RecipeError(f"{source}: percentile {self.percentile} is outside (0, 100]", "use e.g. 99.99")
         if self.block_size not in (16, 32, 64, 128, 256):

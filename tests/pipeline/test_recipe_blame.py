@@ -33,6 +33,8 @@ def write(tmp_path, calib: str = "", quant: str = ""):
 @pytest.mark.parametrize("calib,quant,sets,want", [
     ("", 'alpha = "high"', (), r"(^|/)r\.toml:9: \[quantize\] alpha must be a number, got 'high'"),
     ("", "alpha = 1.5", (), r"(^|/)r\.toml:9: \[quantize\] alpha 1\.5 is outside \[0, 1\]"),
+    ("", "alpha_grid = []", (), r"(^|/)r\.toml:9: \[quantize\] alpha_grid \[\] must hold at least one alpha"),
+    ("", "alpha_grid = [0.5, 1.2]", (), r"(^|/)r\.toml:9: \[quantize\] alpha_grid \[0\.5, 1\.2\] must hold .* each in \[0, 1\]"),
     ('mode = "bogus"', "", (), r"(^|/)r\.toml:6: \[calibration\] calib_mode 'bogus' is invalid"),
     ("", "alpha = 0.5", ("quantize.alpha=high",), r"^--set quantize\.alpha=high: alpha must be a number"),
     ("", "", ("calibration.mode=zz",), r"^--set calibration\.mode=zz: calib_mode 'zz' is invalid"),
