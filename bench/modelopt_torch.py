@@ -25,7 +25,8 @@ fake quantization in PyTorch on the CPU:
    perplexities, the per-window NLLs (for paired comparisons with trtforge's rows), quantize
    seconds and peak RSS (VmHWM) of the child.
 
-Configs: int8-sq INT8_SMOOTHQUANT_CFG, fp8 FP8_DEFAULT_CFG, int4-awq INT4_AWQ_CFG (awq_lite, block
+Configs: int8-sq INT8_SMOOTHQUANT_CFG, fp8 FP8_DEFAULT_CFG, fp8-channel the same with per-channel
+weights, int4-awq INT4_AWQ_CFG (awq_lite, block
 128), int4-rtn INT4_BLOCKWISE_WEIGHT_ONLY_CFG (block 128). Model Optimizer's default configs leave
 lm_head unquantized, as trtforge's presets do.
 """
@@ -42,8 +43,10 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-CONFIGS = {"int8-sq": "INT8_SMOOTHQUANT_CFG", "fp8": "FP8_DEFAULT_CFG", "int4-awq": "INT4_AWQ_CFG",
-           "int4-rtn": "INT4_BLOCKWISE_WEIGHT_ONLY_CFG"}
+# "+weight_axis0": the config with per-output-channel weight quantizers (FP8_DEFAULT_CFG's are per
+# tensor), the granularity trtforge's fp8 preset stores
+CONFIGS = {"int8-sq": "INT8_SMOOTHQUANT_CFG", "fp8": "FP8_DEFAULT_CFG", "fp8-channel": "FP8_DEFAULT_CFG+weight_axis0",
+           "int4-awq": "INT4_AWQ_CFG", "int4-rtn": "INT4_BLOCKWISE_WEIGHT_ONLY_CFG"}
 
 CHILD = r"""
 import json, sys, time
@@ -82,7 +85,13 @@ def forward_loop(m):
     for ids in calib:
         m(input_ids=ids[None], attention_mask=torch.ones_like(ids[None]))
 
-cfg = getattr(mtq, cfg_name)
+import copy
+base, _, variant = cfg_name.partition("+")
+cfg = copy.deepcopy(getattr(mtq, base))
+if variant == "weight_axis0":
+    for entry in cfg["quant_cfg"]:
+        if entry.get("quantizer_name") == "*weight_quantizer":
+            entry["cfg"] = {**entry["cfg"], "axis": 0}
 t = time.perf_counter()
 model = mtq.quantize(model, cfg, forward_loop)
 quant_s = time.perf_counter() - t
@@ -113,7 +122,7 @@ def main() -> int:
     ap.add_argument("--modelopt-python", required=True, help="the interpreter of Model Optimizer's virtual environment")
     ap.add_argument("--model", type=Path, default=None, help="Gemma 3 270M HF folder (default: bench/models.py)")
     ap.add_argument("--export", type=Path, default=GEMMA3_ARTIFACT, help="its FP32 causal-lm export (for trtforge's windows)")
-    ap.add_argument("--methods", default="int8-sq,fp8,int4-awq,int4-rtn")
+    ap.add_argument("--methods", default="int8-sq,fp8,fp8-channel,int4-awq,int4-rtn")
     ap.add_argument("--calib-windows", type=int, default=45)
     ap.add_argument("--eval-windows", type=int, default=None)
     ap.add_argument("--work", type=Path, default=HERE / "out" / "modelopt-torch")
@@ -143,6 +152,7 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             row = {"error": f"did not finish within --timeout {args.timeout:.0f} s"}
         row["wall_s"] = time.perf_counter() - t
+        row["machine"] = results["machine"]  # the file merges rows of several sessions
         results["rows"][m] = row
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1))
