@@ -53,7 +53,9 @@ class SwitchGroup:
     sensitivity_int8: float | None = None  # only this group in INT8 weight-only
 
 
-def _groups(prep, quantized: list[str], int8: bool) -> list[SwitchGroup]:
+def _groups(prep, quantized: list[str], int8: bool, per_gemm: bool = False) -> list[SwitchGroup]:
+    """One switch group per GEMM group (the GEMMs sharing one input), or with ``per_gemm`` (recipe
+    ``budget_granularity = "gemm"``) one per GEMM, named by its node."""
     seen: set[str] = set()
     out: list[SwitchGroup] = []
     gemms = {n: d.gemm for n, d in prep.decisions.items()}
@@ -61,7 +63,10 @@ def _groups(prep, quantized: list[str], int8: bool) -> list[SwitchGroup]:
         members = [n for n in grp.gemms if n in quantized and n not in seen]
         if members:
             seen.update(members)
-            out.append(SwitchGroup(grp.act, grp.role, members, sum(gemms[n].k * gemms[n].n for n in members)))
+            if per_gemm and len(members) > 1:
+                out.extend(SwitchGroup(n, grp.role, [n], gemms[n].k * gemms[n].n) for n in members)
+            else:
+                out.append(SwitchGroup(grp.act, grp.role, members, sum(gemms[n].k * gemms[n].n for n in members)))
     for n in quantized:  # a GEMM in no group: a group of its own
         if n not in seen:
             out.append(SwitchGroup(gemms[n].act, "other", [n], gemms[n].k * gemms[n].n))
@@ -184,7 +189,7 @@ def build_switched(art, recipe: QuantRecipe, ranges: ActivationRanges, dims: Mod
             floats[n] = weights.put(w, idx.unique(f"{n}_budget_float_weight"))
             del w
         del idx
-        groups = _groups(prep, quantized, int8)
+        groups = _groups(prep, quantized, int8, recipe.budget_granularity == "gemm")
         found = dict(prep.smoothings)
         qmodel, _ = finish(prep, dtype=dtype)
         _add_switches(qmodel, weights, floats, int8s, groups)

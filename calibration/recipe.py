@@ -79,7 +79,9 @@ class QuantRecipe:
     awq_clip_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
     # GPTQ (int4_method gptq / awq-gptq): dampening added to the Hessian's diagonal, as a fraction
     # of its mean; act order: rows in order of decreasing Hessian diagonal, with each block's
-    # scale fixed before the pass ("static groups": TensorRT's block DequantizeLinear has no g_idx)
+    # scale fixed before the pass ("static groups": TensorRT's block DequantizeLinear has no g_idx);
+    # for INT8/FP8 weights (one scale per channel or tensor, fixed before the pass either way) it
+    # changes only where rounding errors go, and the accuracy budget's GPTQ lever turns it on
     gptq_damp: float = 0.01
     gptq_act_order: bool = False
     # --- scope
@@ -116,6 +118,11 @@ class QuantRecipe:
     # weight_rounding "gptq"): no extra weight byte, only quantize time; the calibration pass then
     # keeps the GEMM inputs' Hessians. False: the search goes straight to higher precision.
     budget_rounding: bool = True
+    # what the budget search switches between precisions: "group" (the GEMMs sharing one input:
+    # q/k/v, gate/up, one precision each, as TensorRT-LLM fuses them) or "gemm" (each GEMM alone:
+    # a small k_proj or v_proj can stay in float while its q_proj is quantized; TensorRT runs such a
+    # graph, TensorRT-LLM's checkpoint converter refuses it, since it fuses q/k/v and gate/up)
+    budget_granularity: str = "group"
     # the budget holds when a one-sided confidence bound of its held-out measurement does, at this
     # confidence (Student t over the held-out samples' paired differences; calibration/budget_spec.py
     # says why): 0.95 by default; 0: the point estimate alone (no margin for the few held-out samples)
@@ -189,6 +196,9 @@ class QuantRecipe:
         if not (self.budget_confidence == 0.0 or 0.5 <= self.budget_confidence < 1.0):
             raise RecipeError(f"{source}: budget_confidence {self.budget_confidence} is neither 0 nor in [0.5, 1)",
                               "use 0.95 (the budget judged by a one-sided 95% bound) or 0 (by the point estimate)")
+        if self.budget_granularity not in ("group", "gemm"):
+            raise RecipeError(f"{source}: budget_granularity {self.budget_granularity!r} is neither group nor gemm",
+                              "use group (q/k/v and gate/up switched together, the default) or gemm (each GEMM alone)")
         if self.budget_estimator not in ("kl", "nll"):
             raise RecipeError(f"{source}: budget_estimator {self.budget_estimator!r} is neither kl nor nll",
                               "use kl (the expected perplexity change, the default) or nll (the held-out text's own)")

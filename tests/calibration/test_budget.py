@@ -162,10 +162,10 @@ def test_decoder_keeps_the_outlier_group_and_meets_the_budget(decoder, tmp_path)
     # the zero-byte lever came first: GPTQ rounding of the INT8 weights, measured fully quantized; it
     # cannot fix per-tensor activation outliers, so the outlier group is still kept after it
     rnd = b["rounding"]
-    assert rnd["lever"] == "weight_rounding=gptq" and rnd["tried"] is True
+    assert rnd["lever"] == "weight_rounding=gptq, gptq_act_order=true" and rnd["tried"] is True
     assert rnd["measured_plain"] == b["measured_all_quantized"] or rnd["used"]
     assert rnd["measured"] > 0.1 and rnd["seconds"] > 0
-    assert [e.get("rounding") for e in b["evaluations"][:3]] == [None, None, "weight_rounding=gptq"]
+    assert [e.get("rounding") for e in b["evaluations"][:3]] == [None, None, rnd["lever"]]
     assert m["quantization"]["recipe"]["weight_rounding"] == ("gptq" if rnd["used"] else "nearest")
 
 
@@ -343,6 +343,54 @@ def test_int4_outlier_gemm_lands_in_int8_first(weight_outliers, tmp_path):
     assert np.isfinite(got).all() and np.abs(got - ref).max() < 0.5 * np.abs(ref).max()
 
 
+@pytest.fixture(scope="module")
+def v_outliers(tmp_path_factory):
+    """LLaMA whose layers.1 v_proj alone has 40x weight columns (q_proj and k_proj read the same
+    input and are left as they are): per-channel INT8 keeps few levels for v_proj's other weights."""
+    def edit(m):
+        m.model.layers[1].self_attn.v_proj.weight[:, CH] *= 40.0
+
+    return _sampled_decoder(tmp_path_factory.mktemp("budget-v"), edit)
+
+
+def test_gemm_granularity_keeps_the_one_gemm_and_the_group_granularity_its_group(v_outliers, tmp_path):
+    """budget_granularity: "group" (the default) switches q/k/v together, "gemm" each GEMM alone,
+    so it keeps v_proj in float without q_proj and k_proj, for fewer bytes, and still meets the budget."""
+    exp, npz = v_outliers
+    attn = "/model/model/layers.1/self_attn/"
+    base = get_preset("int8").replace(budget="perplexity=0.05%", num_samples=24, budget_rounding=False)
+    grp = quantize(exp, base, tmp_path / "group", calib=[npz])
+    one = quantize(exp, base.replace(budget_granularity="gemm"), tmp_path / "gemm", calib=[npz])
+    bg, b1 = _check_manifest(grp, "perplexity=0.05%"), _check_manifest(one, "perplexity=0.05%")
+    assert bg["measured_all_quantized"] > 0.05 and b1["measured_all_quantized"] > 0.05
+    assert {f"{attn}{p}_proj/MatMul" for p in "qkv"} <= _kept(grp.manifest.quantization)
+    kept = _kept(one.manifest.quantization)
+    assert f"{attn}v_proj/MatMul" in kept and f"{attn}q_proj/MatMul" not in kept
+    assert b1["expected_gemm_weight_bytes"] < bg["expected_gemm_weight_bytes"]
+    assert b1["groups"] > bg["groups"]  # one switch per GEMM: q/k/v and gate/up split
+    layers = {ly["name"]: ly for ly in one.manifest.quantization.layers}
+    assert layers[f"{attn}v_proj/MatMul"]["group"] == f"{attn}v_proj/MatMul"
+    sens = {n: ly["sensitivity"] for n, ly in layers.items() if ly["sensitivity"] is not None}
+    assert max(sens, key=sens.get) == f"{attn}v_proj/MatMul"
+    # the written graph: v_proj reads the float input, q_proj and k_proj the quantized one
+    import onnx
+
+    g = onnx.load(str(one.model_path), load_external_data=False).graph
+    prod = {o: n for n in g.node for o in n.output}
+    reads = {p: prod.get(next(n for n in g.node if n.name == f"{attn}{p}_proj/MatMul").input[0]) for p in "qkv"}
+    assert reads["q"].op_type == reads["k"].op_type == "DequantizeLinear"
+    assert reads["v"] is None or reads["v"].op_type != "DequantizeLinear"
+
+
+def test_bad_budget_granularity_is_one_error(exported, tmp_path):
+    out = tmp_path / "q"
+    r = CliRunner().invoke(main, ["quantize", str(exported("llama").path), "--recipe", "fp8", "--budget",
+                                  "perplexity=1%", "--set", "budget_granularity=layer",
+                                  "--calib", str(DATA / "calib-mpl-lgpl.txt"), "-o", str(out)])
+    line = one_line_error(r, "budget_granularity 'layer' is neither group nor gemm")
+    assert "gemm" in line and not out.exists()
+
+
 def test_moves_int8_before_float_and_cost_aware():
     from trtforge.calibration.budget import Move, order_moves
     from trtforge.vocab import Precision
@@ -513,16 +561,18 @@ def test_gptq_rounding_is_the_first_lever(weight_outliers, tmp_path, preset, lev
 def test_rounding_lever_of_each_preset():
     from trtforge.calibration.budget import rounding_lever
 
-    want = {"fp8": "weight_rounding=gptq", "int8-sq": "weight_rounding=gptq", "int8": "weight_rounding=gptq",
-            "int4-awq": "int4_method=awq-gptq", "int4-rtn": "int4_method=gptq", "fp8-gptq": None, "int8-sq-gptq": None,
-            "int4-gptq": None, "int4-awq-gptq": None}
+    gptq8 = "weight_rounding=gptq, gptq_act_order=true"  # 8-bit: GPTQ in act order (per-channel scales: exact)
+    want = {"fp8": gptq8, "int8-sq": gptq8, "int8": gptq8,
+            "int4-awq": "int4_method=awq-gptq", "int4-rtn": "int4_method=gptq", "fp8-gptq": "gptq_act_order=true",
+            "int8-sq-gptq": "gptq_act_order=true", "int4-gptq": None, "int4-awq-gptq": None}
     for name, what in want.items():
         got = rounding_lever(get_preset(name))
         assert (got[1] if got else None) == what, name
         if got:  # the same recipe otherwise
             diff = {k for k, v in got[0].to_dict().items() if get_preset(name).to_dict()[k] != v}
-            assert diff == {what.partition("=")[0]}
+            assert diff == {kv.partition("=")[0] for kv in what.split(", ")}
     assert rounding_lever(get_preset("fp8").replace(budget_rounding=False)) is None
+    assert rounding_lever(get_preset("fp8-gptq").replace(gptq_act_order=True)) is None
 
 
 @pytest.mark.parametrize("plain,lever", [("int4-awq", "int4-awq-gptq"), ("int8-sq", "int8-sq-gptq")])
