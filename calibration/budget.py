@@ -56,6 +56,9 @@ calibration/budget_eval.py measures):
    INT8 move always before its float move; the shortest prefix of moves that meets the budget,
    measured on the whole held-out part (:func:`shortest_prefix`: regula falsi on the cumulative
    sensitivity; two runs where the sensitivities add up exactly, never much more than a bisection).
+6. *Return pass* (:func:`return_pass`, up to ``budget_return_tries`` runs, default 8): the
+   prefix's largest moves are tried back in the recipe's precision one at a time, each measured
+   on the whole held-out part with the rest taken, and stay back where the budget still holds.
 
 The stage then quantizes with that assignment (the lever's rounding where it was used, and
 ``exclude`` and ``weight_only_int8`` patterns; the smoothing factors reused) and measures its written model on the same held-out samples; should that miss the budget, the
@@ -156,6 +159,7 @@ class Search:
     rounding: dict = field(default_factory=dict)
     lever: QuantRecipe | None = None  # the recipe with that rounding, where it was used
     smoothings: dict[str, Smoothing] = field(default_factory=dict)  # the smoothing method's factors, reused
+    returns: list[dict] = field(default_factory=list)  # the return pass's tries (:func:`return_pass`)
 
     def assignment(self, k: int | None = None) -> dict[int, Precision]:
         """Group index -> its precision after the first ``k`` moves (default: those taken); groups
@@ -281,6 +285,9 @@ class Search:
             "kept_share_of_planned": (sum(self.groups[gi].elements for gi in final) / planned if planned else 0.0),
             "expected_gemm_weight_bytes": sum(x["weight_bytes"] for x in layers),
             "rounding": self.rounding,
+            # the return pass: each try of a taken move back in the recipe's precision, and whether it stayed
+            "returns": self.returns,
+            "moves_returned": sum(r["returned"] for r in self.returns),
             "evaluations": self.evaluations,
             "search_s": self.seconds,
             "sensitivity": (("mean KL (nats per token) of the next-token distribution from the float export's with only "
@@ -431,10 +438,48 @@ def search(art, recipe: QuantRecipe, ranges: ActivationRanges, held: Samples, di
         cum.append(cum[-1] + m.gain)
     s.kept = shortest_prefix(n, cum, at, budget)
     s.searched = at(s.kept)
+    if recipe.budget_return_tries and s.kept > 1:
+        return_pass(s, search_sess, recipe.budget_return_tries)
     del search_sess, at
     release_memory()
     s.seconds = time.perf_counter() - t0
     return s
+
+
+def return_pass(s: Search, sess, tries: int) -> None:
+    """Try the largest of the taken moves back (module docstring, 6): the prefix is the shortest
+    one of an order ranked by estimates, so a large GEMM ranked in by its one-group sensitivity may
+    not be needed once the rest is taken. Candidates: each group's last taken move (so a group's
+    INT8 move never goes back while its float move stays), largest weight bytes first, then
+    smallest gain; one held-out run each with every other taken move kept; a move whose return
+    still meets the budget stays returned, and later tries build on it. The returned moves go
+    right after the taken ones (the first ones :meth:`Search.more` takes again, last returned
+    first), so ``assignment()`` stays the first ``kept`` moves."""
+    budget, k = s.budget, s.kept
+    taken = s.moves[:k]
+    last = {m.group: i for i, m in enumerate(taken)}
+    cands = sorted(last.values(), key=lambda i: (-taken[i].cost, taken[i].gain))[:tries]
+    back: list[int] = []
+    record: list[dict] = []
+    for i in cands:
+        keep = [m for j, m in enumerate(taken) if j != i and j not in back]
+        flags = {(s.groups[m.group].flag if m.to != Precision.INT8 else s.groups[m.group].flag8): True for m in keep}
+        value = s.eval.value(sess, flags)
+        ok = budget.met(value)
+        g = s.groups[taken[i].group]
+        record.append({"group": g.name, "to": taken[i].to.value, "weight_elements": g.elements, "returned": ok,
+                       **value.to_json()})
+        s.evaluations.append({"moves": f"{k} less {g.name}", **value.to_json()})
+        log.info("budget %s: %d moves without %s (%s) -> %s%s", budget.text, k, g.name, taken[i].to.value,
+                 budget.show(value), ", returned" if ok else "")
+        if ok:
+            back.append(i)
+            s.searched = value
+    s.returns = record
+    if back:
+        kept = [m for j, m in enumerate(taken) if j not in back]
+        s.moves = kept + [taken[j] for j in reversed(back)] + s.moves[k:]
+        s.kept = len(kept)
 
 
 def shortest_prefix(n: int, cum: list[float], at: Callable[[int], Measured], budget: Budget) -> int:

@@ -123,6 +123,10 @@ class QuantRecipe:
     # a small k_proj or v_proj can stay in float while its q_proj is quantized; TensorRT runs such a
     # graph, TensorRT-LLM's checkpoint converter refuses it, since it fuses q/k/v and gate/up)
     budget_granularity: str = "group"
+    # after the shortest prefix of moves is found: up to this many of its largest moves are tried
+    # back in the recipe's precision, one held-out run each, and stay there where the budget still
+    # holds (calibration/budget.py, "Return pass"); 0: the prefix as found
+    budget_return_tries: int = 8
     # the budget holds when a one-sided confidence bound of its held-out measurement does, at this
     # confidence (Student t over the held-out samples' paired differences; calibration/budget_spec.py
     # says why): 0.95 by default; 0: the point estimate alone (no margin for the few held-out samples)
@@ -183,7 +187,8 @@ class QuantRecipe:
             raise RecipeError(f"{source}: weight_granularity {self.weight_granularity!r} is invalid", "use channel or tensor")
         if self.calib_mode not in ("auto", "windows", "sentences"):
             raise RecipeError(f"{source}: calib_mode {self.calib_mode!r} is invalid", "use auto, windows or sentences")
-        for n, lo in (("num_samples", 1), ("seq_len", 2), ("batch_size", 1), ("keep_tokens", 16), ("awq_grid", 1)):
+        for n, lo in (("num_samples", 1), ("seq_len", 2), ("batch_size", 1), ("keep_tokens", 16), ("awq_grid", 1),
+                      ("budget_return_tries", 0)):
             if getattr(self, n) < lo:
                 raise RecipeError(f"{source}: {n} must be at least {lo}", f"set {n} >= {lo}")
         if not 0.0 < self.gptq_damp <= 1.0:

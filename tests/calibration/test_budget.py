@@ -391,6 +391,48 @@ def test_bad_budget_granularity_is_one_error(exported, tmp_path):
     assert "gemm" in line and not out.exists()
 
 
+def test_the_return_pass_gives_back_a_large_move_the_budget_does_not_need():
+    """The ranking over-rates group 0 (a large GEMM): the shortest prefix takes it, but with the
+    others taken the budget holds without it, so the return pass puts it back in the recipe's
+    precision; group 1's return would break the budget, so it stays taken. The returned move is
+    the next one Search.more takes again, and every try is recorded."""
+    from types import SimpleNamespace
+
+    from trtforge.calibration.budget import Move, Search, return_pass
+    from trtforge.calibration.budget_graph import SwitchGroup
+    from trtforge.calibration.budget_spec import Measured
+    from trtforge.vocab import Precision
+
+    budget = parse_budget("perplexity=1%")
+    groups = [SwitchGroup(f"g{i}", "mlp", [f"n{i}"], e, flag=f"keep_{i}") for i, e in enumerate((1000, 400, 10, 10))]
+    true_err = [0.0005, 0.006, 0.005, 0.005]  # nats each group adds while quantized; the float export: 0
+    runs = []
+
+    def value(sess, flags):
+        runs.append(dict(flags))
+        nats = sum(e for g, e in zip(groups, true_err) if not flags.get(g.flag))
+        pct = 100 * np.expm1(nats)
+        return Measured(pct, pct + 0.05)
+
+    ev = SimpleNamespace(value=value)
+    fp16 = Precision.FP16
+    moves = [Move(0, fp16, 0.01, 1000.0), Move(1, fp16, 0.004, 400.0), Move(2, fp16, 0.004, 10.0),
+             Move(3, fp16, 0.004, 10.0)]
+    s = Search(budget, ev, groups, moves, 3, "fp16", "fp8")  # the prefix: groups 0, 1, 2 in float
+    return_pass(s, None, tries=8)
+    assert set(s.assignment()) == {1, 2} and s.kept == 2
+    assert [r["group"] for r in s.returns] == ["g0", "g1", "g2"]  # largest first; g3 was not taken
+    assert [r["returned"] for r in s.returns] == [True, False, False]
+    assert budget.met(s.searched) and s.searched.point == pytest.approx(100 * np.expm1(0.0055))
+    assert s.moves[2].group == 0 and s.more() and set(s.assignment()) == {0, 1, 2}
+    assert len(runs) == 3 and all("keep_0" not in r for r in runs[1:])  # later tries build on the return
+    # at most ``tries`` runs
+    s2 = Search(budget, SimpleNamespace(value=value), groups, list(moves), 3, "fp16", "fp8")
+    runs.clear()
+    return_pass(s2, None, tries=1)
+    assert len(runs) == 1 and len(s2.returns) == 1
+
+
 def test_moves_int8_before_float_and_cost_aware():
     from trtforge.calibration.budget import Move, order_moves
     from trtforge.vocab import Precision
