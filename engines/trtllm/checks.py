@@ -178,6 +178,12 @@ def preflight(*, precision: Precision, model_type: str, architecture: str = "", 
                        QUANT_ALGO_W4A16_AWQ if precision == Precision.INT4 else
                        QUANT_ALGO_FP8 if options.fp8_scheme == Fp8Scheme.TENSOR else QUANT_ALGO_FP8_ROWWISE, config)
     recipe = recipe or {}
+    if recipe.get("budget") and recipe.get("budget_granularity", "group") == "gemm":
+        raise QuantizationError("the recipe's budget switches each GEMM alone (budget_granularity = gemm), so it may keep "
+                                "a k_proj or v_proj in float beside a quantized q_proj, and TensorRT-LLM fuses q/k/v and "
+                                "gate/up into one layer of one precision",
+                                "quantize for this target with budget_granularity = group (the default), or build a "
+                                "TensorRT engine from the artifact ('trtforge build')")
     if precision == Precision.INT4:
         if recipe.get("weight_only_int8") or (recipe.get("budget") and recipe.get("budget_int8", True)):
             raise QuantizationError(INT8_FALLBACK_REFUSAL.format(what="the recipe's INT4 quantization may store GEMMs as "

@@ -89,6 +89,17 @@ def test_preflight_accepts_the_fallback_the_checkpoint_can_hold_and_refuses_the_
                   config={**cfg, "hidden_size": 96})
 
 
+def test_a_per_gemm_budget_is_refused_before_any_work():
+    """A budget switching each GEMM alone may split q/k/v or gate/up, which the checkpoint fuses."""
+    for precision in (Precision.FP8, Precision.INT4):
+        with pytest.raises(QuantizationError, match="budget_granularity = gemm") as exc:
+            preflight(precision=precision, model_type="llama",
+                      recipe={"budget": "perplexity=1%", "budget_granularity": "gemm", "budget_int8": False})
+        assert "budget_granularity = group" in exc.value.hint
+    preflight(precision=Precision.FP8, model_type="llama", recipe={"budget": "perplexity=1%", "budget_granularity": "group"})
+    preflight(precision=Precision.FP8, model_type="llama", recipe={"budget_granularity": "gemm"})  # no budget: no split
+
+
 def test_int8_weight_only_fallback_is_refused_in_one_line(exported, tmp_path):
     """TensorRT-LLM reads per-layer W8A16 only from a MIXED_PRECISION checkpoint, which trtforge does not
     write: an artifact with INT8 weight-only GEMMs, or a recipe whose budget may make them, is refused."""
