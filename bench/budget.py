@@ -40,11 +40,11 @@ CASES = {
     "gemma3-int4-awq": ("gemma3", "int4-awq", "perplexity=10%"),
     "gemma3-int8-sq": ("gemma3", "int8-sq", "perplexity=2%"),
     "gemma3-fp8-sq": ("gemma3", str(Path(__file__).resolve().parent / "recipes" / "fp8-sq.toml"), "perplexity=1%"),
-    "gemma3-fp8-gemm": ("gemma3", str(Path(__file__).resolve().parent / "recipes" / "fp8-gemm.toml"), "perplexity=1%"),
+    "gemma3-fp8-group": ("gemma3", str(Path(__file__).resolve().parent / "recipes" / "fp8-group.toml"), "perplexity=1%"),
     "minilm-fp8": ("minilm", "fp8", "embedding_cosine=0.999"),
     "minilm-int8-sq": ("minilm", "int8-sq", "embedding_cosine=0.999"),
     "minilm-fp8-0.998": ("minilm", "fp8", "embedding_cosine=0.998"),
-    "minilm-fp8-gemm": ("minilm", str(Path(__file__).resolve().parent / "recipes" / "fp8-gemm.toml"), "embedding_cosine=0.999"),
+    "minilm-fp8-group": ("minilm", str(Path(__file__).resolve().parent / "recipes" / "fp8-group.toml"), "embedding_cosine=0.999"),
 }
 
 

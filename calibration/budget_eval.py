@@ -45,7 +45,11 @@ from trtforge.textdata import Samples
 from trtforge.vocab import Task
 
 HELD_OUT_SHARE = 0.2  # of the calibration samples, spread evenly over them
+# held out: at most 32 samples, or more where they are short: as many as fit in 8192 tokens (32
+# windows of 256). An encoder's sentences average ~40 tokens, so a flat 32 held out ~1.3k tokens
+# and left the bound loose: all-MiniLM-L6-v2 fp8 at 304 calibration sentences holds out 61, not 32
 MAX_HELD_OUT = 32
+MAX_HELD_OUT_TOKENS = 8192
 RANK_TOKENS = 512  # held-out tokens the per-group sensitivities are measured on
 OUTPUT_BYTES = 256 << 20  # a batch's output (logits) kept under this
 # the float export's most probable tokens kept per held-out position for the KL (fewer where the
@@ -59,12 +63,14 @@ FLAG = "trtforge_budget_"  # the switched graph's boolean inputs start with it
 
 
 def split_held_out(samples: Samples) -> tuple[Samples, Samples]:
-    """(ranges part, held-out part): every 1/HELD_OUT_SHARE-th sample held out, at most MAX_HELD_OUT."""
+    """(ranges part, held-out part): every 1/HELD_OUT_SHARE-th sample held out, at most MAX_HELD_OUT
+    or, where the samples are short, as many as MAX_HELD_OUT_TOKENS hold."""
     n = len(samples.ids)
     if n < 2:
         raise CalibrationError(f"an accuracy budget needs at least 2 calibration samples, and the data gives {n}",
                                "pass more calibration text: part of it is held out to measure the budget")
-    h = min(MAX_HELD_OUT, max(1, round(n * HELD_OUT_SHARE)))
+    mean_tokens = max(1.0, sum(len(a) for a in samples.ids) / max(n, 1))
+    h = min(max(MAX_HELD_OUT, int(MAX_HELD_OUT_TOKENS // mean_tokens)), max(1, round(n * HELD_OUT_SHARE)))
     held = sorted({min(n - 1, int((i + 0.5) * n / h)) for i in range(h)})
     rest = [i for i in range(n) if i not in set(held)]
 

@@ -121,8 +121,10 @@ class QuantRecipe:
     # what the budget search switches between precisions: "group" (the GEMMs sharing one input:
     # q/k/v, gate/up, one precision each, as TensorRT-LLM fuses them) or "gemm" (each GEMM alone:
     # a small k_proj or v_proj can stay in float while its q_proj is quantized; TensorRT runs such a
-    # graph, TensorRT-LLM's checkpoint converter refuses it, since it fuses q/k/v and gate/up)
-    budget_granularity: str = "group"
+    # graph, TensorRT-LLM's checkpoint converter refuses it, since it fuses q/k/v and gate/up) or
+    # "auto" (the default): "group" in a 'trtforge run' with a trtllm target, else "gemm", which
+    # keeps fewer bytes in float for the same budget (docs/quantization.md, "Granularity")
+    budget_granularity: str = "auto"
     # after the shortest prefix of moves is found: up to this many of its largest moves are tried
     # back in the recipe's precision, one held-out run each, and stay there where the budget still
     # holds (calibration/budget.py, "Return pass"); 0: the prefix as found
@@ -201,9 +203,9 @@ class QuantRecipe:
         if not (self.budget_confidence == 0.0 or 0.5 <= self.budget_confidence < 1.0):
             raise RecipeError(f"{source}: budget_confidence {self.budget_confidence} is neither 0 nor in [0.5, 1)",
                               "use 0.95 (the budget judged by a one-sided 95% bound) or 0 (by the point estimate)")
-        if self.budget_granularity not in ("group", "gemm"):
-            raise RecipeError(f"{source}: budget_granularity {self.budget_granularity!r} is neither group nor gemm",
-                              "use group (q/k/v and gate/up switched together, the default) or gemm (each GEMM alone)")
+        if self.budget_granularity not in ("auto", "group", "gemm"):
+            raise RecipeError(f"{source}: budget_granularity {self.budget_granularity!r} is not auto, group or gemm",
+                              "use auto (the default), group (q/k/v and gate/up switched together) or gemm (each GEMM alone)")
         if self.budget_estimator not in ("kl", "nll"):
             raise RecipeError(f"{source}: budget_estimator {self.budget_estimator!r} is neither kl nor nll",
                               "use kl (the expected perplexity change, the default) or nll (the held-out text's own)")

@@ -82,6 +82,8 @@ def quantize(
     output = StageOutput(out, stage=STAGE, kind="onnx", force=force,
                          inputs=[art.path, *(("calibration data", Path(p)) for p in (calib or ()) if Path(p).exists())])
     dtype = art.dtype if recipe.dtype == "auto" else recipe.dtype
+    if recipe.budget_granularity == "auto":  # on its own, quantize writes for TensorRT: each GEMM alone
+        recipe = recipe.replace(budget_granularity="gemm")
     if art.dtype == Precision.FP16 and dtype == Precision.FP32:
         raise InputError("an FP16 export cannot be quantized into an FP32 graph",
                          "export in fp32, or set the recipe's dtype to auto or fp16")

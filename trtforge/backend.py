@@ -81,6 +81,9 @@ class Backend(Protocol):
     options_table: str  # the run-recipe table its options come from: "build" | "checkpoint"
     float_dtype: str  # what the unquantized rest of the graph it is given should compute in: fp32 | fp16
     runs_parity: bool  # False: parity_runner raises; its artifacts are verified when written
+    # True: it fuses q/k/v and gate/up into one layer of one precision (a budget in 'trtforge run'
+    # then switches them together: budget_granularity "auto" resolves to "group")
+    fuses_gemms: bool = False
 
     def resolve(self, name: str, gpus: Any = None) -> TargetLike | None:
         """The target ``name`` (lower-case, aliases not yet applied) means, if this backend serves it."""

@@ -40,15 +40,15 @@ import fcntl
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from trtforge._version import __version__
 from trtforge.artifacts import hash_files, os_error, read_json, sha256_file, sha256_json, write_json
-from trtforge.backend import Backend, BuildIntent, backend_for_target
-from trtforge.calibration import quantize
+from trtforge.backend import Backend, BuildIntent, TargetLike, backend_for_target
+from trtforge.calibration import QuantRecipe, quantize
 from trtforge.calibration.budget_spec import check_applies, parse_budget
 from trtforge.engines import build
 from trtforge.engines.targets import Target, resolve_target
@@ -120,6 +120,22 @@ def lock(out: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+
+def quant_for_targets(quant: QuantRecipe, targets: Sequence[TargetLike]) -> QuantRecipe:
+    """The recipe's "auto" keys resolved for the backends that build ``targets``:
+    dtype: the unquantized rest in FP16 where a backend wants it (TensorRT engines, TensorRT-LLM
+    checkpoints), FP32 otherwise (CPUs); budget_granularity: the budget switches q/k/v and gate/up
+    together ("group") where a backend fuses them (TensorRT-LLM), each GEMM alone otherwise."""
+    backends = [backend_for_target(t) for t in targets]
+    if quant.dtype == "auto":
+        quant = quant.replace(dtype=Precision.FP16.value if any(
+            b.float_dtype == Precision.FP16 for b in backends) else Precision.FP32.value)
+    if quant.budget_granularity == "auto":  # getattr: a backend written before fuses_gemms existed
+        quant = quant.replace(budget_granularity="group" if any(
+            getattr(b, "fuses_gemms", False) for b in backends) else "gemm")
+    return quant
 
 
 class Runner:
@@ -336,13 +352,8 @@ class Runner:
         if r.reference_dtype == Precision.FP16:
             self.stage("export/fp16", ref_dir, export_key, export_to(DType.FP16))
 
-        quant = r.quant
-        if quant.dtype == "auto":
-            # the unquantized rest in what the targets' backends want: FP16 for TensorRT engines and
-            # TensorRT-LLM checkpoints, FP32 for CPUs (skipped targets count: the artifact is shared)
-            every = [*targets, *(t for t, _ in skipped)]
-            quant = quant.replace(dtype=Precision.FP16.value if any(
-                backend_for_target(t).float_dtype == Precision.FP16 for t in every) else Precision.FP32.value)
+        # skipped targets count: the artifact is shared
+        quant = quant_for_targets(r.quant, [*targets, *(t for t, _ in skipped)])
         qdir = out / "quantized" / quant.name
         data_key = {"calib": {str(p): sha256_file(p) if p.is_file() else hash_files(x for x in p.rglob("*") if x.is_file())
                               for p in r.calib_data},

@@ -70,6 +70,7 @@ class CpuOrtBackend:
     options_table = "build"
     float_dtype = "fp32"  # CPUs run the unquantized rest faster in FP32
     runs_parity = True
+    fuses_gemms = False  # ONNX Runtime runs each GEMM in its own precision
 
     # ------------------------------------------------------------------ targets
     def resolve(self, name: str, gpus: Any = None) -> Target | None:

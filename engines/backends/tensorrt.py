@@ -88,6 +88,7 @@ class TensorRTBackend:
     options_table = "build"
     float_dtype = "fp16"  # TensorRT engines want the unquantized rest in FP16
     runs_parity = True
+    fuses_gemms = False  # a strongly typed network runs each GEMM in the precision its Q/DQ give it
 
     # ------------------------------------------------------------------ targets
     def resolve(self, name: str, gpus: Any = None) -> Target | None:

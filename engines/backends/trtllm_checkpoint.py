@@ -45,6 +45,7 @@ class TrtllmCheckpointBackend:
     options_table = "checkpoint"
     float_dtype = "fp16"  # the checkpoint's float16 (or the source's bfloat16) GEMMs
     runs_parity = False
+    fuses_gemms = True  # its loader fuses q/k/v and gate/up (checks.py, _check_fused)
 
     # ------------------------------------------------------------------ targets
     def resolve(self, name: str, gpus: Any = None) -> Target | None:

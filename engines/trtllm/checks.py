@@ -178,11 +178,12 @@ def preflight(*, precision: Precision, model_type: str, architecture: str = "", 
                        QUANT_ALGO_W4A16_AWQ if precision == Precision.INT4 else
                        QUANT_ALGO_FP8 if options.fp8_scheme == Fp8Scheme.TENSOR else QUANT_ALGO_FP8_ROWWISE, config)
     recipe = recipe or {}
-    if recipe.get("budget") and recipe.get("budget_granularity", "group") == "gemm":
+    if recipe.get("budget") and recipe.get("budget_granularity", "auto") == "gemm":
         raise QuantizationError("the recipe's budget switches each GEMM alone (budget_granularity = gemm), so it may keep "
                                 "a k_proj or v_proj in float beside a quantized q_proj, and TensorRT-LLM fuses q/k/v and "
                                 "gate/up into one layer of one precision",
-                                "quantize for this target with budget_granularity = group (the default), or build a "
+                                "quantize for this target with budget_granularity = group or auto (the default: "
+                                "group where a target is trtllm), or build a "
                                 "TensorRT engine from the artifact ('trtforge build')")
     if precision == Precision.INT4:
         if recipe.get("weight_only_int8") or (recipe.get("budget") and recipe.get("budget_int8", True)):
@@ -264,7 +265,7 @@ def plan(art: OnnxArtifact, options: CheckpointOptions, *, available: int | None
             what=f"the ONNX artifact stores {len(fallback)} GEMMs as INT8 weight-only ({fallback[0]}"
                  + (", ..." if len(fallback) > 1 else "") + ")"), INT8_FALLBACK_HINT)
     notes: list[str] = []
-    _check_fused(by_module, fused)
+    _check_fused(by_module, fused, budgeted=bool(recipe.get("budget")))
     if by_module.get("lm_head", {}).get("status") == "quantized":
         raise InputError("the ONNX artifact quantizes lm_head; the checkpoint keeps it in float, as Model Optimizer does",
                          "quantize with the default exclude list (it excludes *lm_head*)")
@@ -332,8 +333,9 @@ def plan(art: OnnxArtifact, options: CheckpointOptions, *, available: int | None
     return Plan(art, quant_algo, group_size, dtype, exclude, memory, granularity, notes, ck.architecture, fused)
 
 
-def _check_fused(by_module: dict[str, dict], fused: Fused) -> None:
-    """q/k/v and gate/up are one GEMM in TensorRT-LLM: all quantized or none."""
+def _check_fused(by_module: dict[str, dict], fused: Fused, *, budgeted: bool = False) -> None:
+    """q/k/v and gate/up are one GEMM in TensorRT-LLM: all quantized or none. ``budgeted``: the
+    artifact's recipe had a budget (its search chose the split; the hint says how to avoid it)."""
     groups: dict[tuple[str, str], dict[str, str]] = {}
     for mod, n in by_module.items():
         fg = fused_group(mod, fused)
@@ -346,7 +348,9 @@ def _check_fused(by_module: dict[str, dict], fused: Fused) -> None:
             raise QuantizationError(
                 f"{parent}: {', '.join(q)} quantized but {', '.join(e)} not; TensorRT-LLM fuses "
                 f"{'/'.join(fused[kind])} into one layer with one quantization",
-                "exclude all of them or none when quantizing")
+                "quantize with --set budget_granularity=group (the budget then switches them together), or build "
+                "a TensorRT engine from the artifact ('trtforge build')" if budgeted
+                else "exclude all of them or none when quantizing")
 
 
 def _resolve_dtype(art: OnnxArtifact, want: CkptDType, family_default: str = "float16") -> str:

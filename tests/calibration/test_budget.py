@@ -253,6 +253,18 @@ def test_held_out_part_is_disjoint_and_spread():
         split_held_out(Samples([np.arange(4)], "windows", ["x"]))
 
 
+def test_short_samples_hold_out_more_than_32_long_ones_at_most_32():
+    """An encoder's sentences are short: the held-out cap is 32 samples or 8192 tokens, whichever
+    holds more, so 300 sentences of 40 tokens hold out a fifth of them (60), 200 windows of 256
+    tokens 32 (8192 tokens), as before."""
+    _, held = split_held_out(Samples([np.arange(i, i + 40) for i in range(300)], "sentences", ["x"]))
+    assert len(held.ids) == 60
+    _, held = split_held_out(Samples([np.arange(i, i + 256) for i in range(200)], "windows", ["x"]))
+    assert len(held.ids) == 32
+    _, held = split_held_out(Samples([np.arange(i, i + 8) for i in range(10000)], "sentences", ["x"]))
+    assert len(held.ids) == 1024 and held.num_tokens == 8192
+
+
 def test_pipeline_budget_key(tmp_path, tiny_model):
     model = tiny_model("llama")
     calib = DATA / "calib-mpl-lgpl.txt"
@@ -295,8 +307,11 @@ def test_int4_outlier_gemm_lands_in_int8_first(weight_outliers, tmp_path):
     from trtforge.ort import session
 
     exp, npz = weight_outliers
-    # the rounding lever off: GPTQ alone meets this budget on this model (test_gptq_rounding_is_the_first_lever)
-    recipe = get_preset("int4-rtn").replace(budget="perplexity=1%", num_samples=24, block_size=32, budget_rounding=False)
+    # the rounding lever off: GPTQ alone meets this budget on this model (test_gptq_rounding_is_the_first_lever).
+    # group granularity: with each GEMM switched alone (gemm, the standalone default), two v_proj in
+    # INT8 (6144 weights) meet this budget for fewer bytes than down_proj and o_proj (24576) and are taken
+    recipe = get_preset("int4-rtn").replace(budget="perplexity=1%", num_samples=24, block_size=32, budget_rounding=False,
+                                            budget_granularity="group")
     art = quantize(exp, recipe, tmp_path / "q", calib=[npz])
     q = art.manifest.quantization
     b = _check_manifest(art, "perplexity=1%")
@@ -354,13 +369,14 @@ def v_outliers(tmp_path_factory):
 
 
 def test_gemm_granularity_keeps_the_one_gemm_and_the_group_granularity_its_group(v_outliers, tmp_path):
-    """budget_granularity: "group" (the default) switches q/k/v together, "gemm" each GEMM alone,
+    """budget_granularity: "group" switches q/k/v together, "gemm" (what "auto", the default, means
+    for a standalone quantize) each GEMM alone,
     so it keeps v_proj in float without q_proj and k_proj, for fewer bytes, and still meets the budget."""
     exp, npz = v_outliers
     attn = "/model/model/layers.1/self_attn/"
     base = get_preset("int8").replace(budget="perplexity=0.05%", num_samples=24, budget_rounding=False)
-    grp = quantize(exp, base, tmp_path / "group", calib=[npz])
-    one = quantize(exp, base.replace(budget_granularity="gemm"), tmp_path / "gemm", calib=[npz])
+    grp = quantize(exp, base.replace(budget_granularity="group"), tmp_path / "group", calib=[npz])
+    one = quantize(exp, base, tmp_path / "gemm", calib=[npz])  # auto: gemm
     bg, b1 = _check_manifest(grp, "perplexity=0.05%"), _check_manifest(one, "perplexity=0.05%")
     assert bg["measured_all_quantized"] > 0.05 and b1["measured_all_quantized"] > 0.05
     assert {f"{attn}{p}_proj/MatMul" for p in "qkv"} <= _kept(grp.manifest.quantization)
@@ -387,7 +403,7 @@ def test_bad_budget_granularity_is_one_error(exported, tmp_path):
     r = CliRunner().invoke(main, ["quantize", str(exported("llama").path), "--recipe", "fp8", "--budget",
                                   "perplexity=1%", "--set", "budget_granularity=layer",
                                   "--calib", str(DATA / "calib-mpl-lgpl.txt"), "-o", str(out)])
-    line = one_line_error(r, "budget_granularity 'layer' is neither group nor gemm")
+    line = one_line_error(r, "budget_granularity 'layer' is not auto, group or gemm")
     assert "gemm" in line and not out.exists()
 
 

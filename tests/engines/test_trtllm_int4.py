@@ -98,6 +98,28 @@ def test_a_per_gemm_budget_is_refused_before_any_work():
         assert "budget_granularity = group" in exc.value.hint
     preflight(precision=Precision.FP8, model_type="llama", recipe={"budget": "perplexity=1%", "budget_granularity": "group"})
     preflight(precision=Precision.FP8, model_type="llama", recipe={"budget_granularity": "gemm"})  # no budget: no split
+    # auto (the default): 'trtforge run' resolves it to group where a target is trtllm
+    preflight(precision=Precision.FP8, model_type="llama", recipe={"budget": "perplexity=1%", "budget_granularity": "auto"})
+    preflight(precision=Precision.FP8, model_type="llama", recipe={"budget": "perplexity=1%"})
+
+
+def test_a_split_group_names_the_fix_that_fits_how_it_was_split():
+    """An artifact whose budget (switching each GEMM alone) kept v_proj in float beside a quantized
+    q_proj and k_proj: the refusal says to quantize with budget_granularity=group or build a
+    TensorRT engine; without a budget (a hand-written exclude list) to exclude all or none."""
+    from trtforge.engines.trtllm.checks import _check_fused
+    from trtforge.engines.trtllm.formats import TRTLLM_FUSED
+
+    attn = "model.layers.1.self_attn"
+    by_module = {f"{attn}.{p}_proj": {"status": "quantized"} for p in "qk"}
+    by_module[f"{attn}.v_proj"] = {"status": "excluded"}
+    by_module[f"{attn}.o_proj"] = {"status": "quantized"}
+    for budgeted, fix in ((True, "--set budget_granularity=group"), (False, "exclude all of them or none")):
+        with pytest.raises(QuantizationError, match=rf"{attn}: q_proj, k_proj quantized but v_proj not") as exc:
+            _check_fused(by_module, TRTLLM_FUSED, budgeted=budgeted)
+        assert fix in exc.value.hint
+    by_module[f"{attn}.v_proj"] = {"status": "quantized"}
+    _check_fused(by_module, TRTLLM_FUSED, budgeted=True)  # the whole group quantized: nothing to refuse
 
 
 def test_int8_weight_only_fallback_is_refused_in_one_line(exported, tmp_path):

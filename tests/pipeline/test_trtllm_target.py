@@ -183,3 +183,36 @@ def test_the_trtllm_target_fails_a_checkpoint_above_its_perplexity_limit(llama, 
     assert m["verdict"] == "passed" and statuses(m)["engines/trtllm"] == "done"
     with pytest.raises(TrtforgeError, match=r"\[checkpoint\] max_ppl_change_pct -1\.0 is not a percentage"):
         trtforge.run(r, tmp_path / "o2", sets=["checkpoint.max_ppl_change_pct=-1"])
+
+
+def test_auto_budget_granularity_follows_the_targets():
+    """budget_granularity "auto": group (q/k/v and gate/up switched together) where any target is
+    TensorRT-LLM, which fuses them; each GEMM alone for TensorRT engines and the CPU."""
+    from trtforge.backend import resolve_target
+    from trtforge.calibration import get_preset
+    from trtforge.pipeline import quant_for_targets
+
+    r = get_preset("fp8").replace(budget="perplexity=1%")
+    assert r.budget_granularity == "auto"
+    for names, granularity, dtype in ((["cpu"], "gemm", "fp32"), (["hopper"], "gemm", "fp16"),
+                                      (["trtllm"], "group", "fp16"), (["cpu", "trtllm"], "group", "fp16")):
+        q = quant_for_targets(r, [resolve_target(n) for n in names])
+        assert (q.budget_granularity, q.dtype) == (granularity, dtype), names
+    # an explicit choice stays as written
+    assert quant_for_targets(r.replace(budget_granularity="group"), [resolve_target("cpu")]).budget_granularity == "group"
+
+
+def test_a_budget_next_to_the_trtllm_target_switches_groups_and_the_checkpoint_loads(llama, tmp_path):
+    """[quantize] budget with cpu and trtllm targets: one quantization whose manifest records group
+    granularity (no q/k/v or gate/up split), which export-checkpoint accepts; an explicit
+    budget_granularity = "gemm" is refused before any work."""
+    r = recipe(tmp_path, llama, "fp8", ["cpu", "trtllm"], 'budget = "perplexity=1%"\nweight_granularity = "tensor"')
+    m = trtforge.run(r, tmp_path / "out")
+    assert m["verdict"] == "passed", m
+    q = json.loads((tmp_path / "out" / "quantized" / "fp8" / "manifest.json").read_text())
+    assert q["quantization"]["recipe"]["budget_granularity"] == "group"
+    assert statuses(m)["engines/trtllm"] == "done"
+    bad = recipe(tmp_path, llama, "fp8", ["cpu", "trtllm"], 'budget = "perplexity=1%"\nbudget_granularity = "gemm"')
+    with pytest.raises(TrtforgeError, match="budget_granularity = gemm"):
+        trtforge.run(bad, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()

@@ -24,8 +24,8 @@ from trtforge.vocab import CalibDevice
 @click.option("--budget", metavar="METRIC=VALUE",
               help="Accuracy budget, e.g. perplexity=1% (decoders) or embedding_cosine=0.999 (encoders): the fewest "
                    "GEMM weights stay unquantized until it holds on held-out calibration samples (GPTQ rounding of the "
-                   "same weights is tried first; --set budget_rounding=false skips it; --set budget_granularity=gemm "
-                   "switches each GEMM alone instead of q/k/v and gate/up together).")
+                   "same weights is tried first; --set budget_rounding=false skips it; the search switches each GEMM "
+                   "alone; --set budget_granularity=group switches q/k/v and gate/up together, as TensorRT-LLM needs).")
 @click.option("--calib-device", type=click.Choice([d.value for d in CalibDevice]), default=None,
               help="Where calibration runs ONNX Runtime: auto (CUDA where onnxruntime-gpu sees a GPU, else CPU), cpu, "
                    "or cuda (an error where it is missing). Overrides the recipe's calib_device (default auto).")
