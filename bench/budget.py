@@ -82,7 +82,13 @@ def child(src: Path, recipe: str, budget: str | None, out: Path) -> dict:
             "budget": q.extra.get("budget")}
 
 
+RESUME = False  # --resume: a child whose result file and manifest exist is not run again
+
+
 def run_child(src: Path, recipe: str, budget: str | None, out: Path) -> dict:
+    done = out.parent / f"{out.name}.result.json"  # the child's figures, kept should a later step fail
+    if RESUME and done.is_file() and (out / "manifest.json").is_file():
+        return json.loads(done.read_text())
     cmd = [sys.executable, __file__, "--child", str(src), recipe, budget or "", str(out)]
     p = subprocess.run(cmd, capture_output=True, text=True, check=False)
     (out.parent / f"{out.name}.log").write_text(p.stderr)  # the child's log, kept for a failed run
@@ -90,7 +96,9 @@ def run_child(src: Path, recipe: str, budget: str | None, out: Path) -> dict:
         sys.stderr.write(p.stderr[-3000:])
         last = (p.stderr.strip().splitlines() or ["failed"])[-1]
         return {"error": f"exit {p.returncode}: {last}" if p.returncode < 0 else last}
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    done.write_text(json.dumps(res, indent=1, default=float))
+    return res
 
 
 def _nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
@@ -275,7 +283,11 @@ def main() -> int:
     ap.add_argument("--sensitivities", type=Path, metavar="MANIFEST", help="where a budgeted model's error sits")
     ap.add_argument("--child", nargs=4)
     ap.add_argument("--reuse-plain", action="store_true", help="keep the plain runs of the results file")
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse each quantize run whose result file (OUT/<run>.result.json) and folder exist")
     a = ap.parse_args()
+    global RESUME
+    RESUME = a.resume
     if a.child:
         import logging
 

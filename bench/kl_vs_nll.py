@@ -42,6 +42,10 @@ def run(sess, w: np.ndarray) -> np.ndarray:
     names = [i.name for i in sess.get_inputs()]
     feeds = {"input_ids": w[None], "attention_mask": np.ones((1, len(w)), np.int64),
              "position_ids": np.arange(len(w), dtype=np.int64)[None]}
+    for i in sess.get_inputs():  # a causal-lm-with-past export: an empty cache (past length 0)
+        if i.name.startswith("past_key_values."):
+            shape = [1 if k == 0 else d if isinstance(d, int) else 0 for k, d in enumerate(i.shape)]
+            feeds[i.name] = np.zeros(shape, np.float16 if "float16" in i.type else np.float32)
     return sess.run(["logits"], {k: feeds[k] for k in names})[0][0, :-1].astype(np.float64)
 
 
