@@ -39,14 +39,15 @@ def windows(tok_dir: Path, seq: int = 256) -> np.ndarray:
 
 
 def run(sess, w: np.ndarray) -> np.ndarray:
-    names = [i.name for i in sess.get_inputs()]
-    feeds = {"input_ids": w[None], "attention_mask": np.ones((1, len(w)), np.int64),
-             "position_ids": np.arange(len(w), dtype=np.int64)[None]}
-    for i in sess.get_inputs():  # a causal-lm-with-past export: an empty cache (past length 0)
-        if i.name.startswith("past_key_values."):
-            shape = [1 if k == 0 else d if isinstance(d, int) else 0 for k, d in enumerate(i.shape)]
-            feeds[i.name] = np.zeros(shape, np.float16 if "float16" in i.type else np.float32)
-    return sess.run(["logits"], {k: feeds[k] for k in names})[0][0, :-1].astype(np.float64)
+    """One window's logits; a causal-lm-with-past export gets an empty cache (trtforge's make_feeds)."""
+    from trtforge.inputs import make_feeds
+
+    ins = sess.get_inputs()
+    past = next((i for i in ins if i.name.startswith("past_key_values.")), None)
+    dims = {"num_kv_heads": past.shape[1], "head_dim": past.shape[3]} if past is not None else {}
+    dtype = np.float16 if past is not None and "float16" in past.type else np.float32
+    feeds = make_feeds(w[None], [i.name for i in ins], dims, dtype)
+    return sess.run(["logits"], feeds)[0][0, :-1].astype(np.float64)
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:

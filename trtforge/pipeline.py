@@ -122,7 +122,6 @@ def lock(out: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
-
 def quant_for_targets(quant: QuantRecipe, targets: Sequence[TargetLike]) -> QuantRecipe:
     """The recipe's "auto" keys resolved for the backends that build ``targets``:
     dtype: the unquantized rest in FP16 where a backend wants it (TensorRT engines, TensorRT-LLM
