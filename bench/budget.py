@@ -45,6 +45,8 @@ CASES = {
     "minilm-int8-sq": ("minilm", "int8-sq", "embedding_cosine=0.999"),
     "minilm-fp8-0.998": ("minilm", "fp8", "embedding_cosine=0.998"),
     "minilm-fp8-group": ("minilm", str(Path(__file__).resolve().parent / "recipes" / "fp8-group.toml"), "embedding_cosine=0.999"),
+    "minilm-fp8-n304": ("minilm", str(Path(__file__).resolve().parent / "recipes" / "fp8-n304.toml"), "embedding_cosine=0.999"),
+    "minilm-fp8-point": ("minilm", str(Path(__file__).resolve().parent / "recipes" / "fp8-point.toml"), "embedding_cosine=0.999"),
 }
 
 
