@@ -18,12 +18,18 @@ mean-pooled embeddings against the float model, for
 import random
 import sys
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 
-sys.path.insert(0, "/work/main/bench")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DATA, minilm_dir, sentences
 from transformers import AutoTokenizer, BertModel
+
+from trtforge.calibration.methods.gptq import gptq_fixed_scales
+from trtforge.numerics import weight_scales
+from trtforge.vocab import Precision
 
 torch.manual_seed(0)
 torch.set_num_threads(2)
@@ -130,26 +136,12 @@ def cos():
 
 
 def gptq(w, H, act_order=True, damp=0.01):
-    w = w.double().clone()
-    H = H.clone()
-    s = (w.abs().amax(1, keepdim=True) / 448).clamp(min=1e-12)
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    w[:, dead] = 0
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(H.shape[0])
-    w = w[:, perm]
-    H = H[perm][:, perm]
-    H += damp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    Q = torch.zeros_like(w)
-    for i in range(w.shape[1]):
-        c = w[:, i]
-        qc = q8(c[:, None].float(), s.float()).double()[:, 0]
-        Q[:, i] = qc
-        err = (c - qc) / Hinv[i, i]
-        w[:, i:] -= err[:, None] * Hinv[i, i:][None, :]
-    inv = torch.argsort(perm)
-    return Q[:, inv].float()
+    """trtforge's own GPTQ onto the FP8 grid of per-output-channel amax/448 scales (the fp8
+    recipe's weight_rounding = "gptq"); w is torch's [N, K], the library's weights are [K, N]."""
+    w_kn = w.double().numpy().T.astype(np.float32)
+    scales = weight_scales(w_kn, Precision.FP8, np.float32)
+    q, _ = gptq_fixed_scales(w_kn, H.numpy(), scales, Precision.FP8, damp=damp, act_order=act_order)
+    return torch.from_numpy(np.ascontiguousarray(q.T))
 
 
 t = time.time()
